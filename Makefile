@@ -1,0 +1,67 @@
+# webos device pipeline. `make run` starts everything, `make test` runs the suite.
+# Both install what is missing first: a venv in .venv, Debian packages, Kafka's jars.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUN_PACKAGES := rabbitmq-server default-jre-headless $(if $(shell command -v mvn),,maven)
+TEST_PACKAGES := chromium docker-compose
+PYTEST_ARGS ?=
+
+.PHONY: help install install-test run up stop status clean test bench
+
+help:
+	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, consumer"
+	@echo "make test     the whole test suite against real brokers (its own, on free ports)"
+	@echo "make up       start only the brokers in the background (make stop stops them)"
+	@echo "make stop     stop brokers left running"
+	@echo "make status   show which local brokers run"
+	@echo "make clean    stop and wipe .stack/ (broker data and logs)"
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+kafka/lib/.installed: kafka/pom.xml
+	mvn --quiet --batch-mode -f kafka/pom.xml dependency:copy-dependencies
+	touch $@
+
+# Debian packages, installed only when missing (apt-get update once, first).
+define apt_ensure
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+install: $(VENV)/.installed
+	$(call apt_ensure,$(RUN_PACKAGES))
+	@$(MAKE) --no-print-directory kafka/lib/.installed
+
+install-test: install
+	$(call apt_ensure,$(TEST_PACKAGES))
+
+run: install
+	$(PY) -m stack run
+
+up: install
+	$(PY) -m stack up
+
+stop:
+	$(PY) -m stack down
+
+status:
+	$(PY) -m stack status
+
+clean: stop
+	rm -rf .stack
+
+test: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m bench

@@ -1,0 +1,21 @@
+"""`python -m bridge`."""
+import logging
+import signal
+import threading
+
+LOGGER = logging.getLogger("bridge")
+
+
+def main(argv=None) -> int:
+    """Placeholder until the bridge issue lands: wait for SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    LOGGER.info("bridge placeholder running")
+    stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

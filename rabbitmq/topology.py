@@ -1,0 +1,187 @@
+"""The whole RabbitMQ topology and its users, declared in this one place.
+
+Every component imports its names from here. Applying it twice changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from urllib.parse import quote
+
+import pika
+import requests
+
+from stack.config import Settings, load_settings
+
+LOGGER = logging.getLogger(__name__)
+
+TOPIC_EXCHANGE = "webos.topic"
+FANOUT_EXCHANGE = "webos.fanout"
+UNROUTED_EXCHANGE = "webos.unrouted"
+UNROUTED_QUEUE = "webos.unrouted"
+DEAD_QUEUE = "webos.dead"
+MESSAGE_TYPES = ("info", "warning", "error")
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEVICE_QUEUE_PREFIX = "webos."
+# Fixed from a queue's first declaration: RabbitMQ refuses to redeclare with other arguments.
+DEVICE_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-single-active-consumer": True}
+QUEUE_ARGUMENTS = {"x-queue-type": "classic"}
+
+
+def is_valid_device_id(device: str) -> bool:
+    """True when `device` may name a device (no `.`, `/`, `+`, `#`, 1-64 characters)."""
+    return isinstance(device, str) and DEVICE_ID_PATTERN.fullmatch(device) is not None
+
+
+def _checked(device: str) -> str:
+    if not is_valid_device_id(device):
+        raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    return device
+
+
+def device_queue(device: str) -> str:
+    """The queue that holds one device's messages."""
+    return DEVICE_QUEUE_PREFIX + _checked(device)
+
+
+def routing_key(device: str, message_type: str) -> str:
+    """The routing key a device message carries on `webos.topic`."""
+    return f"webos.{_checked(device)}.{message_type}"
+
+
+def mqtt_topic(device: str, message_type: str) -> str:
+    """The MQTT topic a device publishes to; the MQTT plugin maps `/` to `.`."""
+    return f"webos/{_checked(device)}/{message_type}"
+
+
+def device_of_queue(queue: str) -> str | None:
+    """The device id a queue belongs to, or None for a queue that is not a device queue."""
+    if not queue.startswith(DEVICE_QUEUE_PREFIX):
+        return None
+    device = queue[len(DEVICE_QUEUE_PREFIX):]
+    if queue in (UNROUTED_QUEUE, DEAD_QUEUE) or not is_valid_device_id(device):
+        return None
+    return device
+
+
+def parse_routing_key(key: str) -> tuple[str, str] | None:
+    """(device, type) from `webos.<device>.<type>`, or None when the key has another shape."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "webos" and is_valid_device_id(parts[1]):
+        return parts[1], parts[2]
+    return None
+
+
+def declare_base(channel) -> None:
+    """Exchanges and shared queues every deployment has."""
+    channel.exchange_declare(UNROUTED_EXCHANGE, "fanout", durable=True)
+    channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+    channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
+    channel.exchange_declare(TOPIC_EXCHANGE, "topic", durable=True,
+                             arguments={"alternate-exchange": UNROUTED_EXCHANGE})
+    channel.exchange_declare(FANOUT_EXCHANGE, "fanout", durable=True)
+    channel.queue_declare(DEAD_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+
+
+def declare_device(channel, device: str) -> str:
+    """One device's durable queue, bound `webos.<device>.*` on the topic exchange and to the fanout."""
+    queue = device_queue(device)
+    channel.queue_declare(queue, durable=True, arguments=DEVICE_QUEUE_ARGUMENTS)
+    channel.queue_bind(queue, TOPIC_EXCHANGE, routing_key=f"webos.{device}.*")
+    channel.queue_bind(queue, FANOUT_EXCHANGE, routing_key="")
+    return queue
+
+
+def delete_device(channel, device: str) -> None:
+    """Remove a device's queue (and with it its bindings and any messages left in it)."""
+    channel.queue_delete(device_queue(device))
+
+
+def declare(channel, devices) -> None:
+    """The base topology plus a queue for every device."""
+    declare_base(channel)
+    for device in devices:
+        declare_device(channel, device)
+
+
+def amqp_parameters(settings: Settings, user: str, password: str, **extra) -> pika.ConnectionParameters:
+    """pika connection parameters for one of the project's users."""
+    return pika.ConnectionParameters(
+        host=settings.rabbitmq_host, port=settings.amqp_port, virtual_host=settings.vhost,
+        credentials=pika.PlainCredentials(user, password), **extra)
+
+
+def admin_parameters(settings: Settings, **extra) -> pika.ConnectionParameters:
+    """pika connection parameters for `webos-admin`."""
+    return amqp_parameters(settings, settings.admin_user, settings.admin_password, **extra)
+
+
+def user_definitions(settings: Settings) -> list[dict]:
+    """The least-privilege users besides the administrator (who is created at broker start)."""
+    return [
+        {
+            "name": settings.device_user, "password": settings.device_password, "tags": "",
+            # Publish only: write on webos.topic, and only routing keys that start with webos.
+            "permissions": {"configure": "^$", "write": f"^{re.escape(TOPIC_EXCHANGE)}$",
+                            "read": "^$"},
+            "topic_permissions": {"exchange": TOPIC_EXCHANGE, "write": r"^webos\.", "read": "^$"},
+        },
+        {
+            # Reads device queues; writes parked messages to webos.dead through the default
+            # exchange; "management" lets it list queues to find new devices.
+            "name": settings.bridge_user, "password": settings.bridge_password, "tags": "management",
+            "permissions": {"configure": "^$", "write": r"^amq\.default$",
+                            "read": r"^webos\..+$"},
+            "topic_permissions": None,
+        },
+    ]
+
+
+def apply_users(settings: Settings, timeout: float = 10.0) -> None:
+    """Create or update the project's users through the management HTTP API; remove `guest`."""
+    api = f"{settings.management_url}/api"
+    vhost = quote(settings.vhost, safe="")
+    with requests.Session() as http:
+        http.auth = (settings.admin_user, settings.admin_password)
+        for user in user_definitions(settings):
+            if not user["password"]:
+                raise SystemExit(f"no password for {user['name']}: set it in the environment or .env")
+            name = quote(user["name"], safe="")
+            http.put(f"{api}/users/{name}", json={"password": user["password"], "tags": user["tags"]},
+                     timeout=timeout).raise_for_status()
+            http.put(f"{api}/permissions/{vhost}/{name}", json=user["permissions"],
+                     timeout=timeout).raise_for_status()
+            if user["topic_permissions"]:
+                http.put(f"{api}/topic-permissions/{vhost}/{name}", json=user["topic_permissions"],
+                         timeout=timeout).raise_for_status()
+        response = http.delete(f"{api}/users/guest", timeout=timeout)
+        if response.status_code not in (204, 404):
+            response.raise_for_status()
+
+
+def apply(settings: Settings, devices=None) -> None:
+    """Users, exchanges, queues and bindings for `devices` (default: the configured ones)."""
+    apply_users(settings)
+    devices = settings.devices if devices is None else devices
+    with pika.BlockingConnection(admin_parameters(settings)) as connection:
+        declare(connection.channel(), devices)
+    LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,
+                ", ".join([device_queue(d) for d in devices] + [UNROUTED_QUEUE, DEAD_QUEUE]))
+
+
+def main(argv=None) -> int:
+    """Apply the topology to the RabbitMQ named by the environment and `.env`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rabbitmq.topology",
+        description="Declare webos exchanges, queues, bindings and users (idempotent).")
+    parser.add_argument("devices", nargs="*", help="device ids (default: WEBOS_DEVICES)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    apply(settings, args.devices or None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

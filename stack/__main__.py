@@ -1,0 +1,139 @@
+"""`python -m stack`: bring the local brokers up, run the pipeline, take it all down."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stack.config import DOTENV_PATH, REPO_ROOT, Settings, ensure_credentials, load_settings
+from stack.kafka_server import LocalKafka, ensure_topic
+from stack.process import BrokerError
+from stack.rabbitmq_server import LocalRabbitMQ
+
+LOGGER = logging.getLogger("stack")
+STACK_DIR = REPO_ROOT / ".stack"
+PROCFILE = REPO_ROOT / "Procfile"
+
+
+def brokers(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, LocalKafka]:
+    """The local RabbitMQ and Kafka processes for `settings` (not started)."""
+    host, _, port = settings.kafka_bootstrap.rpartition(":")
+    rabbitmq = LocalRabbitMQ(stack_dir / "rabbitmq", settings)
+    kafka = LocalKafka(stack_dir / "kafka", port=int(port), controller_port=int(port) + 1)
+    return rabbitmq, kafka
+
+
+def up(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, LocalKafka]:
+    """Start whatever broker is not running yet, wait for both, apply topology and topic."""
+    from rabbitmq import topology
+
+    rabbitmq, kafka = brokers(settings, stack_dir)
+    started = time.monotonic()
+    for broker in (rabbitmq, kafka):
+        if broker.pid() is None:
+            broker.start()
+        else:
+            LOGGER.info("%s already running (pid %s); reusing it", broker.name, broker.pid())
+    for broker in (rabbitmq, kafka):
+        broker.wait_ready()
+        LOGGER.info("%s ready %.1f s after start", broker.name, time.monotonic() - started)
+    topology.apply(settings)
+    ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+    LOGGER.info("brokers ready in %.1f s", time.monotonic() - started)
+    return rabbitmq, kafka
+
+
+def down(settings: Settings, stack_dir: Path = STACK_DIR) -> None:
+    """Stop both local brokers (data is kept)."""
+    for broker in brokers(settings, stack_dir):
+        broker.stop()
+
+
+def banner(settings: Settings) -> str:
+    """What a user can open once the stack is up."""
+    return "\n".join([
+        "",
+        "webos pipeline is up:",
+        f"  publisher (devices)     http://127.0.0.1:{settings.publisher_port}/",
+        f"  consumer live view      http://127.0.0.1:{settings.consumer_port}/",
+        f"  RabbitMQ management UI  {settings.management_url}/  (user {settings.admin_user})",
+        f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics",
+        f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
+        f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
+        "  read Kafka              .venv/bin/python -m consumer --from-beginning",
+        "Ctrl-C stops everything.",
+        "",
+    ])
+
+
+def run_apps(settings: Settings) -> int:
+    """Run publisher, bridge and consumer under honcho in the foreground until a signal."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(PROCFILE),
+                               "-d", str(REPO_ROOT)], env=env)
+
+    def on_terminate(signum, frame):
+        honcho.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_terminate)
+    while True:
+        try:
+            return honcho.wait()
+        except KeyboardInterrupt:
+            # The terminal sent SIGINT to honcho too; it is stopping its processes.
+            continue
+
+
+def main(argv=None) -> int:
+    """Command line of the local stack."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stack",
+        description="Local RabbitMQ + Kafka for the webos pipeline (data and logs under .stack/).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start brokers, apply topology, run the three apps; Ctrl-C stops all")
+    sub.add_parser("up", help="start the brokers in the background and apply the topology")
+    sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
+    sub.add_parser("status", help="show which brokers run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+    if args.command in ("run", "up"):
+        added = ensure_credentials()
+        if added:
+            LOGGER.info("generated %s into %s", ", ".join(added), DOTENV_PATH)
+    settings = load_settings()
+
+    if args.command == "status":
+        for broker in brokers(settings):
+            pid = broker.pid()
+            print(f"{broker.name}: {'running, pid %d' % pid if pid else 'stopped'}  (log {broker.log_path})")
+        return 0
+    if args.command == "down":
+        down(settings)
+        return 0
+    try:
+        up(settings)
+    except BrokerError as error:
+        LOGGER.error("%s", error)
+        down(settings)
+        return 1
+    print(banner(settings), flush=True)
+    if args.command == "up":
+        return 0
+    try:
+        return run_apps(settings)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        LOGGER.info("stopping brokers")
+        down(settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

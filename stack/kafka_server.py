@@ -1,0 +1,114 @@
+"""Apache Kafka (jars from Maven Central) as a single-node KRaft process, and its topic."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stack.config import REPO_ROOT
+from stack.process import BrokerError, LocalProcess, port_open
+
+LOGGER = logging.getLogger(__name__)
+KAFKA_DIR = REPO_ROOT / "kafka"
+KAFKA_LIB = KAFKA_DIR / "lib"
+JVM_OPTIONS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+               "-Djava.awt.headless=true"]
+_QUIET = logging.getLogger("webos.kafka.admin")
+_QUIET.setLevel(logging.CRITICAL)
+
+
+class LocalKafka(LocalProcess):
+    """One Kafka node that is both broker and controller, data under `base_dir/data`."""
+
+    name = "kafka"
+
+    def __init__(self, base_dir: Path, port: int = 9092, controller_port: int = 9093, node_id: int = 1):
+        super().__init__(base_dir)
+        self.port = port
+        self.controller_port = controller_port
+        self.node_id = node_id
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def render_config(self) -> str:
+        """kafka/server.properties with this instance's ports and data directory."""
+        overrides = {
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": f"{self.node_id}@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "log.dirs": str(self.base_dir / "data"),
+        }
+        lines = []
+        for line in (KAFKA_DIR / "server.properties").read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        return "\n".join(lines) + "\n"
+
+    def _java(self, main_class: str, *args: str) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise SystemExit("java is missing: install a JDK 17 (Debian: openjdk-17-jre-headless)")
+        if not any(KAFKA_LIB.glob("kafka_2.13-*.jar")):
+            raise SystemExit(f"Kafka's jars are missing in {KAFKA_LIB}: run `make install` "
+                             "(mvn -f kafka/pom.xml dependency:copy-dependencies)")
+        return [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}",
+                "-cp", f"{KAFKA_LIB}/*", main_class, *args]
+
+    def prepare(self) -> None:
+        config = self.base_dir / "server.properties"
+        config.write_text(self.render_config())
+        if (self.base_dir / "data" / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        result = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BrokerError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def command(self) -> list[str]:
+        return self._java("kafka.Kafka", str(self.base_dir / "server.properties"))
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "LOG_DIR": str(self.base_dir)}
+
+    def probe(self) -> bool:
+        if not port_open(self.port):
+            return False
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _QUIET})
+        try:
+            metadata = admin.list_topics(timeout=2)
+            return bool(metadata.brokers)
+        except KafkaException:
+            return False
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: int = 1,
+                 timeout: float = 30.0) -> bool:
+    """Create `topic` unless it exists; True when this call created it."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    metadata = admin.list_topics(timeout=timeout)
+    if topic in metadata.topics:
+        return False
+    future = admin.create_topics([NewTopic(topic, partitions, replication)],
+                                 request_timeout=timeout)[topic]
+    try:
+        future.result(timeout)
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+        return False
+    LOGGER.info("created Kafka topic %s (%d partitions)", topic, partitions)
+    return True
+

@@ -1,0 +1,147 @@
+"""A broker run as a project-owned background process: pid file, log file, readiness, clean stop."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """A broker did not start or did not become ready; the message says where its log is."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalProcess:
+    """One broker process whose data, log and pid file live under `base_dir`."""
+
+    name = "process"
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = Path(base_dir)
+        self.log_path = self.base_dir / f"{self.name}.log"
+        self.pid_path = self.base_dir / f"{self.name}.pid"
+        self.process: subprocess.Popen | None = None
+
+    # Subclasses provide these three.
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def probe(self) -> bool:
+        """True once the broker answers as its clients need it to."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write configuration, format storage: anything needed before the first start."""
+
+    def pid(self) -> int | None:
+        """The pid of a running instance started from this base_dir, if any."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def start(self) -> None:
+        """Start the process in its own session so a Ctrl-C meant for the apps does not hit it."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=self.base_dir, start_new_session=True)
+        log.close()
+        self.pid_path.write_text(str(self.process.pid))
+        LOGGER.info("%s started (pid %s), log %s", self.name, self.process.pid, self.log_path)
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Ask the broker until it answers; return the seconds waited. Raises BrokerError."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise BrokerError(f"{self.name} exited with code {self.process.returncode} "
+                                  f"before it was ready; its log ({self.log_path}) ends:\n"
+                                  f"{tail(self.log_path)}")
+            if self.probe():
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise BrokerError(f"{self.name} was not ready after {timeout:.0f} s; its log "
+                          f"({self.log_path}) ends:\n{tail(self.log_path)}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (a clean shutdown for both brokers), SIGKILL only if that takes too long."""
+        pid = self.process.pid if self.process is not None else self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not self._wait_exit(pid, timeout):
+            LOGGER.warning("%s (pid %s) did not stop within %.0f s; killing it", self.name, pid, timeout)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._wait_exit(pid, 10)
+        self.pid_path.unlink(missing_ok=True)
+        LOGGER.info("%s stopped", self.name)
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        pid = self.process.pid if self.process is not None else self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            self._wait_exit(pid, 10)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.pid == pid:
+                if self.process.poll() is not None:
+                    return True
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return True
+            time.sleep(0.1)
+        return False

@@ -1,0 +1,110 @@
+"""RabbitMQ from Debian's package, run as a project-owned process with its own node and data."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pika
+import requests
+
+from stack.config import REPO_ROOT, Settings
+from stack.process import BrokerError, LocalProcess, port_open
+
+RABBITMQ_DIR = REPO_ROOT / "rabbitmq"
+SERVER_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+# Keys the local stack sets itself: listeners on 127.0.0.1 and this instance's ports.
+_LOCAL_KEYS = re.compile(r"^\s*(listeners\.tcp\.|management\.tcp\.|mqtt\.listeners\.tcp\.)")
+
+
+class LocalRabbitMQ(LocalProcess):
+    """One RabbitMQ node; `settings` gives its ports and the administrator it creates on first boot."""
+
+    name = "rabbitmq"
+
+    def __init__(self, base_dir: Path, settings: Settings, node_name: str = "webos",
+                 dist_port: int | None = None):
+        super().__init__(base_dir)
+        self.settings = settings
+        self.node_name = f"{node_name}@localhost"
+        self.dist_port = dist_port or settings.amqp_port + 20000
+
+    def render_config(self) -> str:
+        """rabbitmq/rabbitmq.conf with listeners on 127.0.0.1 and the first-boot administrator."""
+        base = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
+        lines = [line for line in base.splitlines() if not _LOCAL_KEYS.match(line)]
+        s = self.settings
+        lines += [
+            "",
+            "# Set by stack/rabbitmq_server.py for this instance.",
+            f"listeners.tcp.default = 127.0.0.1:{s.amqp_port}",
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{s.mqtt_port}",
+            "management.tcp.ip = 127.0.0.1",
+            f"management.tcp.port = {s.management_port}",
+            # Created on first boot instead of guest (which is then never created).
+            f"default_user = {s.admin_user}",
+            f"default_pass = {s.admin_password}",
+            "default_user_tags.administrator = true",
+            f"default_vhost = {s.vhost}",
+            "default_permissions.configure = .*",
+            "default_permissions.read = .*",
+            "default_permissions.write = .*",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def prepare(self) -> None:
+        if not SERVER_SCRIPT.exists():
+            raise SystemExit(f"{SERVER_SCRIPT} is missing: install Debian's rabbitmq-server "
+                             "(make install does it: apt-get install rabbitmq-server)")
+        config = self.base_dir / "rabbitmq.conf"
+        config.write_text(self.render_config())
+        config.chmod(0o600)
+        shutil.copyfile(RABBITMQ_DIR / "enabled_plugins", self.base_dir / "enabled_plugins")
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "RABBITMQ_CONFIG_FILE": str(self.base_dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base_dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.base_dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base_dir / "log"),
+            "RABBITMQ_NODENAME": self.node_name,
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_PID_FILE": str(self.base_dir / "beam.pid"),
+            # The script then execs the Erlang VM, so our child is the broker itself and
+            # SIGTERM reaches it directly (a clean shutdown).
+            "RUNNING_UNDER_SYSTEMD": "1",
+            # Erlang cookie in the data dir, distribution and epmd on loopback only.
+            "HOME": str(self.base_dir),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        })
+        return env
+
+    def command(self) -> list[str]:
+        return [str(SERVER_SCRIPT)]
+
+    def probe(self) -> bool:
+        """Management API answers, AMQP accepts the administrator, MQTT listens."""
+        s = self.settings
+        if not (port_open(s.amqp_port) and port_open(s.mqtt_port)):
+            return False
+        try:
+            response = requests.get(f"{s.management_url}/api/overview",
+                                    auth=(s.admin_user, s.admin_password), timeout=2)
+            if response.status_code == 401:
+                raise BrokerError(
+                    f"RabbitMQ refuses {s.admin_user}: the data in {self.base_dir} was created "
+                    "with another WEBOS_ADMIN_PASSWORD. Put the old one back in .env, or wipe "
+                    "the data with `make clean`.")
+            if response.status_code != 200:
+                return False
+            params = pika.ConnectionParameters(
+                "127.0.0.1", s.amqp_port, s.vhost,
+                pika.PlainCredentials(s.admin_user, s.admin_password),
+                connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2)
+            pika.BlockingConnection(params).close()
+            return True
+        except (requests.RequestException, pika.exceptions.AMQPError, OSError):
+            return False

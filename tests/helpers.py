@@ -1,0 +1,89 @@
+"""Small helpers the tests share: waiting on a condition, MQTT clients, reading queues and Kafka."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+from confluent_kafka import Consumer
+
+from stack.config import Settings
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class MqttDevice:
+    """A paho 2.x client connected to RabbitMQ's MQTT listener; records the CONNACK it got."""
+
+    def __init__(self, settings: Settings, user: str | None = None, password: str | None = None,
+                 client_id: str | None = None):
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.reason_code = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv311)
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        self.client.on_connect = self.on_connect
+        self.client.on_disconnect = self.on_disconnect
+        self.client.connect(settings.rabbitmq_host, settings.mqtt_port, keepalive=30)
+        self.client.loop_start()
+
+    def on_connect(self, client, userdata, flags, reason_code, properties):
+        self.reason_code = reason_code
+        self.connected.set()
+
+    def on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnected.set()
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+        """Publish with QoS 1; True when the broker acknowledged it within `timeout`."""
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout)
+        return info.is_published()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def get_message(channel, queue: str, timeout: float = 10.0):
+    """basic_get (acked) until a message arrives: (method, properties, body)."""
+    def attempt():
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        return (method, properties, body) if method else None
+    return wait_for(attempt, timeout, message=f"a message in {queue}")
+
+
+def kafka_consumer(settings: Settings, topics, group: str | None = None) -> Consumer:
+    """A consumer in a fresh group that reads `topics` from the beginning."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": group or f"test-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def consume(consumer: Consumer, count: int, timeout: float = 30.0) -> list:
+    """Poll until `count` records (errors fail the test) or the timeout."""
+    records = []
+    deadline = time.monotonic() + timeout
+    while len(records) < count and time.monotonic() < deadline:
+        record = consumer.poll(0.5)
+        if record is None:
+            continue
+        assert record.error() is None, record.error()
+        records.append(record)
+    return records
