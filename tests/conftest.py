@@ -25,6 +25,7 @@ from stack.config import REPO_ROOT, Settings, load_settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import free_port
 from stack.rabbitmq_server import LocalRabbitMQ
+from tests.browser import browser, page  # noqa: F401  (fixtures)
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 LOGGER = logging.getLogger(__name__)

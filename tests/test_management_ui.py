@@ -1,0 +1,35 @@
+"""The RabbitMQ management UI as its users use it: log in, Queues tab, Get messages."""
+import json
+import uuid
+
+import pytest
+
+from rabbitmq import topology
+from tests.helpers import MqttDevice
+
+pytestmark = pytest.mark.browser
+
+
+def test_admin_logs_in_finds_device_queue_and_reads_a_message(settings, admin_channel, page, artifacts):
+    admin_channel.queue_purge("webos.3DF92-192")
+    marker = uuid.uuid4().hex
+    device = MqttDevice(settings, settings.device_user, settings.device_password)
+    try:
+        body = json.dumps({"Producer": "3DF92-192", "command": "position", "marker": marker})
+        assert device.publish(topology.mqtt_topic("3DF92-192", "info"), body.encode())
+    finally:
+        device.close()
+
+    page.goto(settings.management_url + "/")
+    page.fill("input[name=username]", settings.admin_user)
+    page.fill("input[name=password]", settings.admin_password)
+    page.click("input[type=submit]")
+    page.click("#tabs a[href='#/queues']")
+    page.click("a:text-is('webos.3DF92-192')")
+    page.wait_for_selector("h1:has-text('webos.3DF92-192')")
+    page.click("h2:text-is('Get messages')")
+    page.click("input[value='Get Message(s)']")
+    page.wait_for_selector(f"#msg-wrapper >> text={marker}")
+    page.screenshot(path=str(artifacts / "management-ui-get-messages.png"), full_page=True)
+
+    assert "webos.3DF92-192.info" in page.inner_text("#msg-wrapper")
