@@ -1,0 +1,95 @@
+"""`make bench`: every benchmark in one run on one machine, against fresh local brokers.
+
+Each benchmark is a module in this package with `run(settings, out_dir) -> dict` that prints its
+own progress and returns JSON-serialisable figures; this runner starts the brokers, calls them in
+order, writes bench/results/<date>.json and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from rabbitmq import topology
+from stack.config import Settings
+from stack.kafka_server import LocalKafka, ensure_topic
+from stack.process import free_port
+from stack.rabbitmq_server import LocalRabbitMQ
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = ["bridge_throughput", "publisher_scale"]
+LOGGER = logging.getLogger("bench")
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def start_brokers(base: Path) -> tuple[Settings, list]:
+    """Fresh RabbitMQ and Kafka on free ports, topology and topic applied."""
+    amqp, mqtt, management, kafka_port, controller = (free_port() for _ in range(5))
+    settings = Settings(amqp_port=amqp, mqtt_port=mqtt, management_port=management,
+                        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
+                        admin_password=secrets.token_urlsafe(12),
+                        device_password=secrets.token_urlsafe(12),
+                        bridge_password=secrets.token_urlsafe(12))
+    brokers = [LocalRabbitMQ(base / "rabbitmq", settings, node_name=f"webos-bench-{os.getpid()}",
+                             dist_port=free_port()),
+               LocalKafka(base / "kafka", port=kafka_port, controller_port=controller)]
+    for broker in brokers:
+        broker.start()
+    for broker in brokers:
+        broker.wait_ready()
+    topology.apply(settings)
+    ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+    return settings, brokers
+
+
+def main(argv=None) -> int:
+    """Run the benchmarks named on the command line (default: all)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmarks", nargs="*", default=BENCHMARKS, choices=BENCHMARKS + [[]],
+                        help="which to run (default: all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    RESULTS.mkdir(exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="webos-bench-"))
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "results": {}}
+    settings, brokers = start_brokers(base)
+    try:
+        for name in args.benchmarks:
+            LOGGER.info("benchmark %s ...", name)
+            started = time.monotonic()
+            module = importlib.import_module(f"bench.{name}")
+            report["results"][name] = module.run(settings, RESULTS)
+            LOGGER.info("benchmark %s done in %.0f s", name, time.monotonic() - started)
+    finally:
+        for broker in reversed(brokers):
+            broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    out = RESULTS / f"{dt.date.today().isoformat()}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["results"], indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
