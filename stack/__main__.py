@@ -48,6 +48,25 @@ def up(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, 
     return rabbitmq, kafka
 
 
+def setup(settings: Settings, timeout: float = 120.0) -> int:
+    """Wait until both brokers answer, then apply the topology and create the topic."""
+    from rabbitmq import topology
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            topology.apply(settings)
+            ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+            return 0
+        except SystemExit:
+            raise
+        except Exception as error:  # brokers still starting: retry until the deadline
+            LOGGER.info("brokers not ready yet (%s); retrying", error)
+            time.sleep(2)
+    LOGGER.error("brokers did not become ready within %.0f s", timeout)
+    return 1
+
+
 def down(settings: Settings, stack_dir: Path = STACK_DIR) -> None:
     """Stop both local brokers (data is kept)."""
     for broker in brokers(settings, stack_dir):
@@ -100,6 +119,8 @@ def main(argv=None) -> int:
     sub.add_parser("up", help="start the brokers in the background and apply the topology")
     sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
     sub.add_parser("status", help="show which brokers run")
+    sub.add_parser("setup", help="apply topology, users and Kafka topic to the brokers the "
+                                 "environment names (docker compose runs this once)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -115,6 +136,8 @@ def main(argv=None) -> int:
             pid = broker.pid()
             print(f"{broker.name}: {'running, pid %d' % pid if pid else 'stopped'}  (log {broker.log_path})")
         return 0
+    if args.command == "setup":
+        return setup(settings)
     if args.command == "down":
         down(settings)
         return 0

@@ -37,6 +37,8 @@ class Settings:
     publisher_port: int = 5000
     consumer_port: int = 5001
     bridge_metrics_port: int = 9108
+    # Where the web pages and /metrics listen; docker compose sets 0.0.0.0 inside containers.
+    bind_host: str = "127.0.0.1"
 
     @property
     def management_url(self) -> str:

@@ -1,0 +1,66 @@
+"""docker-compose.yml: no Docker engine runs here, so check that it parses and names real files."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stack.config import REPO_ROOT
+
+COMPOSE_FILES = ["docker-compose.yml", "Dockerfile", "requirements.txt", "rabbitmq", "stack",
+                 "publisher", "bridge", "consumer"]
+
+
+@pytest.fixture
+def resolved_compose(tmp_path) -> dict:
+    """`docker-compose config` of a copy of the repo with a throwaway .env."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.fail("docker-compose is missing: `make install-test` installs Debian's docker-compose")
+    for name in COMPOSE_FILES:
+        source = REPO_ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    (tmp_path / ".env").write_text("WEBOS_ADMIN_PASSWORD=a\nWEBOS_DEVICE_PASSWORD=d\n"
+                                   "WEBOS_BRIDGE_PASSWORD=b\n")
+    result = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout), tmp_path
+
+
+def test_compose_has_every_service_with_healthchecked_brokers(resolved_compose):
+    config, _ = resolved_compose
+    services = config["services"]
+    assert set(services) == {"rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer"}
+    assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["kafka"]
+    assert services["setup"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert services["setup"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for app in ("publisher", "bridge", "consumer"):
+        assert services[app]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"] == "webos-admin"
+
+
+def test_compose_publishes_ports_on_loopback_only(resolved_compose):
+    config, _ = resolved_compose
+    for name, service in config["services"].items():
+        for port in service.get("ports", []):  # docker-compose 1.29 prints "ip:host:container/proto"
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def test_compose_names_only_files_that_exist(resolved_compose):
+    config, copy = resolved_compose
+    for name, service in config["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+            if source.startswith("/"):  # a bind mount, not a named volume
+                relative = Path(source).relative_to(copy)
+                assert (REPO_ROOT / relative).exists(), (name, relative)
+        if "build" in service:
+            context = Path(service["build"]["context"]).relative_to(copy)
+            assert (REPO_ROOT / context / service["build"].get("dockerfile", "Dockerfile")).exists()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            source = line.split()[1]
+            assert (REPO_ROOT / source).exists(), line
