@@ -1,20 +1,17 @@
-"""`python -m consumer`."""
-import logging
-import signal
-import threading
-
-LOGGER = logging.getLogger("consumer")
+"""`python -m consumer` (terminal consumer) and `python -m consumer serve` (live web page)."""
+import sys
 
 
 def main(argv=None) -> int:
-    """Placeholder until the consumer issue lands: wait for SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    LOGGER.info("consumer placeholder running")
-    stop.wait()
-    return 0
+    """Dispatch: `serve ...` runs the live view, anything else the terminal consumer."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from consumer.web import main as serve
+
+        return serve(argv[1:])
+    from consumer.cli import main as consume
+
+    return consume(argv)
 
 
 if __name__ == "__main__":

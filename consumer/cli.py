@@ -1,0 +1,269 @@
+"""`python -m consumer`: read the device stream from Kafka on a terminal or into a script."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from consumer.kafka_group import (LIVE_VIEW_GROUP, consumer_config, default_group,
+                                  format_lag_table, lag_for_group)
+from consumer.records import (DEFAULT_DEDUPE_WINDOW, DedupeWindow, Record, RecordFilter, Summary,
+                              format_json, format_pretty)
+from stack.config import load_settings
+
+LOGGER = logging.getLogger("consumer")
+POLL_SECONDS = 0.2
+
+DESCRIPTION = """\
+Read the device stream (Kafka topic webos.events unless --topic says otherwise) as a member of a
+consumer group and print each record.
+
+Records: key = device id, value = the device's JSON payload, headers routing_key, mqtt_topic,
+device, type, queue, msg_id. Values that are not JSON are printed raw and counted, never fatal.
+
+Offsets: each record's offset is stored only after it has been printed (or filtered out, or
+dropped as a duplicate) and committed automatically; Ctrl-C or SIGTERM commit and close cleanly,
+so a later run with the same --group resumes right after the last record printed.
+A one-line summary goes to stderr on exit: records per device, duplicates dropped, gaps in seq,
+non-JSON records. Connection settings come from WEBOS_* variables and .env (stack/config.py).
+
+Use `python -m consumer serve` for the live web page.
+"""
+
+EPILOG = """\
+examples:
+  python -m consumer                                  new records, pretty, until Ctrl-C
+  python -m consumer --from-beginning --format json --timeout 5 > records.jsonl
+  python -m consumer --device 3DF92-192 --type warning --type error
+  python -m consumer --group audit --dedupe           resume group "audit", drop repeats
+  python -m consumer --lag --group audit              lag per partition, then exit
+
+exit status: 0 after Ctrl-C/SIGTERM, --count or --timeout; 1 on a Kafka error; 2 on bad usage.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m consumer`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m consumer", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topic", help="Kafka topic (default: WEBOS_KAFKA_TOPIC, webos.events)")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: WEBOS_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--group", help="consumer group; a run with the same group resumes where "
+                        "the last one stopped (default: a fresh webos-cli-<random> group; "
+                        f"with --lag: {LIVE_VIEW_GROUP}, the live page's group)")
+    parser.add_argument("--from-beginning", action="store_true",
+                        help="a group with no committed offsets starts at the oldest retained "
+                        "record (default: only records produced after it joined); a group that "
+                        "committed offsets always resumes from them")
+    parser.add_argument("--device", action="append", metavar="ID", default=[],
+                        help="show only this device (record key or `device` header); repeatable")
+    parser.add_argument("--type", action="append", metavar="TYPE", default=[], dest="types",
+                        help="show only this message type (info, warning, error: the `type` "
+                        "header or the routing key's last part); repeatable")
+    parser.add_argument("--format", choices=("pretty", "json"), default="pretty",
+                        help="pretty: one line per record for people (coloured on a terminal); "
+                        "json: one JSON object per line with topic, key, partition, offset, "
+                        "timestamp, headers, payload (and raw + error for non-JSON values)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour pretty output: auto = when stdout is a terminal and "
+                        "NO_COLOR is unset")
+    parser.add_argument("--count", type=_positive_int, metavar="N",
+                        help="exit (status 0) after printing N records")
+    parser.add_argument("--timeout", type=_positive_float, metavar="S",
+                        help="exit (status 0) after S seconds with no record to print")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="drop records whose msg_id was already seen (payload msg_id, else "
+                        "the msg_id header) among the last --dedupe-window ids")
+    parser.add_argument("--dedupe-window", type=_positive_int, default=DEFAULT_DEDUPE_WINDOW,
+                        metavar="N", help=f"ids remembered by --dedupe (default {DEFAULT_DEDUPE_WINDOW})")
+    parser.add_argument("--lag", action="store_true",
+                        help="print the group's lag per partition (committed offset vs end of "
+                        "log) and exit")
+    parser.add_argument("--quiet", action="store_true", help="no summary line, only warnings")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+class StreamPrinter:
+    """Consumes the topic and prints records until stopped, a count is reached or it goes idle."""
+
+    def __init__(self, consumer: Consumer, output, record_filter: RecordFilter,
+                 output_format: str = "pretty", colour: bool = False,
+                 dedupe: DedupeWindow | None = None, count: int | None = None,
+                 idle_timeout: float | None = None):
+        self.consumer = consumer
+        self.output = output
+        self.record_filter = record_filter
+        self.output_format = output_format
+        self.colour = colour
+        self.dedupe = dedupe
+        self.count = count
+        self.idle_timeout = idle_timeout
+        self.summary = Summary()
+        self.stop = threading.Event()
+        self.last_activity = time.monotonic()
+
+    def on_assign(self, consumer, partitions) -> None:
+        """Group joined: the idle clock starts now, not while waiting for the group."""
+        self.last_activity = time.monotonic()
+        LOGGER.info("assigned %d partitions: %s", len(partitions),
+                    ",".join(f"{p.topic}[{p.partition}]" for p in partitions))
+
+    def on_revoke(self, consumer, partitions) -> None:
+        LOGGER.info("revoked %d partitions", len(partitions))
+
+    def run(self) -> None:
+        """Poll until stop, --count or --timeout; every handled record has its offset stored."""
+        while not self.stop.is_set():
+            if self.idle_timeout is not None and \
+                    time.monotonic() - self.last_activity >= self.idle_timeout:
+                LOGGER.info("no record for %.1f s: stopping", self.idle_timeout)
+                return
+            message = self.consumer.poll(POLL_SECONDS)
+            if message is None:
+                continue
+            if message.error():
+                self.on_error(message.error())
+                continue
+            self.handle(Record.from_message(message))
+            self.consumer.store_offsets(message)
+            if self.count is not None and self.summary.records >= self.count:
+                return
+
+    def on_error(self, error: KafkaError) -> None:
+        """End of partition and transient errors are logged; fatal ones stop the run."""
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal() or error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                             KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                             KafkaError.GROUP_AUTHORIZATION_FAILED):
+            raise KafkaException(error)
+        LOGGER.warning("Kafka: %s", error)
+
+    def handle(self, record: Record) -> None:
+        """Filter, de-duplicate, check seq, print one record."""
+        summary = self.summary
+        if not self.record_filter.matches(record):
+            summary.filtered += 1
+            return
+        msg_id = record.msg_id
+        if self.dedupe is not None and msg_id is not None and self.dedupe.seen(msg_id):
+            summary.duplicates += 1
+            LOGGER.debug("duplicate msg_id %s at %s[%d]@%d dropped", msg_id, record.topic,
+                         record.partition, record.offset)
+            return
+        self.last_activity = time.monotonic()
+        summary.records += 1
+        summary.per_device[record.device or "?"] += 1
+        if not record.is_json:
+            summary.non_json += 1
+        note = {"gap": "seq gap", "out-of-order": "seq out of order"}.get(
+            summary.seq.observe(record.device, record.seq))
+        if self.output_format == "json":
+            line = format_json(record)
+        else:
+            line = format_pretty(record, colour=self.colour, note=note)
+        self.output.write(line + "\n")
+        self.output.flush()
+
+
+def _use_colour(choice: str, stream) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never":
+        return False
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _close(consumer: Consumer) -> None:
+    """Commit what was stored, then leave the group."""
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError._NO_OFFSET:
+            LOGGER.warning("final commit failed: %s", error)
+    finally:
+        consumer.close()
+
+
+def run_lag(args, settings) -> int:
+    """`--lag`: print the lag table (or one JSON object) and exit."""
+    group = args.group or LIVE_VIEW_GROUP
+    lags = lag_for_group(settings.kafka_bootstrap, group, args.topic)
+    if args.format == "json":
+        print(json.dumps({"group": group, "topic": args.topic,
+                          "partitions": [lag.to_dict() for lag in lags],
+                          "total": sum(lag.lag for lag in lags)}))
+    else:
+        print(format_lag_table(group, args.topic, lags))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the terminal consumer; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    if args.bootstrap:
+        settings = load_settings(kafka_bootstrap=args.bootstrap)
+    args.topic = args.topic or settings.kafka_topic
+    try:
+        if args.lag:
+            return run_lag(args, settings)
+    except KafkaException as error:
+        LOGGER.error("cannot read the lag of %s: %s", args.topic, error)
+        return 1
+
+    group = args.group or default_group()
+    consumer = Consumer(consumer_config(settings.kafka_bootstrap, group, args.from_beginning))
+    printer = StreamPrinter(
+        consumer, sys.stdout, RecordFilter.of(args.device, args.types), args.format,
+        colour=args.format == "pretty" and _use_colour(args.color, sys.stdout),
+        dedupe=DedupeWindow(args.dedupe_window) if args.dedupe else None,
+        count=args.count, idle_timeout=args.timeout)
+
+    def on_signal(signum, frame):
+        LOGGER.info("%s: stopping", signal.Signals(signum).name)
+        printer.stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    status = 0
+    LOGGER.info("consuming %s as group %s from %s", args.topic, group, settings.kafka_bootstrap)
+    try:
+        consumer.subscribe([args.topic], on_assign=printer.on_assign, on_revoke=printer.on_revoke)
+        printer.run()
+    except KafkaException as error:
+        LOGGER.error("Kafka error: %s", error)
+        status = 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; offsets of printed records are kept.
+        sys.stdout = open(os.devnull, "w")
+    finally:
+        _close(consumer)
+        if not args.quiet:
+            sys.stderr.write(printer.summary.line() + "\n")
+    return status
