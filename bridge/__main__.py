@@ -1,20 +1,212 @@
-"""`python -m bridge`."""
+"""`python -m bridge`: forward the RabbitMQ device queues to Kafka (see `--help`)."""
+from __future__ import annotations
+
+import argparse
 import logging
+import os
+import re
 import signal
+import sys
 import threading
 
+from dotenv import dotenv_values
+
+from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
+from bridge.metrics import BridgeStats, MetricsServer
+from bridge.records import TemplateError, check_template
+from stack.config import DOTENV_PATH, Settings, load_settings
+
 LOGGER = logging.getLogger("bridge")
+DEFAULTS = BridgeOptions()
+
+DESCRIPTION = """\
+Consume the RabbitMQ device queues (webos.<device>) as webos-bridge and produce each message to
+Kafka (acks=all, idempotent): key = device id, value = the payload bytes unchanged, headers
+routing_key, mqtt_topic, device, type, queue, msg_id. A delivery is acked only after Kafka
+confirmed its record. Messages that are not a JSON object or that Kafka cannot take are parked in
+webos.dead with the header x-webos-dead-reason. Broker addresses and credentials come from
+WEBOS_* variables (environment or .env, see stack/config.py); the bridge's own knobs from the
+WEBOS_BRIDGE_* variables named below; flags override both.
+"""
+
+EPILOG = """\
+exit codes: 0 after SIGTERM/SIGINT (consumers cancelled, Kafka flushed, confirmed deliveries
+acked); 2 on a configuration error (wrong password, missing queue or topic, bad flag), with a
+message that says what to fix; 1 on an unexpected failure.
+endpoints: GET /metrics (Prometheus text), GET /healthz (200 while connected to RabbitMQ).
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port")
+    return value
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {error}")
+    return text
+
+
+def _template(text: str) -> str:
+    try:
+        return check_template(text)
+    except TemplateError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def _queue_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
+    """The command line; defaults come from `settings` and the WEBOS_BRIDGE_* variables in `env`."""
+    def default(name: str, fallback):
+        return env.get(f"WEBOS_BRIDGE_{name}") or fallback
+
+    parser = argparse.ArgumentParser(prog="python -m bridge", description=DESCRIPTION,
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--queues", type=_queue_list, default=_queue_list(default("QUEUES", "")),
+        metavar="Q1,Q2", help="consume exactly these queues (comma-separated); the bridge stops "
+        "with exit code 2 if one is missing at start [WEBOS_BRIDGE_QUEUES; default: every "
+        "device queue webos.<device> listed by the management API, re-listed every "
+        "--discovery-interval seconds so new devices are picked up]")
+    which.add_argument(
+        "--queue-pattern", type=_regex, default=default("QUEUE_PATTERN", None), metavar="REGEX",
+        help="consume the device queues whose name matches this regular expression (re.search), "
+        "including ones created later [WEBOS_BRIDGE_QUEUE_PATTERN; default: all device queues]")
+    parser.add_argument(
+        "--topic-template", type=_template,
+        default=_template(default("TOPIC_TEMPLATE", settings.kafka_topic)), metavar="TEMPLATE",
+        help="Kafka topic for each message; placeholders {device} {type} {queue} {routing_key} "
+        "[WEBOS_BRIDGE_TOPIC_TEMPLATE, else WEBOS_KAFKA_TOPIC; default: %(default)s]. "
+        "Topics are not created automatically")
+    parser.add_argument(
+        "--prefetch", type=_positive_int, default=int(default("PREFETCH", DEFAULTS.prefetch)),
+        help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what is "
+        "redelivered after a crash; the rest waits in RabbitMQ [WEBOS_BRIDGE_PREFETCH; "
+        "default: %(default)s]")
+    parser.add_argument(
+        "--linger-ms", type=_non_negative_float,
+        default=float(default("LINGER_MS", DEFAULTS.linger_ms)),
+        help="how long the Kafka producer waits to fill a batch (librdkafka linger.ms) "
+        "[WEBOS_BRIDGE_LINGER_MS; default: %(default)s]")
+    parser.add_argument(
+        "--batch-size", type=_positive_int,
+        default=int(default("BATCH_SIZE", DEFAULTS.batch_size)),
+        help="largest Kafka batch in bytes per partition (librdkafka batch.size) "
+        "[WEBOS_BRIDGE_BATCH_SIZE; default: %(default)s]")
+    parser.add_argument(
+        "--max-message-bytes", type=_positive_int,
+        default=int(default("MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes)),
+        help="payloads bigger than this go to webos.dead with reason too-large; keep it at or "
+        "below the topic's max.message.bytes (librdkafka message.max.bytes) "
+        "[WEBOS_BRIDGE_MAX_MESSAGE_BYTES; default: %(default)s]")
+    parser.add_argument(
+        "--metrics-port", type=_port, default=settings.bridge_metrics_port,
+        help="port of /metrics and /healthz on --metrics-host; 0 turns them off "
+        "[WEBOS_BRIDGE_METRICS_PORT; default: %(default)s]")
+    parser.add_argument(
+        "--metrics-host", default=default("METRICS_HOST", "127.0.0.1"),
+        help="address /metrics and /healthz listen on [WEBOS_BRIDGE_METRICS_HOST; "
+        "default: %(default)s]")
+    parser.add_argument(
+        "--discovery-interval", type=_non_negative_float, default=DEFAULTS.discovery_interval,
+        metavar="SECONDS", help="how often the queue list is fetched from the management API "
+        "(default: %(default)s)")
+    parser.add_argument(
+        "--flush-timeout", type=_non_negative_float, default=DEFAULTS.flush_timeout,
+        metavar="SECONDS", help="on SIGTERM/SIGINT, how long to wait for Kafka to confirm what is "
+        "in flight; the rest stays unacked and is delivered again (default: %(default)s)")
+    parser.add_argument(
+        "--kafka-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
+        "acks=all and enable.idempotence=true are the defaults and should stay")
+    parser.add_argument(
+        "--log-level", default=env.get("WEBOS_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
+    return parser
 
 
 def main(argv=None) -> int:
-    """Placeholder until the bridge issue lands: wait for SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO)
+    """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code."""
+    settings = load_settings()
+    env = {**{k: v for k, v in (dotenv_values(DOTENV_PATH) if DOTENV_PATH.exists() else {}).items()
+              if v is not None}, **os.environ}
+    args = build_parser(settings, env).parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    options = BridgeOptions(
+        queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
+        prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,
+        max_message_bytes=args.max_message_bytes, discovery_interval=args.discovery_interval,
+        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config))
+    if not settings.bridge_password:
+        LOGGER.error("configuration error: no password for %s: set WEBOS_BRIDGE_PASSWORD "
+                     "(environment or .env; `python -m stack up` generates one)",
+                     settings.bridge_user)
+        return 2
+
     stop = threading.Event()
+
+    def on_signal(signum, frame):
+        LOGGER.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    LOGGER.info("bridge placeholder running")
-    stop.wait()
-    return 0
+        signal.signal(signum, on_signal)
+
+    stats = BridgeStats()
+    server = None
+    if args.metrics_port:
+        try:
+            server = MetricsServer(stats, args.metrics_host, args.metrics_port).start()
+        except OSError as error:
+            LOGGER.error("configuration error: cannot serve /metrics on %s:%s (%s): pick another "
+                         "--metrics-port, or 0 to turn it off", args.metrics_host,
+                         args.metrics_port, error)
+            return 2
+        LOGGER.info("metrics on %s/metrics, health on %s/healthz", server.url, server.url)
+    try:
+        return Forwarder(settings, options, stop, stats).run()
+    except ConfigurationError as error:
+        LOGGER.error("configuration error: %s", error)
+        return 2
+    except Exception:
+        LOGGER.exception("bridge failed")
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

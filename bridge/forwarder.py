@@ -1,0 +1,390 @@
+"""The forwarding loop: device queues in, Kafka records out, acks only after Kafka confirmed.
+
+One thread owns the pika connection and drives both it and `producer.poll()`. Delivery reports
+(called by `poll`/`flush` on that same thread) only record what happened; the loop then acks,
+nacks and parks between `process_data_events` calls.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import pika
+from confluent_kafka import KafkaError, KafkaException, Producer
+from pika import exceptions as amqp_errors
+
+from bridge.discovery import QueueDiscovery
+from bridge.metrics import BridgeStats
+from bridge.records import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
+                            DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED,
+                            AckTracker, RouteCache, inspect_body)
+from rabbitmq import topology
+from stack.config import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+# Delivery errors that say "this record will never be accepted": park it, do not retry it.
+REJECTED_BY_KAFKA = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG,
+                     KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
+                     KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
+                     KafkaError._INVALID_ARG}
+AUTH_ERRORS = (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError,
+               amqp_errors.ProbableAccessDeniedError)
+
+
+class ConfigurationError(Exception):
+    """Something only a person can fix (credentials, a missing queue or topic): stop, say what."""
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """The bridge's own knobs (broker addresses and users come from Settings)."""
+
+    queues: tuple[str, ...] = ()            # explicit queues; empty: every device queue found
+    queue_pattern: str | None = None         # regex on queue names when discovering
+    topic_template: str = "webos.events"
+    prefetch: int = 2000
+    linger_ms: float = 5.0
+    batch_size: int = 1_000_000              # librdkafka batch.size, bytes per partition batch
+    max_message_bytes: int = 1_000_000       # librdkafka message.max.bytes; bigger goes to webos.dead
+    discovery_interval: float = 2.0
+    flush_timeout: float = 10.0
+    max_backoff: float = 30.0
+    kafka_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def producer_config(self, settings: Settings) -> dict:
+        """librdkafka configuration: durable (acks=all, idempotent) and batched."""
+        config = {"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
+                  "enable.idempotence": True, "linger.ms": self.linger_ms,
+                  "batch.size": self.batch_size, "message.max.bytes": self.max_message_bytes,
+                  "client.id": "webos-bridge"}
+        config.update(dict(self.kafka_config))
+        return config
+
+
+class _ChannelGone(Exception):
+    """The consuming channel closed under us; reconnect."""
+
+
+class Forwarder:
+    """Consumes the device queues and forwards each message to Kafka; see the module docstring."""
+
+    def __init__(self, settings: Settings, options: BridgeOptions, stop: threading.Event,
+                 stats: BridgeStats | None = None):
+        self.settings = settings
+        self.options = options
+        self.stop = stop
+        self.stats = stats or BridgeStats()
+        self.routes = RouteCache(options.topic_template)
+        self.pattern = re.compile(options.queue_pattern) if options.queue_pattern else None
+        self.producer: Producer | None = None
+        self.discovery: QueueDiscovery | None = None
+        self.connection: pika.BlockingConnection | None = None
+        self.channel = None
+        self.dead_channel = None
+        self.probe_channel = None
+        self.tracker = AckTracker(0)
+        self.consumers: dict[str, str] = {}      # queue -> consumer tag
+        self.missing_warned: set[str] = set()
+        self._to_nack: list[int] = []
+        self._to_park: list[tuple[int, object, str, str]] = []
+        self._fatal: str | None = None
+        self._generation = 0
+
+    # ---- start and stop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Forward until `stop` is set; 0 after a clean stop. Raises ConfigurationError."""
+        self.producer = Producer({**self.options.producer_config(self.settings),
+                                  "error_cb": self.on_kafka_error})
+        self._check_kafka()
+        if not self.options.queues:
+            self.discovery = QueueDiscovery(self.settings, self.pattern,
+                                            self.options.discovery_interval).start()
+        backoff = 1.0
+        first = True
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._connect(first)
+                    first = False
+                    backoff = 1.0
+                    self._consume_loop()
+                except AUTH_ERRORS as error:
+                    raise ConfigurationError(
+                        f"RabbitMQ refused {self.settings.bridge_user!r} at "
+                        f"{self.settings.rabbitmq_host}:{self.settings.amqp_port} ({error!r}): "
+                        "check WEBOS_BRIDGE_PASSWORD (in the environment or .env) and that the "
+                        "user exists (python -m rabbitmq.topology creates it)") from None
+                except amqp_errors.ChannelClosedByBroker as error:
+                    if error.reply_code == 403:
+                        raise ConfigurationError(
+                            f"RabbitMQ refused {self.settings.bridge_user!r} something it needs: "
+                            f"{error.reply_text}. Check its permissions (python -m "
+                            "rabbitmq.topology sets them) and --queues/--queue-pattern") from None
+                    LOGGER.warning("RabbitMQ closed the channel (%r); reconnecting in %.0f s",
+                                   error, backoff)
+                except (amqp_errors.AMQPError, _ChannelGone, OSError) as error:
+                    LOGGER.warning("RabbitMQ connection lost (%r); reconnecting in %.0f s",
+                                   error, backoff)
+                finally:
+                    self._close_connection()
+                if self._fatal:
+                    raise ConfigurationError(self._fatal)
+                if self.stop.is_set():
+                    break
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, self.options.max_backoff)
+        finally:
+            if self.discovery:
+                self.discovery.stop()
+            self._flush_producer()
+            LOGGER.info("bridge stopped: %s", self.stats.summary())
+        return 0
+
+    def _check_kafka(self) -> None:
+        """Stop now when the fixed topic is missing; only warn when Kafka does not answer yet."""
+        try:
+            metadata = self.producer.list_topics(timeout=10)
+        except KafkaException as error:
+            LOGGER.warning("Kafka at %s does not answer yet (%s); messages wait in RabbitMQ",
+                           self.settings.kafka_bootstrap, error)
+            return
+        template = self.options.topic_template
+        if "{" not in template and template not in metadata.topics:
+            raise ConfigurationError(
+                f"Kafka topic {template!r} does not exist at {self.settings.kafka_bootstrap} and "
+                "topics are not created automatically: create it (python -m stack up does for "
+                "webos.events) or pass another --topic-template")
+
+    def _connect(self, first: bool) -> None:
+        parameters = topology.amqp_parameters(
+            self.settings, self.settings.bridge_user, self.settings.bridge_password,
+            heartbeat=30, blocked_connection_timeout=60, connection_attempts=1,
+            client_properties={"connection_name": "webos-bridge"})
+        self.connection = pika.BlockingConnection(parameters)
+        if not first:
+            self.stats.reconnects += 1
+        self._generation += 1
+        self.tracker = AckTracker(self._generation)
+        self._to_nack.clear()
+        self._to_park.clear()
+        self.consumers = {}
+        self.dead_channel = self.connection.channel()
+        self.dead_channel.confirm_delivery()
+        self.probe_channel = self.connection.channel()
+        self._check_dead_queue()
+        self.channel = self.connection.channel()
+        self.channel.basic_qos(prefetch_count=self.options.prefetch)
+        self.channel.add_on_cancel_callback(self.on_consumer_cancelled)
+        if self.options.queues:
+            self._sync_queues(self.options.queues, strict=first)
+        elif self.discovery.queues is None:
+            # The first listing may still be on its way; never start blind on a reconnect.
+            deadline = time.monotonic() + 10
+            while self.discovery.queues is None and time.monotonic() < deadline \
+                    and not self.stop.is_set():
+                self.connection.process_data_events(time_limit=0.1)
+        self.stats.connected = True
+        LOGGER.info("connected to RabbitMQ %s:%s as %s; prefetch %d, Kafka %s, topic %s",
+                    self.settings.rabbitmq_host, self.settings.amqp_port,
+                    self.settings.bridge_user, self.options.prefetch,
+                    self.settings.kafka_bootstrap, self.options.topic_template)
+
+    def _check_dead_queue(self) -> None:
+        try:
+            self.probe_channel.queue_declare(topology.DEAD_QUEUE, passive=True)
+        except amqp_errors.ChannelClosedByBroker as error:
+            raise ConfigurationError(
+                f"queue {topology.DEAD_QUEUE} is missing ({error.reply_text}): apply the "
+                "topology first (python -m rabbitmq.topology)") from None
+
+    def _close_connection(self) -> None:
+        self.stats.connected = False
+        self.stats.queues = 0
+        connection, self.connection = self.connection, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except amqp_errors.AMQPError as error:
+                LOGGER.debug("closing the connection: %r", error)
+        self.channel = self.dead_channel = self.probe_channel = None
+
+    def _flush_producer(self) -> None:
+        if self.producer is None:
+            return
+        left = self.producer.flush(self.options.flush_timeout)
+        if left:
+            LOGGER.warning("%d records not confirmed by Kafka within %.0f s; their RabbitMQ "
+                           "deliveries were not acked and will be delivered again", left,
+                           self.options.flush_timeout)
+
+    # ---- which queues ---------------------------------------------------------------------
+
+    def _sync_queues(self, wanted, strict: bool = False) -> None:
+        """Consume every queue in `wanted` not yet consumed (queues only come, cancels remove)."""
+        for queue in sorted(set(wanted) - self.consumers.keys()):
+            if not self._queue_exists(queue, strict):
+                continue
+            self.consumers[queue] = self.channel.basic_consume(
+                queue, partial(self.on_message, queue), auto_ack=False)
+            self.missing_warned.discard(queue)
+            LOGGER.info("consuming %s", queue)
+        self.stats.queues = len(self.consumers)
+
+    def _queue_exists(self, queue: str, strict: bool) -> bool:
+        # A passive declare of a missing queue closes its channel: use the throwaway probe channel.
+        if self.probe_channel is None or not self.probe_channel.is_open:
+            self.probe_channel = self.connection.channel()
+        try:
+            self.probe_channel.queue_declare(queue, passive=True)
+            return True
+        except amqp_errors.ChannelClosedByBroker as error:
+            if strict:
+                raise ConfigurationError(
+                    f"cannot consume queue {queue!r}: {error.reply_code} {error.reply_text}. "
+                    f"Declare it (python -m rabbitmq.topology {topology.device_of_queue(queue) or '<device>'}) "
+                    "or fix --queues") from None
+            if queue not in self.missing_warned:
+                LOGGER.warning("queue %s is not there (%s); will look again", queue, error.reply_text)
+                self.missing_warned.add(queue)
+            return False
+
+    def on_consumer_cancelled(self, method_frame) -> None:
+        """The broker cancelled a consumer (its queue was deleted): forget it; discovery re-adds."""
+        tag = method_frame.method.consumer_tag
+        for queue, consumer_tag in list(self.consumers.items()):
+            if consumer_tag == tag:
+                del self.consumers[queue]
+                LOGGER.info("broker cancelled the consumer of %s (queue deleted?)", queue)
+        self.stats.queues = len(self.consumers)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _consume_loop(self) -> None:
+        connection, producer, tracker = self.connection, self.producer, self.tracker
+        next_sync = 0.0
+        while not self.stop.is_set() and self._fatal is None:
+            # Short waits while records are in flight so delivery reports (acks) are served soon.
+            connection.process_data_events(time_limit=0.001 if tracker.in_flight else 0.05)
+            producer.poll(0)
+            self._settle()
+            now = time.monotonic()
+            if now >= next_sync:
+                next_sync = now + 1.0
+                wanted = self.options.queues or self.discovery.queues or ()
+                self._sync_queues(wanted)
+        self._drain()
+
+    def on_message(self, queue: str, channel, method, properties, body: bytes) -> None:
+        """One delivery: produce it (the delivery report settles it) or park it."""
+        tag = method.delivery_tag
+        self.tracker.add(tag)
+        self.stats.consumed += 1
+        route = self.routes.get(queue, method.routing_key)
+        reason, detail, msg_id = inspect_body(body, self.options.max_message_bytes)
+        if reason is not None:
+            self._park(tag, body, reason, detail, queue, method.routing_key, method.exchange,
+                       properties.headers)
+            return
+        headers = list(route.headers)
+        if msg_id:
+            headers.append(("msg_id", msg_id.encode()))
+        while True:
+            try:
+                self.producer.produce(route.topic, body, route.key, headers=headers,
+                                      on_delivery=partial(self.on_delivery, self._generation, tag))
+                return
+            except BufferError:
+                # librdkafka's queue is full (prefetch larger than its limits): let it drain.
+                self.producer.poll(0.05)
+            except KafkaException as error:
+                self._park(tag, body, KAFKA_REJECTED, str(error.args[0]), queue,
+                           method.routing_key, method.exchange, properties.headers)
+                return
+
+    def on_delivery(self, generation: int, tag: int, error, record) -> None:
+        """Kafka's delivery report: note it; acks and nacks are sent by the loop."""
+        if generation != self.tracker.generation:
+            self.stats.forgotten += 1  # its delivery tag died with the old channel
+            return
+        if error is None:
+            self.tracker.confirm(tag)
+            self.stats.produced += 1
+            self.stats.latency.observe(record.latency() or 0.0)
+        elif error.code() in REJECTED_BY_KAFKA:
+            self._to_park.append((tag, record, KAFKA_REJECTED, f"{error.name()}: {error.str()}"))
+        else:
+            LOGGER.warning("Kafka did not take a record from %s (%s); requeueing it",
+                           dict(record.headers() or ()).get("queue", b"?").decode(), error.str())
+            self._to_nack.append(tag)
+
+    def on_kafka_error(self, error) -> None:
+        """librdkafka's error callback: most are transient (it retries); fatal ones stop us."""
+        if error.fatal():
+            self._fatal = f"Kafka producer fatal error: {error.str()}"
+            LOGGER.error("%s", self._fatal)
+        else:
+            LOGGER.warning("Kafka: %s", error.str())
+
+    def _settle(self) -> None:
+        """Send the nacks, parks and acks the delivery reports asked for."""
+        channel, tracker = self.channel, self.tracker
+        if self._to_nack:
+            for tag in self._to_nack:
+                channel.basic_nack(tag, requeue=True)
+                tracker.nacked(tag)
+                self.stats.requeued += 1
+            self._to_nack.clear()
+        if self._to_park:
+            parked, self._to_park = self._to_park, []
+            for tag, record, reason, detail in parked:
+                headers = {k: v.decode(errors="replace") for k, v in record.headers() or ()}
+                self._park(tag, record.value(), reason, detail, headers.get("queue", ""),
+                           headers.get("routing_key", ""), "", None)
+        last, count = tracker.take_ackable()
+        if last:
+            channel.basic_ack(last, multiple=True)
+            self.stats.acked += count
+        self.stats.in_flight = tracker.in_flight
+
+    def _park(self, tag: int, body: bytes, reason: str, detail: str, queue: str,
+              routing_key: str, exchange: str, original_headers) -> None:
+        """Publish to webos.dead (confirmed) with the reason, then let the original be acked."""
+        LOGGER.warning("parking a message from %s (routing key %s) in %s: %s (%s)", queue,
+                       routing_key, topology.DEAD_QUEUE, reason, detail)
+        headers = dict(original_headers or {})
+        headers.update({DEAD_REASON_HEADER: reason, DEAD_DETAIL_HEADER: detail,
+                        DEAD_QUEUE_HEADER: queue, DEAD_ROUTING_KEY_HEADER: routing_key,
+                        DEAD_EXCHANGE_HEADER: exchange})
+        try:
+            # confirm_delivery is on: this returns once RabbitMQ has the copy.
+            self.dead_channel.basic_publish(
+                "", topology.DEAD_QUEUE, body, mandatory=True,
+                properties=pika.BasicProperties(delivery_mode=2, headers=headers))
+        except (amqp_errors.UnroutableError, amqp_errors.NackError) as error:
+            raise _ChannelGone(f"{topology.DEAD_QUEUE} did not take a parked message: {error!r}")
+        self.tracker.confirm(tag)
+        self.stats.dead_lettered[reason] += 1
+
+    def _drain(self) -> None:
+        """Stop consuming, let Kafka confirm what is in flight, ack that, leave the rest unacked."""
+        if self._fatal is not None:
+            return
+        LOGGER.info("stopping: cancelling %d consumers, flushing Kafka (up to %.0f s)",
+                    len(self.consumers), self.options.flush_timeout)
+        for consumer_tag in list(self.consumers.values()):
+            self.channel.basic_cancel(consumer_tag)
+        self.consumers = {}
+        deadline = time.monotonic() + self.options.flush_timeout
+        while self.tracker.in_flight and time.monotonic() < deadline:
+            self.producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
+            self._settle()
+            self.connection.process_data_events(time_limit=0)
+        if self.tracker.in_flight:
+            LOGGER.warning("%d deliveries not confirmed by Kafka in time: left unacked, RabbitMQ "
+                           "delivers them again", self.tracker.in_flight)

@@ -1,0 +1,154 @@
+"""Pure logic of the bridge: what a delivery becomes in Kafka, why one is parked, which tags to ack.
+
+Nothing here talks to a broker, so all of it is unit-tested without one.
+"""
+from __future__ import annotations
+
+import json
+import string
+from collections import deque
+from dataclasses import dataclass
+
+from rabbitmq import topology
+
+TEMPLATE_FIELDS = ("device", "type", "queue", "routing_key")
+DEAD_REASON_HEADER = "x-webos-dead-reason"
+DEAD_DETAIL_HEADER = "x-webos-dead-detail"
+DEAD_QUEUE_HEADER = "x-webos-queue"
+DEAD_ROUTING_KEY_HEADER = "x-webos-routing-key"
+DEAD_EXCHANGE_HEADER = "x-webos-exchange"
+
+# Reasons a message is parked in webos.dead (the value of the x-webos-dead-reason header).
+NOT_JSON = "not-json"
+NOT_OBJECT = "not-a-json-object"
+TOO_LARGE = "too-large"
+KAFKA_REJECTED = "kafka-rejected"
+UNKNOWN_TYPE = "unknown"
+
+
+class TemplateError(ValueError):
+    """A topic template names a placeholder the bridge does not know."""
+
+
+def check_template(template: str) -> str:
+    """`template` if every placeholder in it is one of {device} {type} {queue} {routing_key}."""
+    try:
+        fields = [name for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise TemplateError(f"topic template {template!r}: {error}") from None
+    unknown = sorted({name for name in fields if name not in TEMPLATE_FIELDS})
+    if unknown:
+        raise TemplateError(f"topic template {template!r} uses {', '.join(unknown)}; "
+                            f"allowed placeholders: {', '.join('{%s}' % f for f in TEMPLATE_FIELDS)}")
+    if not template.format(device="d", type="t", queue="q", routing_key="r"):
+        raise TemplateError("topic template is empty")
+    return template
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how a delivery from one queue with one routing key goes in Kafka."""
+
+    topic: str
+    key: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def route_for(template: str, queue: str, routing_key: str) -> Route:
+    """The Kafka topic, key and fixed headers for a delivery from `queue` with `routing_key`."""
+    device = topology.device_of_queue(queue) or queue
+    parsed = topology.parse_routing_key(routing_key)
+    # A broadcast (webos.fanout) copy may carry any routing key; the queue still says whose it is.
+    message_type = parsed[1] if parsed and parsed[0] == device else UNKNOWN_TYPE
+    mqtt_topic = routing_key.replace(".", "/")
+    topic = template.format(device=device, type=message_type, queue=queue, routing_key=routing_key)
+    headers = (("routing_key", routing_key.encode()), ("mqtt_topic", mqtt_topic.encode()),
+               ("device", device.encode()), ("type", message_type.encode()),
+               ("queue", queue.encode()))
+    return Route(topic, device.encode(), headers)
+
+
+class RouteCache:
+    """route_for() memoised per (queue, routing key); bounded so odd routing keys cannot grow it."""
+
+    def __init__(self, template: str, limit: int = 10_000):
+        self.template = check_template(template)
+        self.limit = limit
+        self._routes: dict[tuple[str, str], Route] = {}
+
+    def get(self, queue: str, routing_key: str) -> Route:
+        """The route for one delivery."""
+        route = self._routes.get((queue, routing_key))
+        if route is None:
+            if len(self._routes) >= self.limit:
+                self._routes.clear()
+            route = self._routes[(queue, routing_key)] = route_for(self.template, queue, routing_key)
+        return route
+
+
+def inspect_body(body: bytes, max_bytes: int) -> tuple[str | None, str | None, str]:
+    """(reason, detail, msg_id): reason is None for a body Kafka should get, else why it is parked."""
+    if len(body) > max_bytes:
+        return TOO_LARGE, f"{len(body)} bytes is more than message.max.bytes={max_bytes}", ""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        return NOT_JSON, str(error)[:200], ""
+    if not isinstance(document, dict):
+        return NOT_OBJECT, f"a JSON {type(document).__name__}, not an object", ""
+    msg_id = document.get("msg_id")
+    return None, None, msg_id if isinstance(msg_id, str) else ""
+
+
+class AckTracker:
+    """Delivery tags of one channel, from delivery to settlement, acked in contiguous batches.
+
+    A tag is settled when Kafka confirmed it, when webos.dead confirmed its parked copy, or when it
+    was nacked. `take_ackable()` returns the highest tag below which every tag is settled: one
+    `basic_ack(tag, multiple=True)` then acks exactly the confirmed ones (nacked ones are no longer
+    outstanding on the broker, so `multiple` skips them).
+    """
+
+    def __init__(self, generation: int):
+        self.generation = generation
+        self._outstanding: deque[int] = deque()
+        self._settled: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._outstanding)
+
+    @property
+    def in_flight(self) -> int:
+        """Tags delivered and not yet acked or nacked."""
+        return len(self._outstanding)
+
+    def add(self, tag: int) -> None:
+        """A delivery arrived (tags grow on a channel)."""
+        self._outstanding.append(tag)
+
+    def confirm(self, tag: int) -> None:
+        """Its record (or parked copy) is safe: the tag may be acked."""
+        self._settled.add(tag)
+
+    def nacked(self, tag: int) -> None:
+        """The tag was nacked (requeued) on the broker; skip it when acking."""
+        self._settled.add(-tag)
+
+    def take_ackable(self) -> tuple[int, int]:
+        """(highest tag to ack with multiple=True or 0, how many confirmed tags that acks)."""
+        outstanding, settled = self._outstanding, self._settled
+        last = 0
+        acked = 0
+        while outstanding:
+            tag = outstanding[0]
+            if tag in settled:
+                settled.remove(tag)
+                last = tag
+                acked += 1
+            elif -tag in settled:
+                settled.remove(-tag)
+            else:
+                break
+            outstanding.popleft()
+        return last, acked

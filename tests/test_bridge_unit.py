@@ -1,0 +1,165 @@
+"""The bridge's pure logic, no broker: routes, poison detection, ack batching, metrics, CLI."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bridge.__main__ import build_parser
+from bridge.discovery import select_queues
+from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector
+from bridge.records import (NOT_JSON, NOT_OBJECT, TOO_LARGE, AckTracker, RouteCache, TemplateError,
+                            check_template, inspect_body, route_for)
+from stack.config import Settings
+
+
+def test_route_carries_device_key_and_headers():
+    route = route_for("webos.events", "webos.3DF92-192", "webos.3DF92-192.warning")
+    assert route.topic == "webos.events"
+    assert route.key == b"3DF92-192"
+    assert dict(route.headers) == {"routing_key": b"webos.3DF92-192.warning",
+                                   "mqtt_topic": b"webos/3DF92-192/warning",
+                                   "device": b"3DF92-192", "type": b"warning",
+                                   "queue": b"webos.3DF92-192"}
+
+
+def test_route_template_placeholders():
+    route = route_for("dev.{device}.{type}.{queue}.{routing_key}", "webos.D1", "webos.D1.error")
+    assert route.topic == "dev.D1.error.webos.D1.webos.D1.error"
+
+
+def test_broadcast_copy_is_keyed_by_the_queue_device():
+    route = route_for("t", "webos.D1", "emergency")
+    assert route.key == b"D1"
+    assert dict(route.headers)["type"] == b"unknown"
+
+
+@pytest.mark.parametrize("template", ["webos.{nope}", "webos.{device", "{0}", ""])
+def test_bad_templates_are_refused(template):
+    with pytest.raises(TemplateError):
+        check_template(template)
+
+
+def test_route_cache_is_bounded():
+    cache = RouteCache("t", limit=3)
+    for n in range(10):
+        cache.get("webos.D1", f"webos.D1.t{n}")
+    assert len(cache._routes) <= 3
+    assert cache.get("webos.D1", "webos.D1.info") is cache.get("webos.D1", "webos.D1.info")
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"not json at all", NOT_JSON),
+    (b"\xff\xfe\x00", NOT_JSON),
+    (b"", NOT_JSON),
+    (b"[1, 2]", NOT_OBJECT),
+    (b"\"a string\"", NOT_OBJECT),
+    (b"42", NOT_OBJECT),
+    (b"null", NOT_OBJECT),
+    (b"{" + b" " * 200 + b"}", TOO_LARGE),
+])
+def test_poison_bodies_get_a_reason(body, reason):
+    got, detail, _ = inspect_body(body, max_bytes=100)
+    assert got == reason
+    assert detail
+
+
+def test_good_body_passes_with_its_msg_id():
+    body = json.dumps({"id": "D1", "msg_id": "abc", "seq": 1}).encode()
+    assert inspect_body(body, 1000) == (None, None, "abc")
+    assert inspect_body(b'{"msg_id": 5}', 1000) == (None, None, "")
+
+
+def test_acks_wait_for_the_oldest_unconfirmed_tag():
+    tracker = AckTracker(1)
+    for tag in range(1, 6):
+        tracker.add(tag)
+    tracker.confirm(2)
+    tracker.confirm(3)
+    assert tracker.take_ackable() == (0, 0)  # 1 is not confirmed: acking 3 with multiple would ack it
+    tracker.confirm(1)
+    assert tracker.take_ackable() == (3, 3)
+    assert tracker.in_flight == 2
+    tracker.confirm(5)
+    assert tracker.take_ackable() == (0, 0)
+    tracker.confirm(4)
+    assert tracker.take_ackable() == (5, 2)
+    assert tracker.in_flight == 0
+
+
+def test_nacked_tags_are_skipped_not_acked():
+    tracker = AckTracker(1)
+    for tag in (1, 2, 3):
+        tracker.add(tag)
+    tracker.confirm(1)
+    tracker.nacked(2)
+    tracker.confirm(3)
+    assert tracker.take_ackable() == (3, 2)
+    assert tracker.in_flight == 0
+
+
+def test_nack_at_the_end_acks_only_confirmed():
+    tracker = AckTracker(1)
+    for tag in (1, 2):
+        tracker.add(tag)
+    tracker.confirm(1)
+    tracker.nacked(2)
+    assert tracker.take_ackable() == (1, 1)
+    assert tracker.in_flight == 0
+
+
+def test_select_queues_keeps_device_queues_only():
+    names = ["webos.D1", "webos.D2", "webos.dead", "webos.unrouted", "other", "webos.a.b"]
+    assert select_queues(names, None) == {"webos.D1", "webos.D2"}
+    assert select_queues(names, re.compile(r"D2$")) == {"webos.D2"}
+
+
+def test_metrics_text_has_every_counter():
+    stats = BridgeStats()
+    stats.consumed, stats.produced, stats.acked, stats.in_flight = 5, 4, 3, 2
+    stats.dead_lettered["not-json"] += 1
+    stats.latency.observe(0.003)
+    stats.latency.observe(0.5)
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    text = generate_latest(registry).decode()
+    for line in ("webos_bridge_consumed_total 5.0", "webos_bridge_produced_total 4.0",
+                 "webos_bridge_acked_total 3.0", "webos_bridge_requeued_total 0.0",
+                 'webos_bridge_dead_lettered_total{reason="not-json"} 1.0',
+                 "webos_bridge_in_flight 2.0",
+                 'webos_bridge_delivery_latency_seconds_bucket{le="0.005"} 1.0',
+                 'webos_bridge_delivery_latency_seconds_bucket{le="+Inf"} 2.0',
+                 "webos_bridge_delivery_latency_seconds_count 2.0"):
+        assert line in text, line
+
+
+def test_histogram_counts_a_value_on_a_bound_in_that_bucket():
+    histogram = LatencyHistogram((0.1, 1.0))
+    histogram.observe(0.1)
+    histogram.observe(2.0)
+    assert histogram.cumulative() == [("0.1", 1), ("1.0", 1), ("+Inf", 2)]
+
+
+def test_flags_override_environment_defaults():
+    settings = Settings(kafka_topic="from.settings", bridge_metrics_port=9999)
+    parser = build_parser(settings, {"WEBOS_BRIDGE_PREFETCH": "77"})
+    args = parser.parse_args([])
+    assert (args.prefetch, args.topic_template, args.metrics_port) == (77, "from.settings", 9999)
+    args = parser.parse_args(["--prefetch", "5", "--queues", "webos.a, webos.b",
+                              "--topic-template", "x.{device}", "--metrics-port", "0"])
+    assert (args.prefetch, args.queues, args.topic_template, args.metrics_port) == \
+        (5, ("webos.a", "webos.b"), "x.{device}", 0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--prefetch", "0"], ["--prefetch", "many"], ["--queue-pattern", "("],
+    ["--topic-template", "t.{nope}"], ["--metrics-port", "70000"], ["--linger-ms", "-1"],
+    ["--kafka-config", "novalue"], ["--queues", "webos.a", "--queue-pattern", "a"],
+])
+def test_bad_flags_exit_2_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser(Settings(), {}).parse_args(argv)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
