@@ -1,19 +1,88 @@
-"""`python -m publisher`."""
+"""`python -m publisher`: the device simulator with its page and REST API."""
+from __future__ import annotations
+
+import argparse
 import logging
 import signal
 import threading
 
+from werkzeug.serving import make_server
+
+from publisher.devices import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
+from stack.config import load_settings
+
 LOGGER = logging.getLogger("publisher")
 
 
+def parse_args(argv, settings):
+    """The command line; defaults come from stack.config."""
+    parser = argparse.ArgumentParser(
+        prog="python -m publisher",
+        description="Simulated devices publishing their positions over MQTT (one client each), "
+                    "with a page and a JSON REST API to toggle, add and remove them. "
+                    "State-changing calls need Content-Type: application/json and, when "
+                    "PUBLISHER_API_TOKEN is set, 'Authorization: Bearer <token>'.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=settings.publisher_port,
+                        help="HTTP port (default %(default)s, WEBOS_PUBLISHER_PORT)")
+    parser.add_argument("--devices-file", default=str(DEFAULT_DEVICES_FILE),
+                        help="JSON file with the devices, routes and intervals (default %(default)s)")
+    parser.add_argument("--devices", help="comma-separated device ids to run instead of the file's "
+                                          "(default route each)")
+    parser.add_argument("--interval", nargs=2, type=float, metavar=("MIN", "MAX"),
+                        help="seconds between reports of every device, overriding the file "
+                             "(default: the file's, 1 2)")
+    parser.add_argument("--max-queued", type=int, default=1000,
+                        help="messages a device keeps while RabbitMQ is unreachable before it "
+                             "drops (and logs) new ones (default %(default)s)")
+    parser.add_argument("--no-declare", action="store_true",
+                        help="do not declare the devices' queues at start (they exist already)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
-    """Placeholder until the publisher issue lands: wait for SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO)
+    """Run the simulator and serve the page and API until SIGINT or SIGTERM."""
+    settings = load_settings()
+    args = parse_args(argv, settings)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        LOGGER.warning("listening on %s: the API is reachable from other machines; set "
+                       "PUBLISHER_API_TOKEN", args.host)
+    from publisher.admin_link import BrokerUnavailable
+    from publisher.app import create_app
+
+    config = {"SETTINGS": settings, "DEVICES_FILE": args.devices_file,
+              "MAX_QUEUED_MESSAGES": args.max_queued, "DECLARE_QUEUES": not args.no_declare}
+    try:
+        interval = parse_interval(args.interval) if args.interval else None
+        if args.devices:
+            config["DEVICES"] = [DeviceConfig.from_json({"id": d.strip()}, interval or (1.0, 2.0))
+                                 for d in args.devices.split(",") if d.strip()]
+        config["INTERVAL"] = interval
+        app = create_app(config)
+    except ValueError as error:
+        LOGGER.error("%s", error)
+        return 2
+    except BrokerUnavailable as error:
+        LOGGER.error("cannot declare the device queues as %s: %s", settings.admin_user, error)
+        return 1
+    publisher = app.extensions["publisher"]
+    server = make_server(args.host, args.port, app, threaded=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    LOGGER.info("publisher placeholder running")
+    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    serving.start()
+    LOGGER.info("publisher on http://%s:%d/", args.host, server.server_port)
     stop.wait()
+    LOGGER.info("stopping")
+    server.shutdown()
+    publisher.close()
+    LOGGER.info("stopped")
     return 0
 
 

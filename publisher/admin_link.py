@@ -1,0 +1,131 @@
+"""The publisher's one AMQP connection as webos-admin, owned by one thread.
+
+Declaring a new device's queue (through `rabbitmq.topology`) and the emergency broadcast on
+`webos.fanout` go through here. pika connections must not be shared across threads, so request
+threads hand work over through a queue and wait on a Future.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+
+import pika
+import pika.exceptions
+
+from rabbitmq import topology
+from stack.config import Settings
+from publisher.devices import now_ms
+
+LOGGER = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """RabbitMQ could not be reached or refused the operation."""
+
+
+class AdminLink:
+    """A thread that owns a pika BlockingConnection (connected on first use, reconnected on error)."""
+
+    def __init__(self, settings: Settings, timeout: float = 10.0):
+        self.settings = settings
+        self.timeout = timeout
+        self._work: queue.Queue = queue.Queue()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel = None
+        self._thread = threading.Thread(target=self._run, name="amqp-admin", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread and close the connection."""
+        self._work.put(None)
+        self._thread.join(self.timeout)
+
+    def call(self, function, *args):
+        """Run `function(channel, *args)` on the link's thread; its result, or BrokerUnavailable."""
+        future: Future = Future()
+        self._work.put((function, args, future))
+        return future.result(self.timeout + 5)
+
+    # -- the operations -------------------------------------------------------------------
+
+    def declare_devices(self, devices) -> None:
+        """Queues and bindings for `devices` (idempotent), through the one topology module."""
+        def declare(channel, devices):
+            for device in devices:
+                topology.declare_device(channel, device)
+        self.call(declare, list(devices))
+
+    def delete_device_queue(self, device: str) -> None:
+        """Remove a device's queue and whatever is left in it."""
+        self.call(topology.delete_device, device)
+
+    def broadcast(self, text: str, message_type: str = "error") -> dict:
+        """Publish one emergency message on `webos.fanout` (every device queue gets a copy)."""
+        payload = {"Producer": "publisher", "command": "emergency", "type": message_type,
+                   "message": text, "msg_id": uuid.uuid4().hex, "ts": now_ms()}
+
+        def publish(channel, payload):
+            channel.basic_publish(
+                topology.FANOUT_EXCHANGE, "", json.dumps(payload).encode("utf-8"),
+                pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                     message_id=payload["msg_id"]),
+                mandatory=True)
+        self.call(publish, payload)
+        LOGGER.info("broadcast %s sent on %s", payload["msg_id"], topology.FANOUT_EXCHANGE)
+        return payload
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _ensure_channel(self):
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = pika.BlockingConnection(topology.admin_parameters(
+                    self.settings, heartbeat=30, blocked_connection_timeout=10,
+                    connection_attempts=2, retry_delay=0.5))
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()  # basic_publish returns after the broker confirmed
+        return self._channel
+
+    def _drop_connection(self) -> None:
+        try:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        except pika.exceptions.AMQPError as error:
+            LOGGER.debug("closing the admin connection: %s", error)
+        self._connection = self._channel = None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                work = self._work.get(timeout=1.0)
+            except queue.Empty:
+                if self._connection is not None and self._connection.is_open:
+                    try:
+                        self._connection.process_data_events(0)  # heartbeats
+                    except pika.exceptions.AMQPError as error:
+                        LOGGER.warning("admin connection lost: %s", error)
+                        self._drop_connection()
+                continue
+            if work is None:
+                self._drop_connection()
+                return
+            function, args, future = work
+            for attempt in (1, 2):  # a stale connection gets one fresh retry
+                try:
+                    future.set_result(function(self._ensure_channel(), *args))
+                    break
+                except pika.exceptions.UnroutableError as error:
+                    future.set_exception(BrokerUnavailable(f"no queue is bound: {error}"))
+                    break
+                except (pika.exceptions.AMQPError, OSError) as error:
+                    self._drop_connection()
+                    if attempt == 2:
+                        LOGGER.error("RabbitMQ admin operation failed: %r", error)
+                        future.set_exception(BrokerUnavailable(f"RabbitMQ: {error!r}"))
+                except Exception as error:
+                    future.set_exception(error)
+                    break

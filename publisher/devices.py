@@ -1,0 +1,621 @@
+"""The device simulator: every device is its own MQTT client, all driven by one scheduler thread.
+
+One thread owns everything that changes: the device registry's state machines, a heap of due
+times and every paho client (paho's external loop: `loop_read`/`loop_write`/`loop_misc` on a
+`selectors` selector). Other threads (Flask's request threads) hand it commands and wait on a
+`Future`; a socketpair wakes the loop at once, so a toggle takes effect within milliseconds.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import random
+import selectors
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from rabbitmq import topology
+from stack.config import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+ACTIVE = "Active"
+INACTIVE = "Inactive"
+STATUSES = (ACTIVE, INACTIVE)
+DEFAULT_DEVICES_FILE = Path(__file__).resolve().parent / "devices.json"
+DEFAULT_INTERVAL = (1.0, 2.0)
+# A small loop walked by devices added without a route of their own.
+DEFAULT_ROUTE = ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+MAX_ROUTE_LENGTH = 10_000
+LATE_MS = 100  # a message published more than this after its due time counts as late
+MISC_PERIOD = 1.0  # paho's loop_misc (keepalive, timeouts) per client, seconds
+RECONNECT_MIN, RECONNECT_MAX = 1.0, 30.0
+
+
+class UnknownDevice(KeyError):
+    """No device with that id runs here."""
+
+
+class DuplicateDevice(ValueError):
+    """A device with that id already runs here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: ids, routes, intervals (validated at the edge, shared by the file and the API)
+
+def parse_route(raw) -> tuple[tuple[float, float], ...]:
+    """A route from JSON: a non-empty list of [x, y] number pairs."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("route must be a non-empty list of [x, y] positions")
+    if len(raw) > MAX_ROUTE_LENGTH:
+        raise ValueError(f"route has more than {MAX_ROUTE_LENGTH} positions")
+    route = []
+    for position in raw:
+        if (not isinstance(position, (list, tuple)) or len(position) != 2
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in position)):
+            raise ValueError(f"route position {position!r} is not an [x, y] pair of numbers")
+        route.append((position[0], position[1]))
+    return tuple(route)
+
+
+def parse_interval(raw) -> tuple[float, float]:
+    """An interval from JSON: [min, max] seconds (or one number), 0.05 <= min <= max <= 3600."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = [raw, raw]
+    if (not isinstance(raw, (list, tuple)) or len(raw) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)):
+        raise ValueError("interval must be [min, max] seconds")
+    low, high = float(raw[0]), float(raw[1])
+    if not 0.05 <= low <= high <= 3600:
+        raise ValueError("interval must satisfy 0.05 <= min <= max <= 3600 seconds")
+    return low, high
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """What a device is: its id, the positions it walks, how often it reports, its first status."""
+
+    id: str
+    route: tuple[tuple[float, float], ...] = DEFAULT_ROUTE
+    interval: tuple[float, float] = DEFAULT_INTERVAL
+    status: str = ACTIVE
+
+    @classmethod
+    def from_json(cls, raw, default_interval=DEFAULT_INTERVAL) -> "DeviceConfig":
+        """A config from a JSON object; ValueError names what is wrong."""
+        if not isinstance(raw, dict):
+            raise ValueError("a device must be a JSON object")
+        unknown = set(raw) - {"id", "route", "interval", "status"}
+        if unknown:
+            raise ValueError(f"unknown device field(s): {', '.join(sorted(unknown))}")
+        device = raw.get("id")
+        if device is None:
+            raise ValueError("missing device id")
+        if not topology.is_valid_device_id(device):
+            raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        status = raw.get("status", ACTIVE)
+        if status not in STATUSES:
+            raise ValueError("status must be \"Active\" or \"Inactive\"")
+        route = parse_route(raw["route"]) if "route" in raw else DEFAULT_ROUTE
+        interval = parse_interval(raw["interval"]) if "interval" in raw else tuple(default_interval)
+        return cls(device, route, interval, status)
+
+    def to_json(self) -> dict:
+        """The config as the API and the devices file show it."""
+        return {"id": self.id, "route": [list(p) for p in self.route],
+                "interval": list(self.interval), "status": self.status}
+
+
+def load_devices(path: Path = DEFAULT_DEVICES_FILE, interval=None) -> list[DeviceConfig]:
+    """Devices from a JSON file `{"interval": [1, 2], "devices": [{"id", "route", "interval"}]}`."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read devices file {path}: {error}") from error
+    if not isinstance(document, dict) or not isinstance(document.get("devices"), list):
+        raise ValueError(f"devices file {path} must hold an object with a \"devices\" list")
+    default_interval = parse_interval(interval if interval is not None
+                                      else document.get("interval", list(DEFAULT_INTERVAL)))
+    configs, seen = [], set()
+    for raw in document["devices"]:
+        if interval is not None and isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k != "interval"}  # the command line wins
+        config = DeviceConfig.from_json(raw, default_interval)
+        if config.id in seen:
+            raise ValueError(f"devices file {path} names {config.id} twice")
+        seen.add(config.id)
+        configs.append(config)
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# One device's state machine (owned by the scheduler thread; pure, no I/O)
+
+def now_ms() -> int:
+    """Epoch milliseconds, the payload's `ts`."""
+    return time.time_ns() // 1_000_000
+
+
+class DeviceState:
+    """Status, position and counters of one device, and the messages its transitions emit.
+
+    `generation` changes on every status change: a publish scheduled under an older generation
+    is stale and dropped, so a quick Inactive -> Active -> Inactive can neither double nor skip.
+    """
+
+    def __init__(self, config: DeviceConfig, rng: random.Random | None = None):
+        self.config = config
+        self.id = config.id
+        self.status = config.status
+        self.generation = 0
+        self.position_index = 0
+        self.seq = 0
+        self.rng = rng or random.Random()
+        self.published = 0
+        self.acked = 0
+        self.dropped = 0
+        self.last_message_ts: int | None = None
+        self.connected = False
+        self.removed = False
+
+    def set_status(self, status: str) -> bool:
+        """Apply a status; True when it changed (the caller then emits or schedules a message)."""
+        if status not in STATUSES:
+            raise ValueError(f"invalid status {status!r}")
+        if status == self.status:
+            return False
+        self.status = status
+        self.generation += 1
+        return True
+
+    def next_interval(self) -> float:
+        """Seconds until the next position report: uniform in the configured [min, max]."""
+        low, high = self.config.interval
+        return self.rng.uniform(low, high)
+
+    def position(self) -> tuple[float, float]:
+        """The position the device reports next."""
+        return self.config.route[self.position_index]
+
+    def message(self, command: str = "position", **extra) -> dict:
+        """The next payload (`seq` +1); a position report while Active moves along the route."""
+        x, y = self.position()
+        self.seq += 1
+        payload = {"Producer": self.id, "command": command, "id": self.id, "x": x, "y": y,
+                   "status": self.status}
+        payload.update(extra)
+        payload.update(seq=self.seq, msg_id=uuid.uuid4().hex, ts=now_ms())
+        if command == "position" and self.status == ACTIVE:
+            self.position_index = (self.position_index + 1) % len(self.config.route)
+        return payload
+
+    def snapshot(self) -> dict:
+        """What the API and the page show about this device."""
+        x, y = self.position()
+        return {"id": self.id, "status": self.status, "connected": self.connected,
+                "messages": self.published, "acked": self.acked, "dropped": self.dropped,
+                "seq": self.seq, "last_message_ts": self.last_message_ts, "position": [x, y],
+                "interval": list(self.config.interval), "route_length": len(self.config.route)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Lateness: how far after its due time each scheduled message went out
+
+class Lateness:
+    """Counts of scheduled publishes by lateness (1 ms buckets up to 10 s)."""
+
+    BUCKETS = 10_000
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything counted so far (for example after a warm-up)."""
+        self.counts = [0] * (self.BUCKETS + 1)
+        self.total = 0
+        self.on_time = 0
+        self.worst_ms = 0.0
+
+    def add(self, late_seconds: float) -> None:
+        """Count one publish that went out `late_seconds` after its due time."""
+        late_ms = max(0.0, late_seconds * 1000.0)
+        self.total += 1
+        if late_ms <= LATE_MS:
+            self.on_time += 1
+        self.worst_ms = max(self.worst_ms, late_ms)
+        self.counts[min(int(late_ms), self.BUCKETS)] += 1
+
+    def percentile(self, share: float) -> float:
+        """The lateness (ms) under which `share` of the publishes went out."""
+        if not self.total:
+            return 0.0
+        target, running = share * self.total, 0
+        for bucket, count in enumerate(self.counts):
+            running += count
+            if running >= target:
+                return float(bucket)
+        return float(self.BUCKETS)
+
+    def summary(self) -> dict:
+        """Totals and percentiles, JSON-ready."""
+        return {"scheduled": self.total,
+                "on_time_share": (self.on_time / self.total) if self.total else None,
+                "p50_ms": self.percentile(0.5), "p99_ms": self.percentile(0.99),
+                "max_ms": round(self.worst_ms, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator
+
+PUBLISH, MISC, CONNECT = "publish", "misc", "connect"
+
+
+@dataclass
+class _Device:
+    state: DeviceState
+    client: mqtt.Client
+    backoff: float = RECONNECT_MIN
+    topics: dict = field(default_factory=dict)
+
+
+class Simulator:
+    """Runs devices: one scheduler thread, one paho client per device, one selector for all."""
+
+    def __init__(self, settings: Settings, devices: list[DeviceConfig], *, keepalive: int = 30,
+                 max_queued_messages: int = 1000, seed: int | None = None, stagger: bool = True):
+        self.settings = settings
+        self.keepalive = keepalive
+        self.max_queued_messages = max_queued_messages
+        self.stagger = stagger
+        self.rng = random.Random(seed)
+        self.lateness = Lateness()
+        self._devices: dict[str, _Device] = {}
+        self._registry_lock = threading.Lock()  # guards the dict for readers in other threads
+        self._heap: list = []
+        self._counter = itertools.count()
+        self._commands: deque = deque()
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device-scheduler", daemon=True)
+        self._initial = list(devices)
+        self.loop_iterations = 0
+
+    # -- thread-safe API (any thread) ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect every configured device and start publishing."""
+        for config in self._initial:
+            self._submit(self._add, config, True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let in-flight messages be acknowledged (up to a few seconds), then disconnect all."""
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout + 2)
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def set_status(self, device: str, status: str) -> Future:
+        """Make a device Active or Inactive; the Future's result says whether it changed."""
+        return self._submit(self._set_status, device, status)
+
+    def add_device(self, config: DeviceConfig) -> Future:
+        """Start a new device (its queue must exist already); DuplicateDevice if it runs."""
+        return self._submit(self._add, config, False)
+
+    def remove_device(self, device: str) -> Future:
+        """Stop a device and disconnect its client; UnknownDevice if it does not run."""
+        return self._submit(self._remove, device)
+
+    def send_message(self, device: str, message_type: str, text: str) -> Future:
+        """Publish one operator message of `message_type` as the device; result: the payload."""
+        return self._submit(self._send_message, device, message_type, text)
+
+    def call(self, function, *args) -> Future:
+        """Run `function(*args)` on the scheduler thread (for consistent reads in tests/bench)."""
+        return self._submit(function, *args)
+
+    def __contains__(self, device: str) -> bool:
+        return device in self._devices
+
+    def device(self, device: str) -> dict | None:
+        """A snapshot of one device, or None."""
+        entry = self._devices.get(device)
+        return entry.state.snapshot() if entry else None
+
+    def snapshot(self) -> list[dict]:
+        """Snapshots of every device, in the order they were added."""
+        with self._registry_lock:
+            entries = list(self._devices.values())
+        return [entry.state.snapshot() for entry in entries]
+
+    def stats(self) -> dict:
+        """Totals over all devices and the lateness of scheduled publishes."""
+        with self._registry_lock:
+            states = [entry.state for entry in self._devices.values()]
+        return {"devices": len(states),
+                "connected": sum(s.connected for s in states),
+                "active": sum(s.status == ACTIVE for s in states),
+                "published": sum(s.published for s in states),
+                "acked": sum(s.acked for s in states),
+                "dropped": sum(s.dropped for s in states),
+                "lateness": self.lateness.summary()}
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _submit(self, function, *args) -> Future:
+        future: Future = Future()
+        if self._stop.is_set():
+            future.set_exception(RuntimeError("the simulator is stopping"))
+            return future
+        self._commands.append((function, args, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        try:
+            self._wake_write.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the buffer is full (a wake-up is pending anyway) or the loop is closed
+
+    def _schedule(self, due: float, kind: str, entry: _Device, generation: int = 0) -> None:
+        heapq.heappush(self._heap, (due, next(self._counter), kind, entry, generation))
+
+    # -- the scheduler thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                self._run_due(time.monotonic())
+                timeout = 0.5
+                if self._heap:
+                    timeout = min(timeout, max(0.0, self._heap[0][0] - time.monotonic()))
+                self._poll(timeout)
+                self.loop_iterations += 1
+            self._run_commands()
+            self._drain()
+        except Exception:
+            LOGGER.exception("device scheduler crashed")
+            raise
+        finally:
+            for entry in list(self._devices.values()):
+                self._disconnect(entry)
+            while self._commands:
+                _, _, future = self._commands.popleft()
+                future.set_exception(RuntimeError("the simulator stopped"))
+
+    def _poll(self, timeout: float) -> None:
+        for key, mask in self._selector.select(timeout):
+            entry = key.data
+            if entry is None:
+                try:
+                    while self._wake_read.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            client = entry.client
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+            if mask & selectors.EVENT_WRITE and client.socket() is not None:
+                client.loop_write()
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            function, args, future = self._commands.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except Exception as error:  # handed to the caller, who answers 4xx/5xx
+                future.set_exception(error)
+
+    def _run_due(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, _, kind, entry, generation = heapq.heappop(heap)
+            if entry.state.removed:
+                continue
+            if kind == PUBLISH:
+                state = entry.state
+                if generation != state.generation or state.status != ACTIVE:
+                    continue  # stale: the device was toggled since this was scheduled
+                self.lateness.add(time.monotonic() - due)
+                self._publish(entry, state.message())
+                next_due = due + state.next_interval()
+                if next_due < now:  # far behind (a stall): restart the cadence from now
+                    next_due = now + state.next_interval()
+                self._schedule(next_due, PUBLISH, entry, state.generation)
+            elif kind == MISC:
+                if entry.client.socket() is not None:
+                    entry.client.loop_misc()
+                self._schedule(due + MISC_PERIOD, MISC, entry)
+            elif kind == CONNECT:
+                self._connect(entry)
+
+    def _drain(self, timeout: float = 3.0) -> None:
+        """On stop: keep doing I/O until every published message is acknowledged, or timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [e for e in self._devices.values()
+                       if e.state.connected and e.state.published - e.state.acked > 0]
+            if not pending:
+                return
+            self._poll(0.05)
+        LOGGER.warning("stopping with unacknowledged messages on %d device(s)", len(pending))
+
+    # -- commands (scheduler thread) ------------------------------------------------------------
+
+    def _entry(self, device: str) -> _Device:
+        entry = self._devices.get(device)
+        if entry is None:
+            raise UnknownDevice(device)
+        return entry
+
+    def _add(self, config: DeviceConfig, initial: bool) -> dict:
+        if config.id in self._devices:
+            raise DuplicateDevice(config.id)
+        state = DeviceState(config, random.Random(self.rng.random()))
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{config.id}",
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        entry = _Device(state, client,
+                        topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES})
+        client.user_data_set(entry)
+        client.username_pw_set(self.settings.device_user, self.settings.device_password)
+        client.max_queued_messages_set(self.max_queued_messages)
+        client.on_connect = self.on_connect
+        client.on_disconnect = self.on_disconnect
+        client.on_publish = self.on_publish
+        client.on_socket_open = self.on_socket_open
+        client.on_socket_close = self.on_socket_close
+        client.on_socket_register_write = self.on_socket_register_write
+        client.on_socket_unregister_write = self.on_socket_unregister_write
+        with self._registry_lock:
+            self._devices[config.id] = entry
+        now = time.monotonic()
+        self._connect(entry)
+        self._schedule(now + self.rng.uniform(0, MISC_PERIOD), MISC, entry)
+        if state.status == ACTIVE:
+            # Devices started together are spread over one interval so they do not all report at
+            # the same instant; a device added at runtime reports at once.
+            offset = self.rng.uniform(0, config.interval[0]) if (initial and self.stagger) else 0.0
+            self._schedule(now + offset, PUBLISH, entry, state.generation)
+        LOGGER.info("device %s added (%s, %d positions, every %.1f-%.1f s)", config.id,
+                    state.status, len(config.route), *config.interval)
+        return state.snapshot()
+
+    def _remove(self, device: str) -> dict:
+        entry = self._entry(device)
+        entry.state.removed = True
+        with self._registry_lock:
+            del self._devices[device]
+        self._disconnect(entry)
+        LOGGER.info("device %s removed", device)
+        return entry.state.snapshot()
+
+    def _set_status(self, device: str, status: str) -> bool:
+        entry = self._entry(device)
+        state = entry.state
+        if not state.set_status(status):
+            return False
+        if status == INACTIVE:
+            self._publish(entry, state.message())  # the one Inactive message, right now
+        else:
+            self._schedule(time.monotonic(), PUBLISH, entry, state.generation)
+            self._run_due(time.monotonic())
+        LOGGER.info("device %s is now %s", device, status)
+        return True
+
+    def _send_message(self, device: str, message_type: str, text: str) -> dict:
+        if message_type not in topology.MESSAGE_TYPES:
+            raise ValueError(f"invalid message type {message_type!r}")
+        entry = self._entry(device)
+        payload = entry.state.message("message", type=message_type, text=text)
+        self._publish(entry, payload, message_type)
+        return payload
+
+    # -- MQTT (scheduler thread) ----------------------------------------------------------------
+
+    def _publish(self, entry: _Device, payload: dict, message_type: str = "info") -> None:
+        state = entry.state
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        info = entry.client.publish(entry.topics[message_type], body, qos=1)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            state.dropped += 1
+            if state.dropped == 1 or state.dropped % 100 == 0:
+                LOGGER.warning("device %s: %d messages wait for the broker already; dropped seq %d "
+                               "(%d dropped so far)", state.id, self.max_queued_messages,
+                               payload["seq"], state.dropped)
+            return
+        # MQTT_ERR_NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+        state.published += 1
+        state.last_message_ts = payload["ts"]
+
+    def _connect(self, entry: _Device) -> None:
+        if entry.state.removed or self._stop.is_set():
+            return
+        try:
+            if entry.client.socket() is None:
+                if entry.client.host:
+                    entry.client.reconnect()
+                else:
+                    entry.client.connect(self.settings.rabbitmq_host, self.settings.mqtt_port,
+                                         keepalive=self.keepalive)
+        except OSError as error:
+            LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s",
+                           entry.state.id, self.settings.rabbitmq_host, self.settings.mqtt_port,
+                           error, entry.backoff)
+            self._retry_later(entry)
+
+    def _retry_later(self, entry: _Device) -> None:
+        delay = entry.backoff * self.rng.uniform(0.8, 1.2)  # jitter: no reconnect stampede
+        entry.backoff = min(entry.backoff * 2, RECONNECT_MAX)
+        self._schedule(time.monotonic() + delay, CONNECT, entry)
+
+    def _disconnect(self, entry: _Device) -> None:
+        client = entry.client
+        if client.socket() is not None:
+            client.disconnect()
+            if client.socket() is not None:
+                client.loop_write()
+            if client.socket() is not None:
+                client._sock_close()  # paho closes on its own only when it reads the socket
+        entry.state.connected = False
+
+    def on_connect(self, client, entry, flags, reason_code, properties):
+        if reason_code.is_failure:
+            LOGGER.error("device %s: broker refused the connection: %s", entry.state.id, reason_code)
+            return
+        if entry.backoff > RECONNECT_MIN:
+            LOGGER.info("device %s reconnected", entry.state.id)
+        entry.state.connected = True
+        entry.backoff = RECONNECT_MIN
+
+    def on_disconnect(self, client, entry, flags, reason_code, properties):
+        was_connected = entry.state.connected
+        entry.state.connected = False
+        if entry.state.removed or self._stop.is_set():
+            return
+        if was_connected:
+            LOGGER.warning("device %s lost its connection (%s); reconnecting", entry.state.id,
+                           reason_code)
+        self._retry_later(entry)
+
+    def on_publish(self, client, entry, mid, reason_code, properties):
+        entry.state.acked += 1
+
+    def on_socket_open(self, client, entry, sock):
+        self._selector.register(sock, selectors.EVENT_READ, entry)
+
+    def on_socket_close(self, client, entry, sock):
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass  # never registered (the connection failed before it opened)
+
+    def on_socket_register_write(self, client, entry, sock):
+        self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, entry)
+
+    def on_socket_unregister_write(self, client, entry, sock):
+        try:
+            self._selector.modify(sock, selectors.EVENT_READ, entry)
+        except (KeyError, ValueError):
+            pass  # already closed

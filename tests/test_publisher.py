@@ -1,0 +1,397 @@
+"""The publisher against the real RabbitMQ: what each device's queue shows after REST calls."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from urllib.parse import quote
+
+import pika
+import pytest
+import requests
+
+from publisher.app import create_app
+from publisher.devices import DEFAULT_ROUTE, DeviceConfig
+from rabbitmq import topology
+from stack.config import REPO_ROOT
+from stack.process import free_port
+from tests.helpers import wait_for
+
+PAYLOAD_KEYS = ["Producer", "command", "id", "x", "y", "status", "seq", "msg_id", "ts"]
+FAST = (0.2, 0.4)  # seconds between reports in these tests (the default is 1-2 s)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def drain(channel, queue: str) -> list[tuple[str, dict]]:
+    """Everything in `queue` now, as (routing key, payload)."""
+    messages = []
+    while True:
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return messages
+        messages.append((method.routing_key, json.loads(body)))
+
+
+class QueueReader:
+    """Collects a device queue's messages across calls (reads as webos-admin)."""
+
+    def __init__(self, channel, device: str):
+        self.channel, self.queue, self.messages = channel, topology.device_queue(device), []
+
+    def purge(self) -> None:
+        self.channel.queue_purge(self.queue)
+        self.messages = []
+
+    def read(self) -> list[dict]:
+        self.messages.extend(payload for _, payload in drain(self.channel, self.queue))
+        return self.messages
+
+    def wait(self, condition, timeout=10.0, message="messages"):
+        return wait_for(lambda: condition(self.read()), timeout, message=message)
+
+
+@pytest.fixture(scope="module")
+def amqp(settings):
+    """A module-wide admin channel for reading queues."""
+    connection = pika.BlockingConnection(topology.admin_parameters(settings))
+    yield connection.channel()
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def publisher(settings, amqp):
+    """The app under test with two devices of its own (unique ids), reporting every 0.2-0.4 s."""
+    devices = [DeviceConfig(unique("PA"), ((0, 0), (1, 1), (2, 4)), FAST),
+               DeviceConfig(unique("PB"), DEFAULT_ROUTE, FAST)]
+    app = create_app({"SETTINGS": settings, "DEVICES": devices, "TESTING": True})
+    app.device_ids = [d.id for d in devices]
+    app.created = list(app.device_ids)
+    wait_for(lambda: all(d["connected"] for d in app.extensions["publisher"].simulator.snapshot()),
+             10, message="devices connected")
+    yield app
+    app.extensions["publisher"].close()
+    for device in app.created:
+        amqp.queue_delete(topology.device_queue(device))
+
+
+@pytest.fixture
+def client(publisher):
+    return publisher.test_client()
+
+
+@pytest.fixture
+def device_a(publisher, amqp, client):
+    """Device A's queue reader, A Active and its queue purged."""
+    device = publisher.device_ids[0]
+    client.post(f"/status/{device}", json={"status": "Active"})
+    reader = QueueReader(amqp, device)
+    reader.purge()
+    return device, reader
+
+
+def progress_of(amqp, device: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until `device` (Active) has put `count` more messages in its queue: time has passed."""
+    reader = QueueReader(amqp, device)
+    reader.purge()
+    reader.wait(lambda m: len(m) >= count, timeout, f"{count} messages from {device}")
+
+
+def test_active_device_reports_positions_in_order_with_the_contract_payload(device_a, publisher):
+    device, reader = device_a
+    reader.wait(lambda m: len(m) >= 4)
+    messages = reader.messages
+    for message in messages:
+        assert list(message) == PAYLOAD_KEYS
+        assert (message["Producer"], message["id"], message["command"], message["status"]) == \
+            (device, device, "position", "Active")
+    route = [[0, 0], [1, 1], [2, 4]]
+    start = route.index([messages[0]["x"], messages[0]["y"]])
+    walked = [[m["x"], m["y"]] for m in messages]
+    assert walked == [route[(start + i) % 3] for i in range(len(messages))]  # wraps around
+    assert len({m["msg_id"] for m in messages}) == len(messages)
+    gaps = [b["ts"] - a["ts"] for a, b in zip(messages, messages[1:])]
+    assert all(150 <= gap <= 550 for gap in gaps), gaps  # 0.2-0.4 s cadence, with slack
+
+
+def test_routing_key_is_the_device_info_key(device_a, amqp):
+    device, _ = device_a
+    routing_key, payload = wait_for(lambda: drain(amqp, topology.device_queue(device)), 5)[0]
+    assert routing_key == topology.routing_key(device, "info")
+    assert payload["Producer"] == device
+
+
+def test_toggle_stops_then_restarts_the_stream_with_exactly_one_inactive_message(
+        device_a, client, publisher, amqp):
+    device, reader = device_a
+    other = publisher.device_ids[1]
+    reader.wait(lambda m: len(m) >= 2)
+    before = time.time() * 1000
+    answer = client.post(f"/status/{device}", json={"status": "Inactive"})
+    assert answer.status_code == 200
+    assert answer.get_json() == {"message": f"Status of {device} updated to Inactive"}
+    assert client.get(f"/status/{device}").get_json() == {"id": device, "status": "Inactive"}
+
+    reader.wait(lambda m: any(x["status"] == "Inactive" for x in m), 5, "the Inactive message")
+    inactive = [m for m in reader.messages if m["status"] == "Inactive"][0]
+    assert inactive["ts"] - before < 100  # went out at once, not after the 1-2 s sleep
+    progress_of(amqp, other, 4)  # the other device reported 4 times meanwhile
+    messages = list(reader.read())
+    assert [m["status"] for m in messages].count("Inactive") == 1
+    assert messages[-1] is inactive  # nothing after it
+
+    assert client.post(f"/status/{device}", json={"status": "Active"}).status_code == 200
+    reader.wait(lambda m: len(m) >= len(messages) + 3, 5, "the stream to restart")
+    assert all(m["status"] == "Active" for m in reader.messages[len(messages):])
+    seqs = [m["seq"] for m in reader.messages]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_quick_inactive_active_inactive_is_neither_missed_nor_doubled(device_a, client, publisher, amqp):
+    device, reader = device_a
+    reader.wait(lambda m: len(m) >= 1)
+    for status in ("Inactive", "Active", "Inactive"):
+        assert client.post(f"/status/{device}", json={"status": status}).status_code == 200
+    reader.wait(lambda m: [x["status"] for x in m].count("Inactive") >= 2, 5)
+    progress_of(amqp, publisher.device_ids[1], 4)
+    statuses = [m["status"] for m in reader.read()]
+    assert statuses[-3:] == ["Inactive", "Active", "Inactive"]
+    assert statuses.count("Inactive") == 2
+    seqs = [m["seq"] for m in reader.messages]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_repeating_the_current_status_sends_nothing_extra(device_a, client, publisher, amqp):
+    device, reader = device_a
+    for _ in range(2):
+        assert client.post(f"/status/{device}", json={"status": "Inactive"}).status_code == 200
+    progress_of(amqp, publisher.device_ids[1], 3)
+    assert [m["status"] for m in reader.read()].count("Inactive") == 1
+
+
+def test_seq_has_no_gaps_per_device(publisher, amqp, client):
+    for device in publisher.device_ids:
+        client.post(f"/status/{device}", json={"status": "Active"})
+    readers = [QueueReader(amqp, d) for d in publisher.device_ids]
+    for reader in readers:
+        reader.purge()
+    for reader in readers:
+        reader.wait(lambda m: len(m) >= 10, 15)
+        seqs = [m["seq"] for m in reader.messages]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_devices_list_and_page_show_every_device(client, publisher):
+    answer = client.get("/devices").get_json()
+    listed = {d["id"]: d for d in answer["devices"]}
+    for device in publisher.device_ids:
+        assert listed[device]["status"] in ("Active", "Inactive")
+        assert listed[device]["messages"] > 0 and listed[device]["last_message_ts"]
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert all(device in html for device in publisher.device_ids)
+    assert "Consumer live view" in html
+
+
+def test_runtime_added_device_publishes_into_its_own_queue_from_its_first_message(
+        client, publisher, amqp):
+    device = unique("PN")
+    publisher.created.append(device)
+    answer = client.post("/devices", json={"id": device, "route": [[5, 5], [6, 6]],
+                                           "interval": list(FAST)})
+    assert answer.status_code == 201, answer.get_json()
+    assert answer.headers["Location"] == f"/devices/{device}"
+    reader = QueueReader(amqp, device)
+    reader.wait(lambda m: len(m) >= 3)
+    assert reader.messages[0]["seq"] == 1  # the queue was bound before the first message
+    assert [(m["x"], m["y"]) for m in reader.messages[:3]] == [(5, 5), (6, 6), (5, 5)]
+    assert {m["Producer"] for m in reader.messages} == {device}
+    assert any(d["id"] == device for d in client.get("/devices").get_json()["devices"])
+
+    answer = client.delete(f"/devices/{device}")
+    assert answer.status_code == 200
+    assert client.get(f"/status/{device}").status_code == 404
+    count = len(reader.read())
+    progress_of(amqp, publisher.device_ids[1], 3)
+    assert len(reader.read()) == count  # removed: silent
+
+
+@pytest.mark.parametrize("message_type", ["info", "warning", "error"])
+def test_operator_message_goes_to_the_device_queue_with_its_type(
+        device_a, client, amqp, message_type):
+    device, _ = device_a
+    answer = client.post(f"/devices/{device}/messages", json={"type": message_type, "text": "check pump"})
+    assert answer.status_code == 202
+    msg_id = answer.get_json()["payload"]["msg_id"]
+
+    def found():
+        return [(key, p) for key, p in drain(amqp, topology.device_queue(device)) if p["msg_id"] == msg_id]
+    routing_key, payload = wait_for(found, 5, message="the operator message")[0]
+    assert routing_key == topology.routing_key(device, message_type)
+    assert (payload["command"], payload["type"], payload["text"]) == ("message", message_type, "check pump")
+    assert list(payload)[:2] == ["Producer", "command"]
+
+
+def test_broadcast_reaches_every_device_queue(client, publisher, amqp, new_device):
+    queues = [topology.device_queue(d) for d in publisher.device_ids + [new_device()]]
+    answer = client.post("/broadcast", json={"message": "evacuate hall 3"})
+    assert answer.status_code == 202
+    msg_id = answer.get_json()["payload"]["msg_id"]
+    for queue in queues:
+        def found(queue=queue):
+            return [p for _, p in drain(amqp, queue) if p.get("msg_id") == msg_id]
+        payload = wait_for(found, 5, message=f"the broadcast in {queue}")[0]
+        assert (payload["command"], payload["message"]) == ("emergency", "evacuate hall 3")
+
+
+def test_device_reconnects_after_the_broker_drops_its_connection(publisher, settings, amqp):
+    device = publisher.device_ids[1]
+    simulator = publisher.extensions["publisher"].simulator
+    reader = QueueReader(amqp, device)
+    reader.purge()
+    api = f"{settings.management_url}/api"
+    auth = (settings.admin_user, settings.admin_password)
+
+    def connection_name():
+        for connection in requests.get(f"{api}/connections", auth=auth, timeout=5).json():
+            if (connection.get("variable_map") or {}).get("client_id") == f"webos-{device}":
+                return connection["name"]
+        return None
+    name = wait_for(connection_name, 15, interval=0.5, message="the device's MQTT connection")
+    requests.delete(f"{api}/connections/{quote(name, safe='')}", auth=auth, timeout=5).raise_for_status()
+    wait_for(lambda: not simulator.device(device)["connected"], 5, message="the drop noticed")
+    wait_for(lambda: simulator.device(device)["connected"], 15, message="the device reconnected")
+    reader.wait(lambda m: len(m) >= 8, 15)
+    seqs = sorted({m["seq"] for m in reader.messages})  # a resent message may come twice
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+# -- bad input: each gets its status code, a JSON message, and changes nothing ------------------
+
+A, NEW = "{A}", "{NEW}"
+BAD_INPUT = [
+    ("unknown device", "POST", "/status/NOPE-1", {"json": {"status": "Inactive"}}, 404),
+    ("invalid id in path", "POST", "/status/bad.id", {"json": {"status": "Inactive"}}, 400),
+    ("body not JSON", "POST", f"/status/{A}", {"data": "status=Inactive", "content_type": "application/json"}, 400),
+    ("wrong content type", "POST", f"/status/{A}", {"data": '{"status": "Inactive"}', "content_type": "text/plain"}, 415),
+    ("no content type", "POST", f"/status/{A}", {"data": '{"status": "Inactive"}'}, 415),
+    ("missing status", "POST", f"/status/{A}", {"json": {}}, 400),
+    ("unknown status", "POST", f"/status/{A}", {"json": {"status": "Sleeping"}}, 400),
+    ("status lower case", "POST", f"/status/{A}", {"json": {"status": "inactive"}}, 400),
+    ("JSON not an object", "POST", f"/status/{A}", {"json": ["Inactive"]}, 400),
+    ("too large", "POST", f"/status/{A}", {"json": {"status": "Inactive", "pad": "x" * 70_000}}, 413),
+    ("add: invalid id", "POST", "/devices", {"json": {"id": "bad/id"}}, 400),
+    ("add: id too long", "POST", "/devices", {"json": {"id": "x" * 65}}, 400),
+    ("add: missing id", "POST", "/devices", {"json": {"route": [[0, 0]]}}, 400),
+    ("add: duplicate", "POST", "/devices", {"json": {"id": A}}, 409),
+    ("add: empty route", "POST", "/devices", {"json": {"id": NEW, "route": []}}, 400),
+    ("add: bad position", "POST", "/devices", {"json": {"id": NEW, "route": [[0, "a"]]}}, 400),
+    ("add: interval reversed", "POST", "/devices", {"json": {"id": NEW, "interval": [2, 1]}}, 400),
+    ("add: unknown field", "POST", "/devices", {"json": {"id": NEW, "colour": "red"}}, 400),
+    ("add: body not JSON", "POST", "/devices", {"data": "{", "content_type": "application/json"}, 400),
+    ("add: form body", "POST", "/devices", {"data": {"id": NEW}}, 415),
+    ("add: too large", "POST", "/devices", {"json": {"id": NEW, "route": [[1, 2]] * 20_000}}, 413),
+    ("remove: unknown", "DELETE", "/devices/NOPE-1", {}, 404),
+    ("remove: body not JSON", "DELETE", f"/devices/{A}", {"data": "x", "content_type": "text/plain"}, 415),
+    ("message: unknown type", "POST", f"/devices/{A}/messages", {"json": {"type": "debug", "text": "x"}}, 400),
+    ("message: missing text", "POST", f"/devices/{A}/messages", {"json": {"type": "info"}}, 400),
+    ("message: unknown device", "POST", "/devices/NOPE-1/messages", {"json": {"type": "info", "text": "x"}}, 404),
+    ("broadcast: missing message", "POST", "/broadcast", {"json": {}}, 400),
+    ("broadcast: text not string", "POST", "/broadcast", {"json": {"message": 5}}, 400),
+    ("broadcast: wrong content type", "POST", "/broadcast", {"data": "hi", "content_type": "text/plain"}, 415),
+    ("unknown route", "GET", "/nowhere", {}, 404),
+    ("status of unknown device", "GET", "/status/NOPE-1", {}, 404),
+]
+
+
+def _fill(value, device, new):
+    if isinstance(value, str):
+        return value.replace(A, device).replace(NEW, new)
+    if isinstance(value, dict):
+        return {k: _fill(v, device, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, device, new) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case, method, path, kwargs, status", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_refused_with_json_and_changes_nothing(
+        case, method, path, kwargs, status, client, publisher, amqp):
+    device = publisher.device_ids[0]
+    client.post(f"/status/{device}", json={"status": "Active"})
+    new = unique("PX")
+    reader = QueueReader(amqp, device)
+    reader.purge()
+    before = {d["id"]: d["status"] for d in client.get("/devices").get_json()["devices"]}
+
+    answer = client.open(_fill(path, device, new), method=method, **_fill(kwargs, device, new))
+
+    assert answer.status_code == status, answer.get_data(as_text=True)
+    assert answer.mimetype == "application/json"
+    assert answer.get_json()["message"]
+    after = {d["id"]: d["status"] for d in client.get("/devices").get_json()["devices"]}
+    assert after == before
+    assert all(m["command"] == "position" and m["status"] == "Active" for m in reader.read())
+
+
+def test_invalid_status_answer_keeps_the_seed_message(client, publisher):
+    answer = client.post(f"/status/{publisher.device_ids[0]}", json={"status": "Paused"})
+    assert answer.status_code == 400
+    assert answer.get_json()["message"] == "Invalid status"
+
+
+@pytest.mark.parametrize("header, status", [(None, 401), ("Bearer wrong", 401), ("secret-t0ken", 401),
+                                            ("Bearer secret-t0ken", 200)])
+def test_api_token_is_required_for_state_changes_when_set(client, publisher, monkeypatch, header, status):
+    monkeypatch.setitem(publisher.config, "API_TOKEN", "secret-t0ken")
+    device = publisher.device_ids[0]
+    headers = {"Authorization": header} if header else {}
+    answer = client.post(f"/status/{device}", json={"status": "Active"}, headers=headers)
+    assert answer.status_code == status
+    assert answer.is_json
+    assert client.get("/devices").status_code == 200  # reading needs no token
+
+
+# -- the real command line ------------------------------------------------------------------
+
+def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, amqp, tmp_path):
+    device = unique("PC")
+    devices_file = tmp_path / "devices.json"
+    devices_file.write_text(json.dumps({"interval": [1, 2], "devices": [{"id": device}]}))
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "PUBLISHER_API_TOKEN": "cli-token"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "publisher", "--port", str(port), "--devices-file", str(devices_file)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    reader = QueueReader(amqp, device)
+    try:
+        def up():
+            try:
+                return requests.get(f"{base}/devices", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+        wait_for(up, 20, interval=0.2, message="the publisher to answer")
+        reader.wait(lambda m: len(m) >= 3, 15)
+        gaps = [b["ts"] - a["ts"] for a, b in zip(reader.messages, reader.messages[1:])]
+        assert all(900 <= gap <= 2150 for gap in gaps), gaps  # the seed's 1-2 s cadence
+
+        url = f"{base}/status/{device}"
+        assert requests.post(url, json={"status": "Inactive"}, timeout=5).status_code == 401
+        answer = requests.post(url, json={"status": "Inactive"}, timeout=5,
+                               headers={"Authorization": "Bearer cli-token"})
+        assert answer.status_code == 200
+        reader.wait(lambda m: m[-1]["status"] == "Inactive", 5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+        amqp.queue_delete(topology.device_queue(device))
+    assert process.returncode == 0, output
+    assert "stopped" in output
