@@ -100,7 +100,8 @@ class Forwarder:
     def run(self) -> int:
         """Forward until `stop` is set; 0 after a clean stop. Raises ConfigurationError."""
         self.producer = Producer({**self.options.producer_config(self.settings),
-                                  "error_cb": self.on_kafka_error})
+                                  "error_cb": self.on_kafka_error,
+                                  "logger": logging.getLogger("bridge.kafka")})
         self._check_kafka()
         if not self.options.queues:
             self.discovery = QueueDiscovery(self.settings, self.pattern,

@@ -1,0 +1,351 @@
+"""Bridge throughput against its two baselines, its peak RSS, and end-to-end latency at 1,000 msg/s.
+
+1. baseline A: a bare pika consumer draining a pre-filled queue with batched acks (no Kafka);
+2. baseline B: a bare confluent-kafka producer writing the same payloads (no RabbitMQ);
+3. the bridge (`python -m bridge`, default settings) draining the same pre-filled queue into Kafka.
+Then MQTT publish -> Kafka consume latency through the bridge at a steady 1,000 msg/s.
+WEBOS_BENCH_MESSAGES (default 200000) sets the queue size; WEBOS_BENCH_LATENCY_SECONDS (default 10)
+the length of the latency run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pika
+import psutil
+import requests
+from confluent_kafka import Consumer, Producer
+
+from bridge.forwarder import BridgeOptions
+from rabbitmq import topology
+from stack.config import REPO_ROOT, Settings
+from stack.kafka_server import ensure_topic
+from stack.process import free_port
+
+DEFAULT_MESSAGES = 200_000
+LATENCY_RATE = 1000
+
+
+def _say(text: str) -> None:
+    print(f"[bridge_throughput] {text}", flush=True)
+
+
+def payloads(device: str, count: int):
+    """Device-like JSON bodies as DESIGN.md describes them."""
+    now = int(time.time() * 1000)
+    for seq in range(count):
+        yield json.dumps({"Producer": device, "command": "position", "id": device,
+                          "x": seq % 97, "y": seq % 89, "status": "Active", "seq": seq,
+                          "msg_id": uuid.uuid4().hex, "ts": now + seq}).encode()
+
+
+def queue_depth(settings: Settings, queue: str) -> int:
+    """Ready plus unacked messages of `queue`, from the management API."""
+    response = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}",
+                            params={"columns": "messages,messages_ready"},
+                            auth=(settings.admin_user, settings.admin_password), timeout=10)
+    response.raise_for_status()
+    return response.json().get("messages", 0)
+
+
+def fill_queue(settings: Settings, device: str, count: int) -> None:
+    """Publish `count` persistent messages for `device` as admin; wait until RabbitMQ holds them."""
+    started = time.monotonic()
+    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        channel = connection.channel()
+        queue = topology.declare_device(channel, device)
+        key = topology.routing_key(device, "info")
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        for n, body in enumerate(payloads(device, count), 1):
+            channel.basic_publish(topology.TOPIC_EXCHANGE, key, body, properties)
+            if n % 20_000 == 0:
+                connection.process_data_events(0)
+                _say(f"  published {n}/{count}")
+        while channel.queue_declare(queue, passive=True).method.message_count < count:
+            connection.process_data_events(0.2)
+    _say(f"  {queue} holds {count} messages ({time.monotonic() - started:.1f} s to fill)")
+
+
+def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) -> float:
+    """Baseline A: drain the queue with a bare pika consumer, one multiple-ack per batch."""
+    queue = topology.device_queue(device)
+    state = {"n": 0, "last": 0, "first": None}
+
+    def on_message(channel, method, properties, body):
+        if state["first"] is None:
+            state["first"] = time.perf_counter()
+        state["n"] += 1
+        state["last"] = method.delivery_tag
+
+    with pika.BlockingConnection(topology.amqp_parameters(
+            settings, settings.bridge_user, settings.bridge_password)) as connection:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=prefetch)
+        channel.basic_consume(queue, on_message, auto_ack=False)
+        acked = 0
+        while acked < count:
+            connection.process_data_events(time_limit=0.001)
+            if state["last"] > acked:
+                channel.basic_ack(state["last"], multiple=True)
+                acked = state["last"]
+        elapsed = time.perf_counter() - state["first"]
+    return count / elapsed
+
+
+def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeOptions) -> float:
+    """Baseline B: a bare producer (the bridge's producer settings) writing the same payloads."""
+    bodies = list(payloads(device, count))
+    producer = Producer(options.producer_config(settings))
+    producer.list_topics(timeout=10)
+    delivered = [0]
+
+    def on_delivery(error, record):
+        if error is None:
+            delivered[0] += 1
+
+    key = device.encode()
+    started = time.perf_counter()
+    for body in bodies:
+        while True:
+            try:
+                producer.produce(settings.kafka_topic, body, key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(60)
+    elapsed = time.perf_counter() - started
+    if delivered[0] != count:
+        raise RuntimeError(f"baseline B: only {delivered[0]} of {count} records confirmed")
+    return count / elapsed
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def start_bridge(settings: Settings, queues: list[str], log_path: Path,
+                 extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m bridge` with its defaults, consuming `queues`; returns (process, metrics URL)."""
+    port = free_port()
+    log = open(log_path, "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "--queues", ",".join(queues), "--metrics-port", str(port),
+         *extra],
+        env={**os.environ, **settings.to_env()}, cwd=REPO_ROOT, stdout=log,
+        stderr=subprocess.STDOUT)
+    log.close()
+    return process, f"http://127.0.0.1:{port}"
+
+
+def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) -> dict:
+    """The bridge draining the pre-filled queue: msgs/s between first and last ack, peak RSS."""
+    process, url = start_bridge(settings, [topology.device_queue(device)], log_path)
+    rss = psutil.Process(process.pid)
+    peak = 0
+    first = None
+    last = None
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            peak = max(peak, rss.memory_info().rss)
+            if process.poll() is not None:
+                raise RuntimeError(f"the bridge exited with {process.returncode}; see {log_path}")
+            try:
+                acked = _metric(requests.get(url + "/metrics", timeout=2).text,
+                                "webos_bridge_acked_total")
+            except requests.RequestException:
+                acked = 0
+            now = time.perf_counter()
+            if acked and first is None:
+                first = (now, acked)
+            if acked >= count:
+                last = (now, acked)
+                break
+            time.sleep(0.05)  # sampling period of the RSS and counters, not a wait for an event
+        if last is None:
+            raise RuntimeError(f"the bridge acked {acked} of {count} in time; see {log_path}")
+    finally:
+        process.terminate()
+        code = process.wait(60)
+    rate = (last[1] - first[1]) / (last[0] - first[0])
+    return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code}
+
+
+def latency_run(settings: Settings, device: str, seconds: float, log_path: Path) -> dict:
+    """MQTT publish (QoS 1) -> bridge -> Kafka consume latency at LATENCY_RATE msg/s."""
+    topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
+    ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
+    process, url = start_bridge(settings, [topology.device_queue(device)], log_path,
+                                ["--topic-template", topic])
+    latencies: list[float] = []
+    total = int(seconds * LATENCY_RATE)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"bench-{uuid.uuid4().hex[:6]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "fetch.wait.max.ms": 5})
+    consumer.subscribe([topic])
+    done = threading.Event()
+
+    def read():
+        while not done.is_set() and len(latencies) < total:
+            record = consumer.poll(0.1)
+            if record is None or record.error():
+                continue
+            received = time.time_ns()
+            sent = json.loads(record.value()).get("t_ns")
+            if sent is None:
+                continue
+            latencies.append((received - sent) / 1e6)
+
+    reader = threading.Thread(target=read, daemon=True)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{device}",
+                         protocol=mqtt.MQTTv311)
+    client.username_pw_set(settings.device_user, settings.device_password)
+    client.max_inflight_messages_set(1000)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(settings.rabbitmq_host, settings.mqtt_port)
+    client.loop_start()
+    try:
+        if not connected.wait(10):
+            raise RuntimeError("MQTT connect failed")
+        # Warm up until one message has made the whole trip (bridge consuming, partitions
+        # assigned to the reader): otherwise the first records measure the group join.
+        mqtt_topic = topology.mqtt_topic(device, "info")
+        deadline = time.monotonic() + 60
+        warmed = False
+        while not warmed and time.monotonic() < deadline:
+            client.publish(mqtt_topic, json.dumps({"warmup": True}).encode(), qos=1)
+            record = consumer.poll(1.0)
+            warmed = record is not None and record.error() is None
+        if not warmed:
+            raise RuntimeError(f"no warm-up record came through in 60 s; see {log_path}")
+        while (record := consumer.poll(0.5)) is not None:
+            pass  # drop the other warm-up records
+        reader.start()
+        start = time.perf_counter()
+        for seq in range(total):
+            slot = start + seq / LATENCY_RATE
+            pause = slot - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)  # pacing the publisher to the target rate
+            body = json.dumps({"Producer": device, "command": "position", "id": device,
+                               "x": seq % 7, "y": seq % 5, "status": "Active", "seq": seq,
+                               "msg_id": uuid.uuid4().hex, "ts": int(time.time() * 1000),
+                               "t_ns": time.time_ns()}).encode()
+            client.publish(mqtt_topic, body, qos=1)
+        achieved = total / (time.perf_counter() - start)
+        reader.join(timeout=60)
+    finally:
+        done.set()
+        client.disconnect()
+        client.loop_stop()
+        consumer.close()
+        process.terminate()
+        process.wait(60)
+    latencies.sort()
+
+    def pct(p):
+        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2)
+
+    return {"rate_target": LATENCY_RATE, "rate_achieved": round(achieved), "messages": total,
+            "received": len(latencies), "p50_ms": pct(50), "p90_ms": pct(90),
+            "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(latencies[-1], 2)}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Throughput bars and latency percentiles in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = ["A: bare pika\nconsumer", "B: bare Kafka\nproducer", "bridge"]
+    values = [result["baseline_a_msgs_per_s"], result["baseline_b_msgs_per_s"],
+              result["bridge_msgs_per_s"]]
+    bars = left.bar(names, values, color=["#8aa", "#aa8", "#48c"])
+    left.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
+    left.set_ylabel("messages / s")
+    left.set_title(f"{result['messages']:,} messages; bridge / min(A, B) = {result['ratio']:.2f}")
+    latency = result.get("latency")
+    if latency:
+        labels = ["p50", "p90", "p99", "p99.9", "max"]
+        points = [latency["p50_ms"], latency["p90_ms"], latency["p99_ms"], latency["p999_ms"],
+                  latency["max_ms"]]
+        bars = right.bar(labels, points, color="#c84")
+        right.bar_label(bars, labels=[f"{v:.1f}" for v in points])
+        right.set_yscale("log")
+        right.set_ylabel("ms")
+        right.set_title(f"MQTT publish -> Kafka consume at {latency['rate_achieved']} msg/s")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(settings: Settings, out_dir) -> dict:
+    """All three throughput runs and the latency run; figures as a dict, plot as PNG in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = int(os.environ.get("WEBOS_BENCH_MESSAGES", DEFAULT_MESSAGES))
+    seconds = float(os.environ.get("WEBOS_BENCH_LATENCY_SECONDS", 10))
+    options = BridgeOptions()
+    log_path = out_dir / "bridge_throughput.bridge.log"
+    log_path.unlink(missing_ok=True)
+    result = {"messages": count, "prefetch": options.prefetch, "linger_ms": options.linger_ms,
+              "batch_size": options.batch_size}
+    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        channel = connection.channel()
+        devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(3)]
+        for device in devices:
+            topology.declare_device(channel, device)
+    try:
+        _say(f"baseline A: bare pika consumer, {count} messages")
+        fill_queue(settings, devices[0], count)
+        result["baseline_a_msgs_per_s"] = baseline_pika(settings, devices[0], count,
+                                                        options.prefetch)
+        _say(f"  {result['baseline_a_msgs_per_s']:,.0f} msg/s")
+
+        _say(f"baseline B: bare confluent-kafka producer, {count} records")
+        result["baseline_b_msgs_per_s"] = baseline_kafka(settings, devices[1], count, options)
+        _say(f"  {result['baseline_b_msgs_per_s']:,.0f} msg/s")
+
+        _say(f"bridge: python -m bridge with its defaults, {count} messages")
+        fill_queue(settings, devices[1], count)
+        drained = bridge_drain(settings, devices[1], count, log_path)
+        result["bridge_msgs_per_s"] = drained["msgs_per_s"]
+        result["bridge_peak_rss_mb"] = round(drained["peak_rss_mb"], 1)
+        result["bridge_exit_code"] = drained["exit_code"]
+        floor = min(result["baseline_a_msgs_per_s"], result["baseline_b_msgs_per_s"])
+        result["ratio"] = round(result["bridge_msgs_per_s"] / floor, 3)
+        _say(f"  {result['bridge_msgs_per_s']:,.0f} msg/s, ratio {result['ratio']:.2f} "
+             f"(target >= 0.75), peak RSS {result['bridge_peak_rss_mb']} MB")
+
+        if seconds > 0:
+            _say(f"latency: MQTT -> bridge -> Kafka at {LATENCY_RATE} msg/s for {seconds:.0f} s")
+            result["latency"] = latency_run(settings, devices[2], seconds, log_path)
+            _say(f"  {result['latency']}")
+    finally:
+        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+            channel = connection.channel()
+            for device in devices:
+                topology.delete_device(channel, device)
+    for key in ("baseline_a_msgs_per_s", "baseline_b_msgs_per_s", "bridge_msgs_per_s"):
+        result[key] = round(result[key])
+    image = out_dir / "bridge_throughput.png"
+    plot(result, image)
+    result["plot"] = str(image)
+    _say(f"plot written to {image}")
+    return result
