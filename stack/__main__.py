@@ -67,9 +67,9 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
     return 1
 
 
-def down(settings: Settings, stack_dir: Path = STACK_DIR) -> None:
-    """Stop both local brokers (data is kept)."""
-    for broker in brokers(settings, stack_dir):
+def down(settings: Settings, stack_dir: Path = STACK_DIR, running=None) -> None:
+    """Stop both local brokers (data is kept); `running` are the handles `up` returned."""
+    for broker in running or brokers(settings, stack_dir):
         broker.stop()
 
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         down(settings)
         return 0
     try:
-        up(settings)
+        running = up(settings)
     except BrokerError as error:
         LOGGER.error("%s", error)
         down(settings)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         LOGGER.info("stopping brokers")
-        down(settings)
+        down(settings, running=running)
 
 
 if __name__ == "__main__":

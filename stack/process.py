@@ -140,6 +140,11 @@ class LocalProcess:
                     return True
             else:
                 try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child: reap it
+                        return True
+                except ChildProcessError:
+                    pass  # started by an earlier `python -m stack up`: not ours to reap
+                try:
                     os.kill(pid, 0)
                 except ProcessLookupError:
                     return True
