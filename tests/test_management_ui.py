@@ -24,12 +24,16 @@ def test_admin_logs_in_finds_device_queue_and_reads_a_message(settings, admin_ch
     page.fill("input[name=username]", settings.admin_user)
     page.fill("input[name=password]", settings.admin_password)
     page.click("input[type=submit]")
+    # Stop the 5 s auto-refresh, which would redraw the page under the message we fetch.
+    page.select_option("#update-every", label="Do not refresh")
     page.click("#tabs a[href='#/queues']")
     page.click("a:text-is('webos.3DF92-192')")
     page.wait_for_selector("h1:has-text('webos.3DF92-192')")
     page.click("h2:text-is('Get messages')")
     page.click("input[value='Get Message(s)']")
     page.wait_for_selector(f"#msg-wrapper >> text={marker}")
-    page.screenshot(path=str(artifacts / "management-ui-get-messages.png"), full_page=True)
+    page.wait_for_function("document.querySelector('#msg-wrapper').offsetHeight > 100")  # slid open
+    page.locator("#msg-wrapper").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "management-ui-get-messages.png"))
 
     assert "webos.3DF92-192.info" in page.inner_text("#msg-wrapper")
