@@ -15,13 +15,14 @@ from functools import partial
 
 import pika
 from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
 from pika import exceptions as amqp_errors
 
 from bridge.discovery import QueueDiscovery
 from bridge.metrics import BridgeStats
 from bridge.records import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
                             DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED,
-                            AckTracker, RouteCache, inspect_body)
+                            AckTracker, Route, RouteCache, inspect_body)
 from rabbitmq import topology
 from stack.config import Settings
 
@@ -32,6 +33,8 @@ REJECTED_BY_KAFKA = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG,
                      KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
                      KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
                      KafkaError._INVALID_ARG}
+# Room for the record's headers and batch framing inside a topic's max.message.bytes.
+RECORD_OVERHEAD = 1024
 AUTH_ERRORS = (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError,
                amqp_errors.ProbableAccessDeniedError)
 
@@ -82,6 +85,7 @@ class Forwarder:
         self.routes = RouteCache(options.topic_template)
         self.pattern = re.compile(options.queue_pattern) if options.queue_pattern else None
         self.producer: Producer | None = None
+        self.max_message_bytes = options.max_message_bytes
         self.discovery: QueueDiscovery | None = None
         self.connection: pika.BlockingConnection | None = None
         self.channel = None
@@ -91,7 +95,8 @@ class Forwarder:
         self.consumers: dict[str, str] = {}      # queue -> consumer tag
         self.missing_warned: set[str] = set()
         self._to_nack: list[int] = []
-        self._to_park: list[tuple[int, object, str, str]] = []
+        self._to_park: list[tuple[int, Route, bytes, str]] = []
+        self._to_isolate: list[tuple[int, Route, bytes, str]] = []
         self._fatal: str | None = None
         self._generation = 0
 
@@ -99,10 +104,12 @@ class Forwarder:
 
     def run(self) -> int:
         """Forward until `stop` is set; 0 after a clean stop. Raises ConfigurationError."""
-        self.producer = Producer({**self.options.producer_config(self.settings),
-                                  "error_cb": self.on_kafka_error,
-                                  "logger": logging.getLogger("bridge.kafka")})
         self._check_kafka()
+        config = self.options.producer_config(self.settings)
+        config["message.max.bytes"] = self.max_message_bytes
+        config["batch.size"] = min(int(config["batch.size"]), self.max_message_bytes)
+        self.producer = Producer({**config, "error_cb": self.on_kafka_error,
+                                  "logger": logging.getLogger("bridge.kafka")})
         if not self.options.queues:
             self.discovery = QueueDiscovery(self.settings, self.pattern,
                                             self.options.discovery_interval).start()
@@ -148,19 +155,38 @@ class Forwarder:
         return 0
 
     def _check_kafka(self) -> None:
-        """Stop now when the fixed topic is missing; only warn when Kafka does not answer yet."""
+        """Stop now when the fixed topic is missing; only warn when Kafka does not answer yet.
+
+        A fixed topic's max.message.bytes also caps what the bridge sends: Kafka refuses a whole
+        batch that is bigger, good records with it.
+        """
+        template = self.options.topic_template
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap,
+                             "logger": logging.getLogger("bridge.kafka")})
         try:
-            metadata = self.producer.list_topics(timeout=10)
+            metadata = admin.list_topics(timeout=10)
         except KafkaException as error:
             LOGGER.warning("Kafka at %s does not answer yet (%s); messages wait in RabbitMQ",
                            self.settings.kafka_bootstrap, error)
             return
-        template = self.options.topic_template
-        if "{" not in template and template not in metadata.topics:
+        if "{" in template:
+            return
+        if template not in metadata.topics:
             raise ConfigurationError(
                 f"Kafka topic {template!r} does not exist at {self.settings.kafka_bootstrap} and "
                 "topics are not created automatically: create it (python -m stack up does for "
                 "webos.events) or pass another --topic-template")
+        try:
+            resource = ConfigResource(ConfigResource.Type.TOPIC, template)
+            configs = admin.describe_configs([resource])[resource].result(10)
+            limit = int(configs["max.message.bytes"].value)
+        except (KafkaException, KeyError, ValueError) as error:
+            LOGGER.warning("cannot read max.message.bytes of %s (%s)", template, error)
+            return
+        if limit < self.max_message_bytes:
+            LOGGER.info("topic %s takes at most %d bytes per batch: payloads above %d go to %s",
+                        template, limit, limit - RECORD_OVERHEAD, topology.DEAD_QUEUE)
+            self.max_message_bytes = limit - RECORD_OVERHEAD
 
     def _connect(self, first: bool) -> None:
         parameters = topology.amqp_parameters(
@@ -174,6 +200,7 @@ class Forwarder:
         self.tracker = AckTracker(self._generation)
         self._to_nack.clear()
         self._to_park.clear()
+        self._to_isolate.clear()
         self.consumers = {}
         self.dead_channel = self.connection.channel()
         self.dead_channel.confirm_delivery()
@@ -287,28 +314,36 @@ class Forwarder:
         self.tracker.add(tag)
         self.stats.consumed += 1
         route = self.routes.get(queue, method.routing_key)
-        reason, detail, msg_id = inspect_body(body, self.options.max_message_bytes)
+        reason, detail, msg_id = inspect_body(body, self.max_message_bytes)
         if reason is not None:
             self._park(tag, body, reason, detail, queue, method.routing_key, method.exchange,
                        properties.headers)
             return
+        self._produce(tag, route, body, msg_id, properties.headers, method.exchange)
+
+    def _produce(self, tag: int, route: Route, body: bytes, msg_id: str, amqp_headers=None,
+                 exchange: str = "", alone: bool = False) -> None:
         headers = list(route.headers)
         if msg_id:
             headers.append(("msg_id", msg_id.encode()))
+        callback = partial(self.on_delivery, self._generation, tag, route,
+                           alone=True) if alone else partial(self.on_delivery, self._generation,
+                                                             tag, route)
         while True:
             try:
                 self.producer.produce(route.topic, body, route.key, headers=headers,
-                                      on_delivery=partial(self.on_delivery, self._generation, tag))
+                                      on_delivery=callback)
                 return
             except BufferError:
                 # librdkafka's queue is full (prefetch larger than its limits): let it drain.
                 self.producer.poll(0.05)
             except KafkaException as error:
-                self._park(tag, body, KAFKA_REJECTED, str(error.args[0]), queue,
-                           method.routing_key, method.exchange, properties.headers)
+                self._park(tag, body, KAFKA_REJECTED, str(error.args[0]), route.queue,
+                           route.routing_key, exchange, amqp_headers)
                 return
 
-    def on_delivery(self, generation: int, tag: int, error, record) -> None:
+    def on_delivery(self, generation: int, tag: int, route: Route, error, record,
+                    alone: bool = False) -> None:
         """Kafka's delivery report: note it; acks and nacks are sent by the loop."""
         if generation != self.tracker.generation:
             self.stats.forgotten += 1  # its delivery tag died with the old channel
@@ -318,10 +353,14 @@ class Forwarder:
             self.stats.produced += 1
             self.stats.latency.observe(record.latency() or 0.0)
         elif error.code() in REJECTED_BY_KAFKA:
-            self._to_park.append((tag, record, KAFKA_REJECTED, f"{error.name()}: {error.str()}"))
+            # Kafka refuses whole batches: a good record batched with a bad one fails with it.
+            # Only a record refused when sent alone is parked.
+            detail = f"{error.name()}: {error.str()}"
+            (self._to_park if alone else self._to_isolate).append(
+                (tag, route, record.value(), detail))
         else:
             LOGGER.warning("Kafka did not take a record from %s (%s); requeueing it",
-                           dict(record.headers() or ()).get("queue", b"?").decode(), error.str())
+                           route.queue, error.str())
             self._to_nack.append(tag)
 
     def on_kafka_error(self, error) -> None:
@@ -341,12 +380,19 @@ class Forwarder:
                 tracker.nacked(tag)
                 self.stats.requeued += 1
             self._to_nack.clear()
+        if self._to_isolate:
+            isolated, self._to_isolate = self._to_isolate, []
+            for tag, route, value, detail in isolated:
+                LOGGER.info("Kafka refused a batch with a record from %s (%s); sending it alone",
+                            route.queue, detail)
+                self._produce(tag, route, value, inspect_body(value, len(value))[2], alone=True)
+                # Rare path: flushing is what makes the next batch hold this one record.
+                self.producer.flush(self.options.flush_timeout)
         if self._to_park:
             parked, self._to_park = self._to_park, []
-            for tag, record, reason, detail in parked:
-                headers = {k: v.decode(errors="replace") for k, v in record.headers() or ()}
-                self._park(tag, record.value(), reason, detail, headers.get("queue", ""),
-                           headers.get("routing_key", ""), "", None)
+            for tag, route, value, detail in parked:
+                self._park(tag, value, KAFKA_REJECTED, detail, route.queue, route.routing_key,
+                           "", None)
         last, count = tracker.take_ackable()
         if last:
             channel.basic_ack(last, multiple=True)

@@ -53,6 +53,8 @@ class Route:
     topic: str
     key: bytes
     headers: tuple[tuple[str, bytes], ...]
+    queue: str
+    routing_key: str
 
 
 def route_for(template: str, queue: str, routing_key: str) -> Route:
@@ -66,7 +68,7 @@ def route_for(template: str, queue: str, routing_key: str) -> Route:
     headers = (("routing_key", routing_key.encode()), ("mqtt_topic", mqtt_topic.encode()),
                ("device", device.encode()), ("type", message_type.encode()),
                ("queue", queue.encode()))
-    return Route(topic, device.encode(), headers)
+    return Route(topic, device.encode(), headers, queue, routing_key)
 
 
 class RouteCache:

@@ -1,0 +1,408 @@
+"""`python -m bridge` as a real process against the session's real RabbitMQ and Kafka.
+
+Each test uses its own devices (new_device) and its own Kafka topic, so records never mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pika
+import psutil
+import pytest
+import requests
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bridge.records import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
+from rabbitmq import topology
+from stack.config import REPO_ROOT, Settings
+from stack.kafka_server import LocalKafka, ensure_topic
+from stack.process import free_port
+from tests.helpers import MqttDevice, kafka_consumer, wait_for
+
+
+class BridgeProcess:
+    """One `python -m bridge` child: its output in a file, its /metrics on a free port."""
+
+    def __init__(self, settings: Settings, log_dir, *flags: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"bridge-{uuid.uuid4().hex[:6]}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "--metrics-port", str(self.port), *flags],
+                env={**os.environ, **settings.to_env(), **(env or {})}, cwd=REPO_ROOT,
+                stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """The Prometheus samples by name (labels kept in the name)."""
+        try:
+            text = requests.get(self.url + "/metrics", timeout=2).text
+        except requests.RequestException:
+            return {}
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, name: str) -> float:
+        return self.metrics().get(name, 0.0)
+
+    def wait_consuming(self, queues: int = 1, timeout: float = 30.0) -> None:
+        """Until the bridge consumes at least `queues` queues."""
+        wait_for(lambda: self.process.poll() is not None
+                 or self.metric("webos_bridge_queues") >= queues, timeout,
+                 message=f"the bridge to consume {queues} queue(s)")
+        assert self.process.poll() is None, f"the bridge exited:\n{self.output}"
+
+    def stop(self, signum=signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `signum`, return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def bridges(settings, tmp_path):
+    """Start bridges with `bridges(*flags)`; any left running are killed after the test."""
+    started: list[BridgeProcess] = []
+
+    def start(*flags: str, env: dict | None = None, on: Settings | None = None) -> BridgeProcess:
+        bridge = BridgeProcess(on or settings, tmp_path, *flags, env=env)
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.kill()
+        print(f"--- output of {bridge.log_path.name} ---\n{bridge.output}")  # shown on failure
+
+
+@pytest.fixture
+def kafka_topic(settings):
+    """A Kafka topic only this test writes to."""
+    topic = f"test.bridge.{uuid.uuid4().hex[:10]}"
+    ensure_topic(settings.kafka_bootstrap, topic, 3)
+    return topic
+
+
+def device_client(settings: Settings, device: str) -> MqttDevice:
+    client = MqttDevice(settings, settings.device_user, settings.device_password,
+                        client_id=f"webos-{device}")
+    assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
+    return client
+
+
+def body(device: str, seq: int, **extra) -> bytes:
+    return json.dumps({"Producer": device, "command": "position", "id": device, "x": seq,
+                       "y": -seq, "status": "Active", "seq": seq, "msg_id": f"{device}-{seq}",
+                       "ts": int(time.time() * 1000), **extra}).encode()
+
+
+def read_records(settings: Settings, topic: str, done, timeout: float = 60.0, reader=None) -> list:
+    """Records of `topic` until `done(records)` is true; fails after `timeout`."""
+    consumer = reader or kafka_consumer(settings, [topic])
+    records = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not done(records):
+            assert time.monotonic() < deadline, f"only {len(records)} records in {topic}"
+            record = consumer.poll(0.5)
+            if record is not None:
+                assert record.error() is None, record.error()
+                records.append(record)
+    finally:
+        if reader is None:
+            consumer.close()
+    return records
+
+
+def seqs_of(records, device: str) -> list[int]:
+    return [json.loads(r.value())["seq"] for r in records if r.key() == device.encode()]
+
+
+def queue_depth(admin_channel, queue: str) -> int:
+    """Ready messages in `queue` (unacked ones are not counted)."""
+    return admin_channel.queue_declare(queue, passive=True).method.message_count
+
+
+def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
+        settings, new_device, bridges, kafka_topic, admin_channel):
+    devices = [new_device("K"), new_device("K")]
+    bridge = bridges("--queues", ",".join(topology.device_queue(d) for d in devices),
+                     "--topic-template", kafka_topic)
+    bridge.wait_consuming(2)
+    assert requests.get(bridge.url + "/healthz", timeout=2).status_code == 200
+    sent = {}
+    clients = [device_client(settings, d) for d in devices]
+    try:
+        for seq in range(60):
+            for client, device in zip(clients, devices):
+                message_type = topology.MESSAGE_TYPES[seq % 3]
+                payload = body(device, seq)
+                sent[(device, seq)] = (message_type, payload)
+                assert client.publish(topology.mqtt_topic(device, message_type), payload)
+    finally:
+        for client in clients:
+            client.close()
+
+    records = read_records(settings, kafka_topic, lambda got: len(got) >= len(sent))
+    assert len(records) == len(sent)
+    for record in records:
+        headers = {name: value.decode() for name, value in record.headers()}
+        device = record.key().decode()
+        seq = json.loads(record.value())["seq"]
+        message_type, payload = sent[(device, seq)]
+        assert record.value() == payload  # the bytes, unchanged
+        assert headers == {"routing_key": topology.routing_key(device, message_type),
+                           "mqtt_topic": topology.mqtt_topic(device, message_type),
+                           "device": device, "type": message_type,
+                           "queue": topology.device_queue(device), "msg_id": f"{device}-{seq}"}
+    for device in devices:
+        assert seqs_of(records, device) == list(range(60))  # per-device order kept
+
+    wait_for(lambda: bridge.metric("webos_bridge_acked_total") == len(sent), 10,
+             message="every delivery acked")
+    samples = bridge.metrics()
+    assert samples["webos_bridge_consumed_total"] == len(sent)
+    assert samples["webos_bridge_produced_total"] == len(sent)
+    assert samples["webos_bridge_in_flight"] == 0
+    assert samples["webos_bridge_delivery_latency_seconds_count"] == len(sent)
+    assert bridge.stop(signal.SIGTERM) == 0
+    assert "bridge stopped: consumed=120 produced=120 acked=120" in bridge.output
+    for device in devices:  # acked, not merely delivered: nothing came back when it disconnected
+        assert queue_depth(admin_channel, topology.device_queue(device)) == 0
+
+
+def test_new_device_queue_is_consumed_within_5_s(settings, new_device, bridges, kafka_topic):
+    prefix = f"N{uuid.uuid4().hex[:6]}"
+    first = new_device(prefix)
+    bridge = bridges("--queue-pattern", rf"^webos\.{prefix}", "--topic-template", kafka_topic)
+    bridge.wait_consuming(1)
+    device = new_device(prefix)
+    declared = time.monotonic()
+    wait_for(lambda: bridge.metric("webos_bridge_queues") >= 2, 5,
+             message=f"the bridge to consume webos.{device} within 5 s")
+    picked_up = time.monotonic() - declared
+    client = device_client(settings, device)
+    try:
+        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 0))
+    finally:
+        client.close()
+    records = read_records(settings, kafka_topic, lambda got: len(got) >= 1)
+    assert records[0].key() == device.encode()
+    assert first != device and picked_up < 5
+    assert bridge.stop(signal.SIGINT) == 0
+
+
+def dead_messages_of(admin_channel, queue: str, count: int, timeout: float = 20.0) -> dict:
+    """Messages parked for `queue` in webos.dead, by reason; others are left there."""
+    found = {}
+
+    def collect():
+        method, properties, payload = admin_channel.basic_get(topology.DEAD_QUEUE, auto_ack=False)
+        if method is None:
+            return False
+        headers = properties.headers or {}
+        if headers.get(DEAD_QUEUE_HEADER) == queue:
+            admin_channel.basic_ack(method.delivery_tag)
+            found[headers[DEAD_REASON_HEADER]] = (headers, payload)
+        return len(found) >= count
+
+    wait_for(collect, timeout, interval=0.01, message=f"{count} parked messages of {queue}")
+    return found
+
+
+def test_poison_messages_are_parked_with_reasons_and_the_queue_keeps_flowing(
+        settings, new_device, bridges, admin_channel):
+    device = new_device("P")
+    queue = topology.device_queue(device)
+    # This device's topic takes at most 50 kB: a 100 kB JSON object passes the bridge's own
+    # size check (1 MB; the template hides which topic it is at start) and Kafka refuses it.
+    topic = f"test.bridge.{device}"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "50000"})])[topic] \
+        .result(30)
+    bridge = bridges("--queues", queue, "--topic-template", "test.bridge.{device}")
+    bridge.wait_consuming(1)
+    client = device_client(settings, device)
+    try:
+        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 0))
+        assert client.publish(topology.mqtt_topic(device, "error"), b"\x00 not json")
+        assert client.publish(topology.mqtt_topic(device, "warning"), b"[1, 2, 3]")
+        records = read_records(settings, topic, lambda got: len(got) >= 1)
+        properties = pika.BasicProperties(delivery_mode=2)
+        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+                                    b'{"pad": "' + b"x" * 1_200_000 + b'"}', properties)
+        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+                                    body(device, 1, pad="y" * 100_000), properties)
+        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 2))
+    finally:
+        client.close()
+    parked = dead_messages_of(admin_channel, queue, 4)
+    assert set(parked) == {"not-json", "not-a-json-object", "too-large", "kafka-rejected"}
+    assert parked["not-json"][1] == b"\x00 not json"  # parked unchanged
+    assert parked["not-a-json-object"][0]["x-webos-routing-key"] == \
+        topology.routing_key(device, "warning")
+    assert "MSG_SIZE_TOO_LARGE" in parked["kafka-rejected"][0]["x-webos-dead-detail"]
+    records = read_records(settings, topic, lambda got: len(got) >= 2)
+    assert seqs_of(records, device) == [0, 2]  # the good message after the poison still flows
+    wait_for(lambda: bridge.metric("webos_bridge_acked_total") == 6, 10, message="all acked")
+    samples = bridge.metrics()
+    for reason in ("not-json", "not-a-json-object", "too-large", "kafka-rejected"):
+        assert samples[f'webos_bridge_dead_lettered_total{{reason="{reason}"}}'] == 1
+    assert bridge.stop() == 0
+    assert queue_depth(admin_channel, queue) == 0
+
+
+def publish_in_background(settings: Settings, device: str, count: int):
+    """A thread publishing seq 0..count-1 over MQTT as fast as PUBACKs come; returns it started."""
+    failures = []
+
+    def publish():
+        client = device_client(settings, device)
+        try:
+            for seq in range(count):
+                if not client.publish(topology.mqtt_topic(device, "info"), body(device, seq)):
+                    failures.append(seq)
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.failures = failures
+    thread.start()
+    return thread
+
+
+def assert_complete_and_ordered(records, device: str, count: int) -> int:
+    """Every seq arrived; first arrivals are in order; returns the number of duplicates."""
+    seqs = seqs_of(records, device)
+    assert set(seqs) == set(range(count))
+    first_seen = list(dict.fromkeys(seqs))
+    assert first_seen == sorted(first_seen)
+    return len(seqs) - count
+
+
+def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(
+        settings, new_device, bridges, kafka_topic, admin_channel):
+    device = new_device("X")
+    queue = topology.device_queue(device)
+    active = bridges("--queues", queue, "--topic-template", kafka_topic)
+    active.wait_consuming(1)
+    standby = bridges("--queues", queue, "--topic-template", kafka_topic)
+    standby.wait_consuming(1)
+    count = 3000
+    publisher = publish_in_background(settings, device, count)
+    wait_for(lambda: active.metric("webos_bridge_acked_total") >= 300, 30,
+             message="the active bridge to forward some messages")
+    assert standby.metric("webos_bridge_consumed_total") == 0  # single active consumer
+    active.process.send_signal(signal.SIGKILL)
+    assert active.process.wait(10) == -signal.SIGKILL
+    publisher.join(60)
+    assert not publisher.is_alive() and publisher.failures == []
+
+    records = read_records(settings, kafka_topic,
+                           lambda got: set(seqs_of(got, device)) >= set(range(count)), 90)
+    duplicates = assert_complete_and_ordered(records, device, count)
+    assert standby.metric("webos_bridge_consumed_total") > 0  # the standby took over mid-stream
+    assert duplicates <= 2000  # at most the killed bridge's in-flight window (prefetch)
+    print(f"kill -9 mid-stream: {count} messages, {duplicates} duplicates in Kafka")
+    wait_for(lambda: queue_depth(admin_channel, queue) == 0
+             and standby.metric("webos_bridge_in_flight") == 0, 30, message="queue drained")
+    assert standby.stop() == 0
+
+
+def test_connection_lost_reconnects_and_loses_nothing(settings, new_device, bridges, kafka_topic):
+    device = new_device("R")
+    bridge = bridges("--queues", topology.device_queue(device), "--topic-template", kafka_topic)
+    bridge.wait_consuming(1)
+    count = 2000
+    publisher = publish_in_background(settings, device, count)
+    wait_for(lambda: bridge.metric("webos_bridge_acked_total") >= 200, 30,
+             message="some messages forwarded")
+    api = f"{settings.management_url}/api/connections"
+    auth = (settings.admin_user, settings.admin_password)
+    connections = [c["name"] for c in requests.get(api, auth=auth, timeout=10).json()
+                   if c.get("user") == settings.bridge_user]
+    assert connections
+    for name in connections:  # as if RabbitMQ went away under the bridge
+        requests.delete(f"{api}/{requests.utils.quote(name, safe='')}", auth=auth, timeout=10)
+    publisher.join(60)
+    records = read_records(settings, kafka_topic,
+                           lambda got: set(seqs_of(got, device)) >= set(range(count)), 90)
+    assert_complete_and_ordered(records, device, count)
+    wait_for(lambda: bridge.metric("webos_bridge_reconnects_total") >= 1, 30,
+             message="the bridge to reconnect")
+    assert bridge.stop() == 0
+    assert "reconnecting" in bridge.output
+
+
+def test_with_kafka_down_messages_wait_in_rabbitmq_then_all_arrive(
+        settings, new_device, bridges, admin_channel, tmp_path):
+    kafka = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port())
+    kafka.start()
+    try:
+        kafka.wait_ready()
+        own = dataclasses.replace(settings, kafka_bootstrap=kafka.bootstrap)
+        ensure_topic(own.kafka_bootstrap, own.kafka_topic, 3)
+        device = new_device("O")
+        queue = topology.device_queue(device)
+        prefetch = 50
+        bridge = bridges("--queues", queue, "--prefetch", str(prefetch), on=own)
+        bridge.wait_consuming(1)
+        kafka.stop()
+        count = 500
+        publisher = publish_in_background(settings, device, count)
+        publisher.join(60)
+        assert publisher.failures == []
+        # The bridge holds at most `prefetch`; the rest waits in RabbitMQ.
+        wait_for(lambda: queue_depth(admin_channel, queue) == count - prefetch, 30,
+                 message=f"{count - prefetch} messages ready in {queue}")
+        assert bridge.metric("webos_bridge_in_flight") == prefetch
+        assert bridge.metric("webos_bridge_acked_total") == 0
+        assert requests.get(bridge.url + "/healthz", timeout=2).status_code == 200
+        assert psutil.Process(bridge.process.pid).memory_info().rss < 150 * 2**20
+
+        kafka.start()
+        kafka.wait_ready()
+        records = read_records(own, own.kafka_topic,
+                               lambda got: set(seqs_of(got, device)) >= set(range(count)), 120)
+        assert_complete_and_ordered(records, device, count)
+        wait_for(lambda: bridge.metric("webos_bridge_acked_total") >= count, 30,
+                 message="all acked once Kafka is back")
+        assert queue_depth(admin_channel, queue) == 0
+        assert bridge.stop() == 0
+    finally:
+        kafka.stop()
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ([], {"WEBOS_BRIDGE_PASSWORD": "wrong"}, "check WEBOS_BRIDGE_PASSWORD"),
+    (["--queues", "webos.NoSuchDevice42"], {}, "cannot consume queue 'webos.NoSuchDevice42'"),
+    (["--topic-template", "no.such.topic"], {}, "Kafka topic 'no.such.topic' does not exist"),
+], ids=["wrong-password", "missing-queue", "missing-topic"])
+def test_configuration_errors_stop_with_code_2_and_say_what_to_fix(
+        settings, bridges, flags, env, expected):
+    bridge = bridges(*flags, env=env)
+    assert bridge.process.wait(60) == 2
+    assert "configuration error" in bridge.output
+    assert expected in bridge.output
+    assert "Traceback" not in bridge.output
