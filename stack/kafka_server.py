@@ -24,16 +24,26 @@ _QUIET = logging.getLogger("webos.kafka.admin")
 _QUIET.setLevel(logging.CRITICAL)
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id (16 random bytes, URL-safe base64, as kafka-storage random-uuid)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
 class LocalKafka(LocalProcess):
     """One Kafka node that is both broker and controller, data under `base_dir/data`."""
 
     name = "kafka"
 
-    def __init__(self, base_dir: Path, port: int = 9092, controller_port: int = 9093, node_id: int = 1):
+    def __init__(self, base_dir: Path, port: int = 9092, controller_port: int = 9093, node_id: int = 1,
+                 quorum_voters: str | None = None, overrides: dict[str, str] | None = None,
+                 cluster_id: str | None = None):
         super().__init__(base_dir)
         self.port = port
         self.controller_port = controller_port
         self.node_id = node_id
+        self.quorum_voters = quorum_voters or f"{node_id}@127.0.0.1:{controller_port}"
+        self.overrides = overrides or {}
+        self.cluster_id = cluster_id or new_cluster_id()
 
     @property
     def bootstrap(self) -> str:
@@ -42,8 +52,9 @@ class LocalKafka(LocalProcess):
     def render_config(self) -> str:
         """kafka/server.properties with this instance's ports and data directory."""
         overrides = {
+            **self.overrides,
             "node.id": str(self.node_id),
-            "controller.quorum.voters": f"{self.node_id}@127.0.0.1:{self.controller_port}",
+            "controller.quorum.voters": self.quorum_voters,
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "log.dirs": str(self.base_dir / "data"),
@@ -70,9 +81,8 @@ class LocalKafka(LocalProcess):
         config.write_text(self.render_config())
         if (self.base_dir / "data" / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
+            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(config)),
             capture_output=True, text=True)
         if result.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
@@ -92,6 +102,21 @@ class LocalKafka(LocalProcess):
             return bool(metadata.brokers)
         except KafkaException:
             return False
+
+
+def local_cluster(base_dir: Path, ports: list[tuple[int, int]]) -> list[LocalKafka]:
+    """A KRaft cluster of len(ports) nodes, each broker + controller, replication factor 3 and
+    min.insync.replicas 2 by default (the shape the README's "Scaling out" describes)."""
+    voters = ",".join(f"{i}@127.0.0.1:{controller}" for i, (_, controller) in enumerate(ports, 1))
+    replication = str(min(3, len(ports)))
+    overrides = {"default.replication.factor": replication, "min.insync.replicas": "2",
+                 "offsets.topic.replication.factor": replication,
+                 "transaction.state.log.replication.factor": replication,
+                 "transaction.state.log.min.isr": "2"}
+    cluster_id = new_cluster_id()
+    return [LocalKafka(Path(base_dir) / f"kafka-{i}", port=port, controller_port=controller,
+                       node_id=i, quorum_voters=voters, overrides=overrides, cluster_id=cluster_id)
+            for i, (port, controller) in enumerate(ports, 1)]
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: int = 1,
