@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.kafka_group import (LIVE_VIEW_GROUP, consumer_config, default_group,
                                   format_lag_table, lag_for_group)
@@ -20,6 +20,8 @@ from stack.config import load_settings
 
 LOGGER = logging.getLogger("consumer")
 POLL_SECONDS = 0.2
+# With --timeout, the idle clock starts once the group is joined; joining may take this long.
+JOIN_TIMEOUT_SECONDS = 30.0
 
 DESCRIPTION = """\
 Read the device stream (Kafka topic webos.events unless --topic says otherwise) as a member of a
@@ -60,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last one stopped (default: a fresh webos-cli-<random> group; "
                         f"with --lag: {LIVE_VIEW_GROUP}, the live page's group)")
     parser.add_argument("--from-beginning", action="store_true",
-                        help="a group with no committed offsets starts at the oldest retained "
-                        "record (default: only records produced after it joined); a group that "
-                        "committed offsets always resumes from them")
+                        help="partitions the group never committed start at the oldest retained "
+                        "record (default: at the end, i.e. only records produced after joining); "
+                        "partitions with committed offsets always resume from them")
     parser.add_argument("--device", action="append", metavar="ID", default=[],
                         help="show only this device (record key or `device` header); repeatable")
     parser.add_argument("--type", action="append", metavar="TYPE", default=[], dest="types",
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=_positive_int, metavar="N",
                         help="exit (status 0) after printing N records")
     parser.add_argument("--timeout", type=_positive_float, metavar="S",
-                        help="exit (status 0) after S seconds with no record to print")
+                        help="exit (status 0) after S seconds with no record to print, counted "
+                        f"from joining the group (status 1 if it cannot join within "
+                        f"{JOIN_TIMEOUT_SECONDS:.0f} s)")
     parser.add_argument("--dedupe", action="store_true",
                         help="drop records whose msg_id was already seen (payload msg_id, else "
                         "the msg_id header) among the last --dedupe-window ids")
@@ -111,7 +115,7 @@ class StreamPrinter:
     def __init__(self, consumer: Consumer, output, record_filter: RecordFilter,
                  output_format: str = "pretty", colour: bool = False,
                  dedupe: DedupeWindow | None = None, count: int | None = None,
-                 idle_timeout: float | None = None):
+                 idle_timeout: float | None = None, from_beginning: bool = False):
         self.consumer = consumer
         self.output = output
         self.record_filter = record_filter
@@ -120,15 +124,42 @@ class StreamPrinter:
         self.dedupe = dedupe
         self.count = count
         self.idle_timeout = idle_timeout
+        self.from_beginning = from_beginning
+        self.joined = False
         self.summary = Summary()
         self.stop = threading.Event()
         self.last_activity = time.monotonic()
 
     def on_assign(self, consumer, partitions) -> None:
-        """Group joined: the idle clock starts now, not while waiting for the group."""
+        """Pin where each partition starts, then start the idle clock.
+
+        A partition the group never committed starts at the oldest record (--from-beginning) or
+        at the end of the log, and that start is stored at once: a later run of the same group
+        resumes there even if this run printed nothing from that partition. (Left to
+        auto.offset.reset, a "latest" partition would be re-resolved to the end next time and
+        whatever arrived in between would be skipped.) Once this returns, every record produced
+        from now on will be seen.
+        """
+        try:
+            positions = consumer.committed(partitions, timeout=10)
+            starts = []
+            for position in positions:
+                if position.offset < 0:
+                    low, high = consumer.get_watermark_offsets(position, timeout=10)
+                    position.offset = low if self.from_beginning else high
+                    starts.append(TopicPartition(position.topic, position.partition,
+                                                 position.offset))
+            consumer.assign(positions)
+            if starts:
+                consumer.store_offsets(offsets=starts)
+        except KafkaException as error:
+            LOGGER.warning("could not pin start offsets (%s); using auto.offset.reset", error)
+            consumer.assign(partitions)
+            positions = partitions
+        self.joined = True
         self.last_activity = time.monotonic()
-        LOGGER.info("assigned %d partitions: %s", len(partitions),
-                    ",".join(f"{p.topic}[{p.partition}]" for p in partitions))
+        LOGGER.info("assigned %d partitions: %s", len(positions),
+                    ", ".join(f"{p.topic}[{p.partition}]@{p.offset}" for p in positions))
 
     def on_revoke(self, consumer, partitions) -> None:
         LOGGER.info("revoked %d partitions", len(partitions))
@@ -136,10 +167,13 @@ class StreamPrinter:
     def run(self) -> None:
         """Poll until stop, --count or --timeout; every handled record has its offset stored."""
         while not self.stop.is_set():
-            if self.idle_timeout is not None and \
-                    time.monotonic() - self.last_activity >= self.idle_timeout:
-                LOGGER.info("no record for %.1f s: stopping", self.idle_timeout)
-                return
+            if self.idle_timeout is not None:
+                idle = time.monotonic() - self.last_activity
+                if self.joined and idle >= self.idle_timeout:
+                    LOGGER.info("no record for %.1f s: stopping", self.idle_timeout)
+                    return
+                if not self.joined and idle >= max(self.idle_timeout, JOIN_TIMEOUT_SECONDS):
+                    raise KafkaException(f"could not join group within {idle:.0f} s")
             message = self.consumer.poll(POLL_SECONDS)
             if message is None:
                 continue
@@ -243,7 +277,7 @@ def main(argv=None) -> int:
         consumer, sys.stdout, RecordFilter.of(args.device, args.types), args.format,
         colour=args.format == "pretty" and _use_colour(args.color, sys.stdout),
         dedupe=DedupeWindow(args.dedupe_window) if args.dedupe else None,
-        count=args.count, idle_timeout=args.timeout)
+        count=args.count, idle_timeout=args.timeout, from_beginning=args.from_beginning)
 
     def on_signal(signum, frame):
         LOGGER.info("%s: stopping", signal.Signals(signum).name)
