@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
+    # It logs a traceback for a refused login that the bridge reports as a configuration error.
+    logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
     options = BridgeOptions(
         queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
         prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,

@@ -340,9 +340,9 @@ def test_connection_lost_reconnects_and_loses_nothing(settings, new_device, brid
              message="some messages forwarded")
     api = f"{settings.management_url}/api/connections"
     auth = (settings.admin_user, settings.admin_password)
-    connections = [c["name"] for c in requests.get(api, auth=auth, timeout=10).json()
-                   if c.get("user") == settings.bridge_user]
-    assert connections
+    connections = wait_for(lambda: [c["name"] for c in requests.get(api, auth=auth, timeout=10)
+                                    .json() if c.get("user") == settings.bridge_user], 15,
+                           message="the management API to list the bridge's connection")
     for name in connections:  # as if RabbitMQ went away under the bridge
         requests.delete(f"{api}/{requests.utils.quote(name, safe='')}", auth=auth, timeout=10)
     publisher.join(60)
