@@ -1,0 +1,180 @@
+"""The consumer's pure logic, no broker: decoding, filters, de-duplication, seq gaps, formats, fan-out."""
+import json
+
+import pytest
+
+from consumer import cli
+from consumer.kafka_group import PartitionLag, format_lag_table
+from consumer.live_feed import Client, LiveFeed
+from consumer.records import (DedupeWindow, Record, RecordFilter, SeqTracker, Summary,
+                              format_json, format_pretty, type_from_headers)
+from consumer.web import create_app
+from stack.config import Settings
+
+
+def record(value, key="3DF92-192", headers=None, partition=0, offset=0) -> Record:
+    if isinstance(value, dict):
+        value = json.dumps(value).encode()
+    return Record.build("webos.events", partition, offset, 1763800000123, key, headers or {}, value)
+
+
+def payload(seq=1, status="Active", msg_id="m1", device="3DF92-192", **extra) -> dict:
+    return {"Producer": device, "command": "position", "id": device, "x": 3, "y": 4,
+            "status": status, "seq": seq, "msg_id": msg_id, "ts": 1763800000123, **extra}
+
+
+@pytest.mark.parametrize("value", [b"", b"plain text", b"\xff\xfe\x00", b'{"open": ', b"{'single': 1}"])
+def test_non_json_values_are_kept_raw(value):
+    decoded = record(value)
+    assert not decoded.is_json and decoded.payload is None
+    line = json.loads(format_json(decoded))
+    assert line["payload"] is None and line["error"] == "value is not JSON"
+    assert line["raw"] == value.decode("utf-8", errors="replace")
+    assert "non-JSON" in format_pretty(decoded)
+
+
+@pytest.mark.parametrize("value, expected", [(b"42", 42), (b"[1, 2]", [1, 2]), (b'"text"', "text")])
+def test_json_that_is_not_an_object_is_json_without_device_fields(value, expected):
+    decoded = record(value)
+    assert decoded.is_json and decoded.payload == expected
+    assert decoded.seq is None and decoded.msg_id is None and decoded.status is None
+    assert decoded.device == "3DF92-192"
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"type": "warning", "routing_key": "webos.D.error"}, "warning"),
+    ({"routing_key": "webos.D-1.error"}, "error"),
+    ({"mqtt_topic": "webos/D/info"}, "info"),
+    ({"routing_key": "not.a.webos.key"}, None),
+    ({}, None),
+])
+def test_type_comes_from_type_header_else_routing_key(headers, expected):
+    assert type_from_headers(headers) == expected
+
+
+def test_device_and_msg_id_fall_back_to_headers_and_payload():
+    assert record(payload(), key=None, headers={"device": "H"}).device == "H"
+    assert record(payload(device="P"), key=None).device == "P"
+    assert record(b"x", key=None, headers={"msg_id": "h1"}).msg_id == "h1"
+    assert record(payload(msg_id="p1"), headers={"msg_id": "h1"}).msg_id == "p1"
+
+
+@pytest.mark.parametrize("devices, types, key, headers, shown", [
+    ((), (), "A", {}, True),
+    (("A",), (), "A", {}, True),
+    (("A",), (), "B", {}, False),
+    (("A",), (), None, {"device": "A"}, True),
+    (("A", "B"), (), "B", {}, True),
+    ((), ("error",), "A", {"type": "error"}, True),
+    ((), ("error",), "A", {"routing_key": "webos.A.error"}, True),
+    ((), ("error",), "A", {"type": "info"}, False),
+    ((), ("error",), "A", {}, False),
+    (("A",), ("info",), "A", {"type": "error"}, False),
+])
+def test_filter(devices, types, key, headers, shown):
+    assert RecordFilter.of(devices, types).matches(record(payload(), key=key, headers=headers)) is shown
+
+
+def test_dedupe_window_drops_repeats_and_forgets_the_oldest():
+    window = DedupeWindow(3)
+    assert [window.seen(i) for i in ("a", "b", "a", "c", "d")] == [False, False, True, False, False]
+    assert len(window) == 3
+    # "a" was seen again after "b", so "b" is the oldest and was evicted by "d"
+    assert window.seen("b") is False
+    assert window.seen("d") is True
+
+
+def test_dedupe_window_must_hold_something():
+    with pytest.raises(ValueError):
+        DedupeWindow(0)
+
+
+def test_seq_tracker_counts_gaps_missing_and_out_of_order_per_device():
+    tracker = SeqTracker()
+    notes = [tracker.observe(device, seq) for device, seq in
+             [("A", 1), ("B", 7), ("A", 2), ("A", 5), ("B", 8), ("A", 5), ("A", 3), ("A", 6),
+              ("A", None), (None, 3)]]
+    assert notes == [None, None, None, "gap", None, "out-of-order", "out-of-order", None, None, None]
+    assert (tracker.gaps, tracker.missing, tracker.out_of_order) == (1, 2, 2)
+
+
+def test_summary_line_names_every_count():
+    summary = Summary(records=3, duplicates=2, non_json=1, filtered=4)
+    summary.per_device.update({"B": 1, "A": 2})
+    summary.seq.observe("A", 1)
+    summary.seq.observe("A", 4)
+    assert summary.line() == ("consumer: 3 records (A: 2, B: 1), 2 duplicates dropped, "
+                              "1 seq gaps (2 missing), 0 out of order, 1 non-JSON, 4 filtered out")
+
+
+def test_pretty_line_is_plain_without_colour_and_coloured_with_it():
+    decoded = record(payload(status="Inactive"), headers={"type": "error"}, partition=2, offset=17)
+    plain = format_pretty(decoded)
+    assert "\x1b[" not in plain
+    for part in ("3DF92-192", "error", "p2@17", "seq=1", "(3, 4)", "Inactive", "position"):
+        assert part in plain
+    coloured = format_pretty(decoded, colour=True)
+    assert "\x1b[90mInactive" in coloured and "\x1b[31merror" in coloured
+
+
+def test_json_line_has_key_partition_offset_headers_and_payload():
+    decoded = record(payload(), headers={"type": "info", "msg_id": "m1"}, partition=4, offset=9)
+    assert json.loads(format_json(decoded)) == {
+        "topic": "webos.events", "key": "3DF92-192", "partition": 4, "offset": 9,
+        "timestamp": 1763800000123, "headers": {"type": "info", "msg_id": "m1"},
+        "payload": payload()}
+
+
+def test_partition_lag_counts_everything_retained_when_nothing_committed():
+    assert PartitionLag(0, None, 5, 12).lag == 7
+    assert PartitionLag(1, 10, 5, 12).lag == 2
+    table = format_lag_table("g", "t", [PartitionLag(0, None, 5, 12), PartitionLag(1, 10, 5, 12)])
+    assert table.splitlines()[-1].split() == ["total", "24", "9"]
+
+
+@pytest.mark.parametrize("argv", [["--count", "0"], ["--timeout", "-1"], ["--timeout", "0"],
+                                  ["--format", "xml"], ["--dedupe-window", "0"], ["--bogus"]])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: python -m consumer" in capsys.readouterr().err
+
+
+def test_slow_client_is_closed_instead_of_blocking_the_feed():
+    client = Client(max_queue=2)
+    assert client.offer(("record", 1)) and client.offer(("record", 2))
+    assert client.offer(("record", 3)) is False
+    assert client.closed and client.events.get_nowait() is None
+
+
+def test_feed_updates_device_state_and_fans_out_to_subscribers():
+    feed = LiveFeed("127.0.0.1:1", "webos.events", max_client_queue=10)
+    first, snapshot = feed.subscribe()
+    assert snapshot["devices"] == [] and snapshot["log"] == []
+    feed.handle(record(payload(seq=1)))
+    feed.handle(record(payload(seq=3, status="Inactive")))
+    feed.handle(record(b"garbage", key="4HHC2-392"))
+
+    events = [first.events.get_nowait() for _ in range(3)]
+    assert [event for event, _ in events] == ["record"] * 3
+    assert events[1][1]["device"]["status"] == "Inactive"
+    assert events[1][1]["record"]["note"] == "seq gap"
+    late, snapshot = feed.subscribe()
+    devices = {device["id"]: device for device in snapshot["devices"]}
+    assert devices["3DF92-192"]["status"] == "Inactive" and devices["3DF92-192"]["count"] == 2
+    assert devices["4HHC2-392"]["status"] is None
+    assert snapshot["totals"] == {"records": 3, "non_json": 1}
+    assert snapshot["log"][-1]["raw"] == "garbage"
+    assert late.events.empty()
+
+
+def test_app_serves_the_page_and_state_without_starting_kafka():
+    app = create_app({"SETTINGS": Settings(), "START_FEED": False, "KAFKA_TOPIC": "t1"})
+    client = app.test_client()
+    page = client.get("/")
+    assert page.status_code == 200
+    assert b'<svg id="map"' in page.data and b"live.js" in page.data and b"t1" in page.data
+    assert client.get("/static/live.js").status_code == 200
+    assert client.get("/api/state").get_json()["topic"] == "t1"
+    assert client.get("/healthz").status_code == 503
