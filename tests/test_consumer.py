@@ -10,9 +10,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -128,14 +130,19 @@ class LiveView:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.group = f"test-live-{uuid.uuid4().hex[:8]}"
+        # a file, not a pipe nobody reads: a full pipe would block the server's logging
+        self.log = tempfile.NamedTemporaryFile(prefix="live-view-", suffix=".log")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "consumer", "serve", "--port", str(self.port), "--topic", topic,
              "--group", self.group], cwd=REPO_ROOT, env=consumer_env(settings),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self._healthy, 30, message="the live view to answer /healthz")
 
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
     def _healthy(self) -> bool:
-        assert self.process.poll() is None, self.process.stderr.read()
+        assert self.process.poll() is None, self.output()
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
@@ -150,6 +157,8 @@ class LiveView:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+                self.process.wait(10)
+            self.log.close()
 
 
 @pytest.fixture
