@@ -1,12 +1,20 @@
 """The live page in headless Chromium: records produced to Kafka appear, status changes show on the map."""
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 import time
+import uuid
 
 import pytest
+import requests
 
+from rabbitmq import topology
 from stack.config import REPO_ROOT
-from tests.test_consumer import LiveView, device_record, new_topic, produce
+from stack.process import free_port
+from tests.helpers import wait_for
+from tests.test_consumer import LiveView, consumer_env, device_record, new_topic, produce
 
 pytestmark = pytest.mark.browser
 LOGGER = logging.getLogger(__name__)
@@ -79,3 +87,91 @@ def test_live_page_shows_records_and_turns_an_inactive_device_grey(settings, liv
     page.screenshot(path=str(screenshot), full_page=True)
     (REPO_ROOT / "docs").mkdir(exist_ok=True)
     shutil.copy(screenshot, REPO_ROOT / "docs" / "consumer.png")
+
+
+class Process:
+    """A `python -m <package>` subprocess with its output in a file; SIGTERM on stop."""
+
+    def __init__(self, settings, log_path, *args: str):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
+                                            env=consumer_env(settings), stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+        return True
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(
+        settings, page, artifacts, tmp_path, admin_channel):
+    """End to end: publisher -> MQTT -> RabbitMQ -> bridge -> Kafka -> live view, both pages driven."""
+    suffix = uuid.uuid4().hex[:4].upper()
+    stopping, walking = f"3DF92-{suffix}1", f"4HHC2-{suffix}2"
+    topic = new_topic(settings, "test.consumer.e2e")
+    publisher_port = free_port()
+    publisher = Process(settings, tmp_path / "publisher.log", "publisher", "--port",
+                        str(publisher_port), "--devices", f"{stopping},{walking}",
+                        "--interval", "0.3", "0.6")
+    bridge = view = None
+    try:
+        publisher_url = f"http://127.0.0.1:{publisher_port}/"
+        wait_for(lambda: publisher.alive() and answers(publisher_url), 30,
+                 message="the publisher page")
+        bridge = Process(settings, tmp_path / "bridge.log", "bridge", "--queues",
+                         f"webos.{stopping},webos.{walking}", "--topic-template", topic,
+                         "--metrics-port", "0")
+        view = LiveView(settings, topic)
+
+        page.goto(view.url + "/")
+        for device in (stopping, walking):
+            page.wait_for_selector(f'#markers .device[data-device="{device}"][data-status="Active"]',
+                                   timeout=30000)
+        assert bridge.alive()
+        publisher_page = page.context.new_page()
+        publisher_page.goto(publisher_url)
+        publisher_page.locator(f"tr[data-device='{stopping}'] button.toggle",
+                               has_text="Deactivate").click()
+        clicked = time.monotonic()
+        page.wait_for_function(
+            """([device, grey]) => {
+                 const circle = document.querySelector(`#markers .device[data-device="${device}"] circle`);
+                 return circle && getComputedStyle(circle).fill === grey;
+               }""", arg=[stopping, GREY], timeout=10000)
+        seconds = time.monotonic() - clicked
+        LOGGER.info("publisher toggle click -> grey on the live map: %.3f s", seconds)
+        assert seconds < 1.0, f"grey {seconds:.2f} s after the click"
+
+        # it stopped: its record count stands still while the other device keeps moving
+        count = page.locator(f'#devices tr[data-device="{stopping}"] td').nth(6)
+        stopped_at = count.inner_text()
+        other = page.locator(f'#devices tr[data-device="{walking}"] td').nth(6)
+        walking_at = int(other.inner_text())
+        wait_for(lambda: int(other.inner_text()) >= walking_at + 3, 10,
+                 message="the other device to keep reporting")
+        assert count.inner_text() == stopped_at
+        assert marker_fill(page, walking) == GREEN
+        page.screenshot(path=str(artifacts / "consumer-live-view-end-to-end.png"), full_page=True)
+    finally:
+        statuses = {name: process.stop() for name, process in
+                    (("view", view), ("bridge", bridge), ("publisher", publisher)) if process}
+        for device in (stopping, walking):
+            topology.delete_device(admin_channel, device)
+    assert statuses == {"view": 0, "bridge": 0, "publisher": 0}
