@@ -38,7 +38,7 @@ DEFAULT_INTERVAL = (1.0, 2.0)
 DEFAULT_ROUTE = ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 MAX_ROUTE_LENGTH = 10_000
 LATE_MS = 100  # a message published more than this after its due time counts as late
-MISC_PERIOD = 1.0  # paho's loop_misc (keepalive, timeouts) per client, seconds
+MISC_PERIOD = 5.0  # paho's loop_misc (keepalive pings, timeouts) per client, seconds
 RECONNECT_MIN, RECONNECT_MAX = 1.0, 30.0
 
 
@@ -266,12 +266,13 @@ class _Device:
     client: mqtt.Client
     backoff: float = RECONNECT_MIN
     topics: dict = field(default_factory=dict)
+    write_registered: bool = False  # the selector also watches for writability
 
 
 class Simulator:
     """Runs devices: one scheduler thread, one paho client per device, one selector for all."""
 
-    def __init__(self, settings: Settings, devices: list[DeviceConfig], *, keepalive: int = 30,
+    def __init__(self, settings: Settings, devices: list[DeviceConfig], *, keepalive: int = 60,
                  max_queued_messages: int = 1000, seed: int | None = None, stagger: bool = True):
         self.settings = settings
         self.keepalive = keepalive
@@ -302,12 +303,18 @@ class Simulator:
             self._submit(self._add, config, True)
         self._thread.start()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Let in-flight messages be acknowledged (up to a few seconds), then disconnect all."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Let in-flight messages be acknowledged (up to 3 s), then disconnect every device."""
         self._stop.set()
         self._wake()
         if self._thread.is_alive():
-            self._thread.join(timeout + 2)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                LOGGER.error("the device scheduler did not stop within %.0f s", timeout)
+        elif self._thread.ident is None:  # never started
+            self._close_selector()
+
+    def _close_selector(self) -> None:
         self._selector.close()
         self._wake_read.close()
         self._wake_write.close()
@@ -401,6 +408,7 @@ class Simulator:
             while self._commands:
                 _, _, future = self._commands.popleft()
                 future.set_exception(RuntimeError("the simulator stopped"))
+            self._close_selector()
 
     def _poll(self, timeout: float) -> None:
         for key, mask in self._selector.select(timeout):
@@ -417,6 +425,22 @@ class Simulator:
                 client.loop_read()
             if mask & selectors.EVENT_WRITE and client.socket() is not None:
                 client.loop_write()
+            self._watch_writes(entry)
+
+    def _watch_writes(self, entry: _Device) -> None:
+        """Watch the socket for writability only while paho has bytes it could not send yet.
+
+        paho writes at once when no write callback is set (the common case costs no extra
+        system call); what the kernel did not take is sent when the selector says it can be.
+        """
+        sock = entry.client.socket()
+        if sock is None:
+            return
+        wanted = entry.client.want_write()
+        if wanted != entry.write_registered:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+            self._selector.modify(sock, events, entry)
+            entry.write_registered = wanted
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -447,6 +471,7 @@ class Simulator:
             elif kind == MISC:
                 if entry.client.socket() is not None:
                     entry.client.loop_misc()
+                    self._watch_writes(entry)
                 self._schedule(due + MISC_PERIOD, MISC, entry)
             elif kind == CONNECT:
                 self._connect(entry)
@@ -486,8 +511,6 @@ class Simulator:
         client.on_publish = self.on_publish
         client.on_socket_open = self.on_socket_open
         client.on_socket_close = self.on_socket_close
-        client.on_socket_register_write = self.on_socket_register_write
-        client.on_socket_unregister_write = self.on_socket_unregister_write
         with self._registry_lock:
             self._devices[config.id] = entry
         now = time.monotonic()
@@ -538,6 +561,7 @@ class Simulator:
         state = entry.state
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         info = entry.client.publish(entry.topics[message_type], body, qos=1)
+        self._watch_writes(entry)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             state.dropped += 1
             if state.dropped == 1 or state.dropped % 100 == 0:
@@ -559,6 +583,7 @@ class Simulator:
                 else:
                     entry.client.connect(self.settings.rabbitmq_host, self.settings.mqtt_port,
                                          keepalive=self.keepalive)
+                self._watch_writes(entry)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s",
                            entry.state.id, self.settings.rabbitmq_host, self.settings.mqtt_port,
@@ -604,18 +629,10 @@ class Simulator:
 
     def on_socket_open(self, client, entry, sock):
         self._selector.register(sock, selectors.EVENT_READ, entry)
+        entry.write_registered = False
 
     def on_socket_close(self, client, entry, sock):
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError):
             pass  # never registered (the connection failed before it opened)
-
-    def on_socket_register_write(self, client, entry, sock):
-        self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, entry)
-
-    def on_socket_unregister_write(self, client, entry, sock):
-        try:
-            self._selector.modify(sock, selectors.EVENT_READ, entry)
-        except (KeyError, ValueError):
-            pass  # already closed
