@@ -74,7 +74,7 @@ def fill_queue(settings: Settings, device: str, count: int) -> None:
     _say(f"  {queue} holds {count} messages ({time.monotonic() - started:.1f} s to fill)")
 
 
-def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) -> float:
+def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) -> dict:
     """Baseline A: drain the queue with a bare pika consumer, one multiple-ack per batch."""
     queue = topology.device_queue(device)
     state = {"n": 0, "last": 0, "first": None}
@@ -91,16 +91,20 @@ def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) ->
         channel.basic_qos(prefetch_count=prefetch)
         channel.basic_consume(queue, on_message, auto_ack=False)
         acked = 0
+        cpu_first = None
         while acked < count:
             connection.process_data_events(time_limit=0.001)
             if state["last"] > acked:
+                if cpu_first is None:
+                    cpu_first = time.process_time()
                 channel.basic_ack(state["last"], multiple=True)
                 acked = state["last"]
         elapsed = time.perf_counter() - state["first"]
-    return count / elapsed
+        cpu = time.process_time() - cpu_first
+    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(cpu / count * 1e6, 1)}
 
 
-def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeOptions) -> float:
+def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeOptions) -> dict:
     """Baseline B: a bare producer (the bridge's producer settings) writing the same payloads."""
     bodies = list(payloads(device, count))
     producer = Producer(options.producer_config(settings))
@@ -113,6 +117,7 @@ def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeO
 
     key = device.encode()
     started = time.perf_counter()
+    cpu_started = psutil.Process().cpu_times()
     for body in bodies:
         while True:
             try:
@@ -123,9 +128,11 @@ def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeO
         producer.poll(0)
     producer.flush(60)
     elapsed = time.perf_counter() - started
+    cpu = psutil.Process().cpu_times()
     if delivered[0] != count:
         raise RuntimeError(f"baseline B: only {delivered[0]} of {count} records confirmed")
-    return count / elapsed
+    used = cpu.user + cpu.system - cpu_started.user - cpu_started.system
+    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(used / count * 1e6, 1)}
 
 
 def _metric(text: str, name: str) -> float:
@@ -170,8 +177,13 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
             now = time.perf_counter()
             if acked and first is None:
                 first = (now, acked)
+                cpu_first = rss.cpu_times()
             if acked >= count:
                 last = (now, acked)
+                cpu = rss.cpu_times()
+                text = requests.get(url + "/metrics", timeout=2).text
+                latency_sum = _metric(text, "webos_bridge_delivery_latency_seconds_sum")
+                latency_count = _metric(text, "webos_bridge_delivery_latency_seconds_count")
                 break
             time.sleep(0.05)  # sampling period of the RSS and counters, not a wait for an event
         if last is None:
@@ -180,7 +192,10 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
         process.terminate()
         code = process.wait(60)
     rate = (last[1] - first[1]) / (last[0] - first[0])
-    return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code}
+    return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code,
+            "cpu_us_per_msg": round((cpu.user + cpu.system - cpu_first.user - cpu_first.system)
+                                    / (last[1] - first[1]) * 1e6, 1),
+            "kafka_ack_mean_ms": round(latency_sum / max(latency_count, 1) * 1000, 2)}
 
 
 def latency_run(settings: Settings, device: str, seconds: float, log_path: Path) -> dict:
@@ -296,54 +311,62 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run(settings: Settings, out_dir) -> dict:
-    """All three throughput runs and the latency run; figures as a dict, plot as PNG in out_dir."""
+    """All three throughput runs (best of WEBOS_BENCH_ROUNDS rounds, default 3, because other
+    work on the machine makes single runs noisy) and the latency run; a PNG plot in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = int(os.environ.get("WEBOS_BENCH_MESSAGES", DEFAULT_MESSAGES))
+    rounds = int(os.environ.get("WEBOS_BENCH_ROUNDS", 3))
     seconds = float(os.environ.get("WEBOS_BENCH_LATENCY_SECONDS", 10))
     options = BridgeOptions()
     log_path = out_dir / "bridge_throughput.bridge.log"
     log_path.unlink(missing_ok=True)
-    result = {"messages": count, "prefetch": options.prefetch, "linger_ms": options.linger_ms,
-              "batch_size": options.batch_size}
+    result = {"messages": count, "rounds": rounds, "prefetch": options.prefetch,
+              "linger_ms": options.linger_ms, "batch_size": options.batch_size,
+              "load_average_at_start": [round(x, 1) for x in os.getloadavg()]}
+    runs = {"a": [], "b": [], "bridge": []}
+    devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(2 * rounds + 1)]
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
         channel = connection.channel()
-        devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(3)]
         for device in devices:
             topology.declare_device(channel, device)
     try:
-        _say(f"baseline A: bare pika consumer, {count} messages")
-        fill_queue(settings, devices[0], count)
-        result["baseline_a_msgs_per_s"] = baseline_pika(settings, devices[0], count,
-                                                        options.prefetch)
-        _say(f"  {result['baseline_a_msgs_per_s']:,.0f} msg/s")
-
-        _say(f"baseline B: bare confluent-kafka producer, {count} records")
-        result["baseline_b_msgs_per_s"] = baseline_kafka(settings, devices[1], count, options)
-        _say(f"  {result['baseline_b_msgs_per_s']:,.0f} msg/s")
-
-        _say(f"bridge: python -m bridge with its defaults, {count} messages")
-        fill_queue(settings, devices[1], count)
-        drained = bridge_drain(settings, devices[1], count, log_path)
-        result["bridge_msgs_per_s"] = drained["msgs_per_s"]
-        result["bridge_peak_rss_mb"] = round(drained["peak_rss_mb"], 1)
-        result["bridge_exit_code"] = drained["exit_code"]
-        floor = min(result["baseline_a_msgs_per_s"], result["baseline_b_msgs_per_s"])
-        result["ratio"] = round(result["bridge_msgs_per_s"] / floor, 3)
-        _say(f"  {result['bridge_msgs_per_s']:,.0f} msg/s, ratio {result['ratio']:.2f} "
-             f"(target >= 0.75), peak RSS {result['bridge_peak_rss_mb']} MB")
-
+        for round_ in range(rounds):
+            queue_a, queue_bridge = devices[2 * round_], devices[2 * round_ + 1]
+            _say(f"round {round_ + 1}/{rounds}: baseline A, bare pika consumer, {count} messages")
+            fill_queue(settings, queue_a, count)
+            runs["a"].append(baseline_pika(settings, queue_a, count, options.prefetch))
+            _say(f"  {runs['a'][-1]}")
+            _say(f"round {round_ + 1}/{rounds}: baseline B, bare confluent-kafka producer")
+            runs["b"].append(baseline_kafka(settings, queue_a, count, options))
+            _say(f"  {runs['b'][-1]}")
+            _say(f"round {round_ + 1}/{rounds}: python -m bridge with its defaults")
+            fill_queue(settings, queue_bridge, count)
+            runs["bridge"].append(bridge_drain(settings, queue_bridge, count, log_path))
+            _say(f"  {runs['bridge'][-1]}")
         if seconds > 0:
             _say(f"latency: MQTT -> bridge -> Kafka at {LATENCY_RATE} msg/s for {seconds:.0f} s")
-            result["latency"] = latency_run(settings, devices[2], seconds, log_path)
+            result["latency"] = latency_run(settings, devices[-1], seconds, log_path)
             _say(f"  {result['latency']}")
     finally:
         with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
                 topology.delete_device(channel, device)
-    for key in ("baseline_a_msgs_per_s", "baseline_b_msgs_per_s", "bridge_msgs_per_s"):
-        result[key] = round(result[key])
+    for name, key in (("a", "baseline_a"), ("b", "baseline_b"), ("bridge", "bridge")):
+        rates = [run_["msgs_per_s"] for run_ in runs[name]]
+        result[f"{key}_msgs_per_s"] = round(max(rates))
+        result[f"{key}_msgs_per_s_all"] = [round(rate) for rate in rates]
+        result[f"{key}_cpu_us_per_msg_all"] = [run_["cpu_us_per_msg"] for run_ in runs[name]]
+    floor = min(result["baseline_a_msgs_per_s"], result["baseline_b_msgs_per_s"])
+    result["ratio"] = round(result["bridge_msgs_per_s"] / floor, 3)
+    result["bridge_peak_rss_mb"] = round(max(run_["peak_rss_mb"] for run_ in runs["bridge"]), 1)
+    result["bridge_kafka_ack_mean_ms_all"] = [run_["kafka_ack_mean_ms"] for run_ in runs["bridge"]]
+    result["bridge_exit_codes"] = [run_["exit_code"] for run_ in runs["bridge"]]
+    _say(f"best of {rounds}: A {result['baseline_a_msgs_per_s']:,} msg/s, "
+         f"B {result['baseline_b_msgs_per_s']:,} msg/s, bridge {result['bridge_msgs_per_s']:,} "
+         f"msg/s; ratio {result['ratio']:.2f} (target >= 0.75); bridge peak RSS "
+         f"{result['bridge_peak_rss_mb']} MB")
     image = out_dir / "bridge_throughput.png"
     plot(result, image)
     result["plot"] = str(image)

@@ -33,6 +33,9 @@ REJECTED_BY_KAFKA = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG,
                      KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
                      KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
                      KafkaError._INVALID_ARG}
+BUSY_WAIT = 0.001  # s: longest AMQP wait per loop turn while records are in flight
+SATURATED_WAIT = 0.005  # s: longest wait for Kafka when the prefetch window is full
+IDLE_WAIT = 0.05  # s: longest wait when nothing is in flight (also bounds stop/discovery latency)
 # Room for the record's headers and batch framing inside a topic's max.message.bytes.
 RECORD_OVERHEAD = 1024
 AUTH_ERRORS = (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError,
@@ -51,7 +54,7 @@ class BridgeOptions:
     queue_pattern: str | None = None         # regex on queue names when discovering
     topic_template: str = "webos.events"
     prefetch: int = 2000
-    linger_ms: float = 5.0
+    linger_ms: float = 1.0
     batch_size: int = 1_000_000              # librdkafka batch.size, bytes per partition batch
     max_message_bytes: int = 1_000_000       # librdkafka message.max.bytes; bigger goes to webos.dead
     discovery_interval: float = 2.0
@@ -142,7 +145,7 @@ class Forwarder:
                 finally:
                     self._close_connection()
                 if self._fatal:
-                    raise ConfigurationError(self._fatal)
+                    raise RuntimeError(self._fatal)
                 if self.stop.is_set():
                     break
                 self.stop.wait(backoff)
@@ -207,7 +210,8 @@ class Forwarder:
         self.probe_channel = self.connection.channel()
         self._check_dead_queue()
         self.channel = self.connection.channel()
-        self.channel.basic_qos(prefetch_count=self.options.prefetch)
+        # global_qos: one window for the whole channel, however many device queues it consumes.
+        self.channel.basic_qos(prefetch_count=self.options.prefetch, global_qos=True)
         self.channel.add_on_cancel_callback(self.on_consumer_cancelled)
         if self.options.queues:
             self._sync_queues(self.options.queues, strict=first)
@@ -296,10 +300,18 @@ class Forwarder:
     def _consume_loop(self) -> None:
         connection, producer, tracker = self.connection, self.producer, self.tracker
         next_sync = 0.0
+        prefetch = self.options.prefetch
         while not self.stop.is_set() and self._fatal is None:
-            # Short waits while records are in flight so delivery reports (acks) are served soon.
-            connection.process_data_events(time_limit=0.001 if tracker.in_flight else 0.05)
-            producer.poll(0)
+            in_flight = tracker.in_flight
+            if in_flight >= prefetch:
+                # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
+                connection.process_data_events(time_limit=0)
+                producer.poll(SATURATED_WAIT)
+            else:
+                # Wait only briefly for AMQP while records are in flight, so that delivery
+                # reports (hence acks) are served soon.
+                connection.process_data_events(time_limit=BUSY_WAIT if in_flight else IDLE_WAIT)
+                producer.poll(0)
             self._settle()
             now = time.monotonic()
             if now >= next_sync:
