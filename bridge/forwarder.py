@@ -247,13 +247,14 @@ class Forwarder:
         self.channel = self.dead_channel = self.probe_channel = None
 
     def _flush_producer(self) -> None:
+        # The deliveries are settled by now (acked in _drain, or requeued with their channel):
+        # a short last flush only spares Kafka duplicates of requeued ones.
         if self.producer is None:
             return
-        left = self.producer.flush(self.options.flush_timeout)
+        left = self.producer.flush(min(1.0, self.options.flush_timeout))
         if left:
-            LOGGER.warning("%d records not confirmed by Kafka within %.0f s; their RabbitMQ "
-                           "deliveries were not acked and will be delivered again", left,
-                           self.options.flush_timeout)
+            LOGGER.warning("%d records still unconfirmed by Kafka at exit; their RabbitMQ "
+                           "deliveries were not acked and will be delivered again", left)
 
     # ---- which queues ---------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.__main__ import build_parser
@@ -59,6 +61,11 @@ def test_route_cache_is_bounded():
     (b"42", NOT_OBJECT),
     (b"null", NOT_OBJECT),
     (b"{" + b" " * 200 + b"}", TOO_LARGE),
+    (b'{"a": 1} trailing', NOT_JSON),
+    (b'{"a": 1}{"b": 2}', NOT_JSON),
+    (b'{"a": ', NOT_JSON),
+    (b'{"a": NaNa}', NOT_JSON),
+    ('{"a": "é"}'.encode("latin-1"), NOT_JSON),
 ])
 def test_poison_bodies_get_a_reason(body, reason):
     got, detail, _ = inspect_body(body, max_bytes=100)
@@ -66,10 +73,28 @@ def test_poison_bodies_get_a_reason(body, reason):
     assert detail
 
 
-def test_good_body_passes_with_its_msg_id():
-    body = json.dumps({"id": "D1", "msg_id": "abc", "seq": 1}).encode()
-    assert inspect_body(body, 1000) == (None, None, "abc")
-    assert inspect_body(b'{"msg_id": 5}', 1000) == (None, None, "")
+@pytest.mark.parametrize("body, msg_id", [
+    (json.dumps({"id": "D1", "msg_id": "abc", "seq": 1}).encode(), "abc"),
+    (b'{"msg_id": 5}', ""),
+    (b'  {"msg_id": "x"}\n', "x"),
+    (b'{"msg_id": "x"}  \r\n', "x"),
+    ('{"name": "é", "msg_id": "ü"}'.encode(), "ü"),
+    (b"{}", ""),
+])
+def test_good_bodies_pass_with_their_msg_id(body, msg_id):
+    assert inspect_body(body, 1000) == (None, None, msg_id)
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=8),
+       st.sampled_from(["", " ", "\n", "x"]))
+def test_fast_path_agrees_with_json_loads(document, suffix):
+    body = (json.dumps(document) + suffix).encode()
+    try:
+        expected_ok = isinstance(json.loads(body), dict)
+    except ValueError:
+        expected_ok = False
+    assert (inspect_body(body, 10**6)[0] is None) == expected_ok
 
 
 def test_acks_wait_for_the_oldest_unconfirmed_tag():
