@@ -120,6 +120,11 @@ def create_app(config=None) -> Flask:
     def broker_unavailable(error):
         return jsonify(message=str(error), error="RabbitMQ unavailable"), 503
 
+    @app.errorhandler(Exception)
+    def unexpected(error):
+        LOGGER.exception("%s %s failed", request.method, request.path)
+        return jsonify(message=f"internal error: {error}", error="Internal Server Error"), 500
+
     # -- the page ----------------------------------------------------------------------------
 
     @app.get("/")

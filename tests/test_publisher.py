@@ -395,3 +395,23 @@ def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, 
         amqp.queue_delete(topology.device_queue(device))
     assert process.returncode == 0, output
     assert "stopped" in output
+
+
+def test_refused_credentials_are_reported_and_the_api_keeps_answering(settings, caplog):
+    import dataclasses
+
+    wrong = dataclasses.replace(settings, device_password="wrong", admin_password="wrong")
+    device = unique("PW")
+    app = create_app({"SETTINGS": wrong, "DEVICES": [DeviceConfig(device, interval=FAST)],
+                      "DECLARE_QUEUES": False})
+    client = app.test_client()
+    try:
+        wait_for(lambda: any("refused the connection" in r.getMessage() for r in caplog.records),
+                 10, message="the refusal logged")
+        assert client.get(f"/devices/{device}").get_json()["connected"] is False
+        assert client.post(f"/status/{device}", json={"status": "Inactive"}).status_code == 200
+        answer = client.post("/devices", json={"id": unique("PW")})
+        assert answer.status_code == 503 and "RabbitMQ" in answer.get_json()["error"]
+        assert [d["id"] for d in client.get("/devices").get_json()["devices"]] == [device]
+    finally:
+        app.extensions["publisher"].close()
