@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ import psutil
 import requests
 from confluent_kafka import Consumer, Producer
 
+from bench.__main__ import machine
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
@@ -31,6 +33,8 @@ from stack.kafka_server import ensure_topic
 from stack.process import free_port
 
 DEFAULT_MESSAGES = 200_000
+COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS, " \
+          "WEBOS_BENCH_LATENCY_SECONDS to change sizes)"
 LATENCY_RATE = 1000
 
 
@@ -294,7 +298,8 @@ def plot(result: dict, path: Path) -> None:
     bars = left.bar(names, values, color=["#8aa", "#aa8", "#48c"])
     left.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
     left.set_ylabel("messages / s")
-    left.set_title(f"{result['messages']:,} messages; bridge / min(A, B) = {result['ratio']:.2f}")
+    left.set_title(f"{result['messages']:,} messages, best of {result['rounds']}: "
+                   f"bridge / min(A, B) = {result['ratio']:.2f}", fontsize=10)
     latency = result.get("latency")
     if latency:
         labels = ["p50", "p90", "p99", "p99.9", "max"]
@@ -304,7 +309,8 @@ def plot(result: dict, path: Path) -> None:
         right.bar_label(bars, labels=[f"{v:.1f}" for v in points])
         right.set_yscale("log")
         right.set_ylabel("ms")
-        right.set_title(f"MQTT publish -> Kafka consume at {latency['rate_achieved']} msg/s")
+        right.set_title(f"MQTT publish -> Kafka consume at {latency['rate_achieved']} msg/s",
+                        fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -319,8 +325,8 @@ def run(settings: Settings, out_dir) -> dict:
     rounds = int(os.environ.get("WEBOS_BENCH_ROUNDS", 3))
     seconds = float(os.environ.get("WEBOS_BENCH_LATENCY_SECONDS", 10))
     options = BridgeOptions()
-    log_path = out_dir / "bridge_throughput.bridge.log"
-    log_path.unlink(missing_ok=True)
+    log_path = Path(tempfile.mkdtemp(prefix="webos-bench-bridge-")) / "bridge.log"
+    _say(f"bridge output goes to {log_path}")
     result = {"messages": count, "rounds": rounds, "prefetch": options.prefetch,
               "linger_ms": options.linger_ms, "batch_size": options.batch_size,
               "load_average_at_start": [round(x, 1) for x in os.getloadavg()]}
@@ -369,6 +375,10 @@ def run(settings: Settings, out_dir) -> dict:
          f"{result['bridge_peak_rss_mb']} MB")
     image = out_dir / "bridge_throughput.png"
     plot(result, image)
-    result["plot"] = str(image)
-    _say(f"plot written to {image}")
+    result["plot"] = str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT) else image)
+    figures = out_dir / "bridge_throughput.json"
+    figures.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "machine": machine(), "command": COMMAND, **result},
+                                  indent=2) + "\n")
+    _say(f"plot written to {image}, figures to {figures}")
     return result
