@@ -17,7 +17,7 @@ import requests
 from publisher.app import create_app
 from publisher.devices import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
-from stack.config import REPO_ROOT
+from stack.config import REPO_ROOT, Settings
 from stack.process import free_port
 from tests.helpers import wait_for
 
@@ -415,3 +415,51 @@ def test_refused_credentials_are_reported_and_the_api_keeps_answering(settings, 
         assert [d["id"] for d in client.get("/devices").get_json()["devices"]] == [device]
     finally:
         app.extensions["publisher"].close()
+
+
+def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
+    """A RabbitMQ of its own (the session's stays up): stop it, let devices queue, start it again."""
+    import dataclasses
+    import secrets
+
+    from stack.rabbitmq_server import LocalRabbitMQ
+    from publisher.devices import Simulator
+
+    settings = dataclasses.replace(
+        Settings(), amqp_port=free_port(), mqtt_port=free_port(), management_port=free_port(),
+        admin_password=secrets.token_urlsafe(12), device_password=secrets.token_urlsafe(12),
+        bridge_password=secrets.token_urlsafe(12))
+    broker = LocalRabbitMQ(tmp_path / "rabbitmq", settings, node_name=f"webos-restart-{os.getpid()}",
+                           dist_port=free_port())
+    device = unique("PR")
+    broker.start()
+    simulator = None
+    try:
+        broker.wait_ready()
+        topology.apply(settings, [device])
+        simulator = Simulator(settings, [DeviceConfig(device, interval=FAST)])
+        simulator.start()
+        wait_for(lambda: simulator.device(device)["acked"] >= 3, 10, message="first messages acked")
+
+        broker.stop()
+        wait_for(lambda: not simulator.device(device)["connected"], 10, message="the outage noticed")
+        seq_at_outage = simulator.device(device)["seq"]
+        wait_for(lambda: simulator.device(device)["seq"] >= seq_at_outage + 5, 10,
+                 message="messages made during the outage")
+        broker.start()
+        broker.wait_ready()
+        wait_for(lambda: simulator.device(device)["connected"], 40, interval=0.2,
+                 message="the device reconnected by itself")
+        last_seq = simulator.device(device)["seq"]
+        wait_for(lambda: simulator.device(device)["acked"] >= last_seq, 10,
+                 message="the queued messages acknowledged")
+        simulator.close()
+        simulator = None
+
+        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+            seqs = {payload["seq"] for _, payload in drain(connection.channel(), topology.device_queue(device))}
+        assert set(range(1, last_seq + 1)) <= seqs  # every message, the outage's included
+    finally:
+        if simulator is not None:
+            simulator.close()
+        broker.stop()
