@@ -34,7 +34,9 @@ REJECTED_BY_KAFKA = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG,
                      KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
                      KafkaError._INVALID_ARG}
 BUSY_WAIT = 0.001  # s: longest AMQP wait per loop turn while records are in flight
+QUIET_WAIT = 0.008  # s: longest such wait while records are in flight but nothing happens
 SATURATED_WAIT = 0.005  # s: longest wait for Kafka when the prefetch window is full
+ACK_INTERVAL = 0.02  # s: longest a confirmed delivery waits for its (batched) ack
 IDLE_WAIT = 0.05  # s: longest wait when nothing is in flight (also bounds stop/discovery latency)
 # Room for the record's headers and batch framing inside a topic's max.message.bytes.
 RECORD_OVERHEAD = 1024
@@ -102,6 +104,10 @@ class Forwarder:
         self._to_isolate: list[tuple[int, Route, bytes, str]] = []
         self._fatal: str | None = None
         self._generation = 0
+        self._ack_tag = 0        # highest confirmed tag not yet acked
+        self._ack_count = 0      # confirmed deliveries waiting for that ack
+        self._ack_since = 0.0
+        self._ack_batch = max(1, options.prefetch // 4)
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -201,6 +207,7 @@ class Forwarder:
             self.stats.reconnects += 1
         self._generation += 1
         self.tracker = AckTracker(self._generation)
+        self._ack_count = 0  # those tags died with the old channel
         self._to_nack.clear()
         self._to_park.clear()
         self._to_isolate.clear()
@@ -302,17 +309,21 @@ class Forwarder:
         connection, producer, tracker = self.connection, self.producer, self.tracker
         next_sync = 0.0
         prefetch = self.options.prefetch
+        stats = self.stats
+        wait = BUSY_WAIT
         while not self.stop.is_set() and self._fatal is None:
-            in_flight = tracker.in_flight
+            in_flight = tracker.in_flight + self._ack_count
+            consumed = stats.consumed
             if in_flight >= prefetch:
                 # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
                 connection.process_data_events(time_limit=0)
-                producer.poll(SATURATED_WAIT)
+                served = producer.poll(SATURATED_WAIT)
             else:
-                # Wait only briefly for AMQP while records are in flight, so that delivery
-                # reports (hence acks) are served soon.
-                connection.process_data_events(time_limit=BUSY_WAIT if in_flight else IDLE_WAIT)
-                producer.poll(0)
+                # A delivery ends the AMQP wait at once; the wait only bounds how late delivery
+                # reports (hence acks) are served: short while things happen, longer when not.
+                connection.process_data_events(time_limit=wait if in_flight else IDLE_WAIT)
+                served = producer.poll(0)
+            wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
             self._settle()
             now = time.monotonic()
             if now >= next_sync:
@@ -384,8 +395,8 @@ class Forwarder:
         else:
             LOGGER.warning("Kafka: %s", error.str())
 
-    def _settle(self) -> None:
-        """Send the nacks, parks and acks the delivery reports asked for."""
+    def _settle(self, force: bool = False) -> None:
+        """Send the nacks, parks and acks the delivery reports asked for (`force`: ack now)."""
         channel, tracker = self.channel, self.tracker
         if self._to_nack:
             for tag in self._to_nack:
@@ -407,10 +418,20 @@ class Forwarder:
                 self._park(tag, value, KAFKA_REJECTED, detail, route.queue, route.routing_key,
                            "", None)
         last, count = tracker.take_ackable()
+        now = time.monotonic()
         if last:
-            channel.basic_ack(last, multiple=True)
-            self.stats.acked += count
-        self.stats.in_flight = tracker.in_flight
+            # Confirmed tags are acked together: one basic.ack (multiple) per ACK_INTERVAL or per
+            # quarter window, not one per loop turn (each ack costs the loop a socket write).
+            if not self._ack_count:
+                self._ack_since = now
+            self._ack_tag = last
+            self._ack_count += count
+        if self._ack_count and (force or self._ack_count >= self._ack_batch
+                                or now - self._ack_since >= ACK_INTERVAL):
+            channel.basic_ack(self._ack_tag, multiple=True)
+            self.stats.acked += self._ack_count
+            self._ack_count = 0
+        self.stats.in_flight = tracker.in_flight + self._ack_count
 
     def _park(self, tag: int, body: bytes, reason: str, detail: str, queue: str,
               routing_key: str, exchange: str, original_headers) -> None:
@@ -443,8 +464,9 @@ class Forwarder:
         deadline = time.monotonic() + self.options.flush_timeout
         while self.tracker.in_flight and time.monotonic() < deadline:
             self.producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
-            self._settle()
+            self._settle(force=True)
             self.connection.process_data_events(time_limit=0)
+        self._settle(force=True)
         if self.tracker.in_flight:
             LOGGER.warning("%d deliveries not confirmed by Kafka in time: left unacked, RabbitMQ "
                            "delivers them again", self.tracker.in_flight)
