@@ -135,9 +135,8 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
         help="port of /metrics and /healthz on --metrics-host; 0 turns them off "
         "[WEBOS_BRIDGE_METRICS_PORT; default: %(default)s]")
     parser.add_argument(
-        "--metrics-host", default=default("METRICS_HOST", "127.0.0.1"),
-        help="address /metrics and /healthz listen on [WEBOS_BRIDGE_METRICS_HOST; "
-        "default: %(default)s]")
+        "--metrics-host", default=getattr(settings, "bind_host", "127.0.0.1"),
+        help="address /metrics and /healthz listen on [WEBOS_BIND_HOST; default: %(default)s]")
     parser.add_argument(
         "--discovery-interval", type=_non_negative_float, default=DEFAULTS.discovery_interval,
         metavar="SECONDS", help="how often the queue list is fetched from the management API "

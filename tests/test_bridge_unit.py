@@ -168,10 +168,12 @@ def test_histogram_counts_a_value_on_a_bound_in_that_bucket():
 
 
 def test_flags_override_environment_defaults():
-    settings = Settings(kafka_topic="from.settings", bridge_metrics_port=9999)
+    settings = Settings(kafka_topic="from.settings", bridge_metrics_port=9999,
+                        bind_host="127.0.0.9")
     parser = build_parser(settings, {"WEBOS_BRIDGE_PREFETCH": "77"})
     args = parser.parse_args([])
-    assert (args.prefetch, args.topic_template, args.metrics_port) == (77, "from.settings", 9999)
+    assert (args.prefetch, args.topic_template, args.metrics_port, args.metrics_host) == \
+        (77, "from.settings", 9999, "127.0.0.9")
     args = parser.parse_args(["--prefetch", "5", "--queues", "webos.a, webos.b",
                               "--topic-template", "x.{device}", "--metrics-port", "0"])
     assert (args.prefetch, args.queues, args.topic_template, args.metrics_port) == \
