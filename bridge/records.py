@@ -125,16 +125,20 @@ def inspect_body(body: bytes, max_bytes: int) -> tuple[str | None, str | None, s
 class AckTracker:
     """Delivery tags of one channel, from delivery to settlement, acked in contiguous batches.
 
-    A tag is settled when Kafka confirmed it, when webos.dead confirmed its parked copy, or when it
-    was nacked. `take_ackable()` returns the highest tag below which every tag is settled: one
-    `basic_ack(tag, multiple=True)` then acks exactly the confirmed ones (nacked ones are no longer
-    outstanding on the broker, so `multiple` skips them).
+    `add(tag)`: a delivery arrived (tags grow on a channel). `confirm(tag)`: Kafka confirmed its
+    record, or webos.dead its parked copy. `nacked(tag)`: it was requeued. `take_ackable()` returns
+    the highest tag below which every tag is settled: one `basic_ack(tag, multiple=True)` then
+    acks exactly the confirmed ones (nacked ones are no longer outstanding on the broker, so
+    `multiple` skips them).
     """
 
     def __init__(self, generation: int):
         self.generation = generation
         self._outstanding: deque[int] = deque()
         self._settled: set[int] = set()
+        # Called once per message: bound builtins, no Python frame.
+        self.add = self._outstanding.append
+        self.confirm = self._settled.add
 
     def __len__(self) -> int:
         return len(self._outstanding)
@@ -143,14 +147,6 @@ class AckTracker:
     def in_flight(self) -> int:
         """Tags delivered and not yet acked or nacked."""
         return len(self._outstanding)
-
-    def add(self, tag: int) -> None:
-        """A delivery arrived (tags grow on a channel)."""
-        self._outstanding.append(tag)
-
-    def confirm(self, tag: int) -> None:
-        """Its record (or parked copy) is safe: the tag may be acked."""
-        self._settled.add(tag)
 
     def nacked(self, tag: int) -> None:
         """The tag was nacked (requeued) on the broker; skip it when acking."""
