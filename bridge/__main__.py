@@ -135,7 +135,7 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
         help="port of /metrics and /healthz on --metrics-host; 0 turns them off "
         "[WEBOS_BRIDGE_METRICS_PORT; default: %(default)s]")
     parser.add_argument(
-        "--metrics-host", default=getattr(settings, "bind_host", "127.0.0.1"),
+        "--metrics-host", default=settings.bind_host,
         help="address /metrics and /healthz listen on [WEBOS_BIND_HOST; default: %(default)s]")
     parser.add_argument(
         "--discovery-interval", type=_non_negative_float, default=DEFAULTS.discovery_interval,

@@ -94,7 +94,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         description="Live page of the device stream: a map of every device coloured by status, "
                     "the last message time and rate per device, a rolling message log and the "
                     "group's lag per partition, pushed to the browser by server-sent events.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--host", default=settings.bind_host,
+                        help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
     parser.add_argument("--port", type=int, default=settings.consumer_port,
                         help="port (default WEBOS_CONSUMER_PORT, %(default)s)")
     parser.add_argument("--topic", default=settings.kafka_topic, help="Kafka topic (default %(default)s)")

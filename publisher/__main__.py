@@ -22,7 +22,8 @@ def parse_args(argv, settings):
                     "with a page and a JSON REST API to toggle, add and remove them. "
                     "State-changing calls need Content-Type: application/json and, when "
                     "PUBLISHER_API_TOKEN is set, 'Authorization: Bearer <token>'.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--host", default=settings.bind_host,
+                        help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
     parser.add_argument("--port", type=int, default=settings.publisher_port,
                         help="HTTP port (default %(default)s, WEBOS_PUBLISHER_PORT)")
     parser.add_argument("--devices-file", default=str(DEFAULT_DEVICES_FILE),
