@@ -1,0 +1,634 @@
+"""The audit: run the whole pipeline for a fixed number of messages, then prove what arrived.
+
+`python -m publisher` (N simulated devices) and `python -m bridge` run as real subprocesses against
+the given brokers; a Kafka consumer in a fresh group reads the run's own topic from the beginning
+while the stream runs. When every device has published its share (the harness turns each device
+Inactive through the publisher's REST API once its `seq` reached it) and RabbitMQ acknowledged
+every message, the harness waits until every published `seq` is in Kafka or a deadline passes,
+then reports per device: published, arrived, missing (by `seq`), duplicated (by `msg_id`) and out
+of order (a first arrival with a lower `seq` than one already seen).
+
+Faults are injected from the caller's thread while the stream runs in the harness's threads:
+
+    with PipelineRun(settings, work_dir, devices=100, messages=20_000) as run:
+        run.start()
+        run.wait_published(5_000)
+        run.kill_bridge(); run.start_bridge()
+        report = run.finish()
+    assert report.ok, report.summary()
+
+or `audit(settings, work_dir, ..., faults={5_000: callback})`. `run(settings, out_dir)` is the
+`make bench` entry: a clean audited run with its rates.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pika
+import requests
+from confluent_kafka import Consumer, KafkaError
+
+from rabbitmq import topology
+from stack.config import REPO_ROOT, Settings
+from stack.kafka_server import ensure_topic
+from stack.process import free_port
+
+LOGGER = logging.getLogger(__name__)
+POLL_INTERVAL = 0.1  # s between reads of the publisher's GET /devices while streaming
+HTTP_TIMEOUT = 10.0
+
+
+class AuditError(RuntimeError):
+    """The pipeline could not be run as asked (a process exited, a deadline passed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit itself: pure, unit-tested without brokers
+
+@dataclass
+class DeviceAudit:
+    """What one device published and what of it Kafka holds."""
+
+    device: str
+    published: int          # the last seq the publisher gave out: seqs 1..published exist
+    acked: int = 0          # messages RabbitMQ acknowledged (PUBACK), from GET /devices
+    dropped: int = 0        # messages the publisher dropped itself (its queue was full)
+    arrived: int = 0        # distinct seqs of 1..published found in Kafka
+    records: int = 0        # Kafka records of this device, duplicates included
+    missing: list[int] = field(default_factory=list)
+    duplicated: int = 0     # records whose msg_id was seen before
+    out_of_order: int = 0   # first arrivals with a seq lower than one already seen
+    unexpected: int = 0     # records with a seq outside 1..published
+
+    @property
+    def ok(self) -> bool:
+        """Nothing missing, nothing out of order."""
+        return not self.missing and not self.out_of_order
+
+
+@dataclass
+class AuditReport:
+    """Totals and per-device rows of one audited run; `ok` only with nothing missing or reordered."""
+
+    topic: str
+    devices: list[DeviceAudit]
+    foreign: int = 0        # records that are not a device payload with seq/msg_id
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def published(self) -> int:
+        return sum(d.published for d in self.devices)
+
+    @property
+    def acked(self) -> int:
+        return sum(d.acked for d in self.devices)
+
+    @property
+    def dropped(self) -> int:
+        return sum(d.dropped for d in self.devices)
+
+    @property
+    def arrived(self) -> int:
+        return sum(d.arrived for d in self.devices)
+
+    @property
+    def records(self) -> int:
+        return sum(d.records for d in self.devices)
+
+    @property
+    def missing(self) -> int:
+        return sum(len(d.missing) for d in self.devices)
+
+    @property
+    def duplicated(self) -> int:
+        return sum(d.duplicated for d in self.devices)
+
+    @property
+    def out_of_order(self) -> int:
+        return sum(d.out_of_order for d in self.devices)
+
+    @property
+    def unexpected(self) -> int:
+        return sum(d.unexpected for d in self.devices)
+
+    @property
+    def ok(self) -> bool:
+        """Zero missing and zero out of order (duplicates are allowed and reported)."""
+        return all(d.ok for d in self.devices)
+
+    def totals(self) -> dict:
+        """The totals, JSON-ready."""
+        return {"devices": len(self.devices), "published": self.published, "acked": self.acked,
+                "dropped": self.dropped, "arrived": self.arrived, "records": self.records,
+                "missing": self.missing, "duplicated": self.duplicated,
+                "out_of_order": self.out_of_order, "unexpected": self.unexpected,
+                "foreign": self.foreign, "ok": self.ok}
+
+    def to_json(self) -> dict:
+        """Totals, figures and the rows of devices that are not perfect (all rows if few)."""
+        rows = [asdict(d) for d in self.devices
+                if len(self.devices) <= 10 or not d.ok or d.duplicated or d.unexpected]
+        for row in rows:
+            row["missing"] = _ranges(row["missing"])
+        return {"topic": self.topic, **self.totals(), "figures": self.figures, "devices": rows}
+
+    def summary(self) -> str:
+        """One paragraph a person reads when a test fails."""
+        lines = [", ".join(f"{key} {value}" for key, value in self.totals().items())]
+        for device in self.devices:
+            if not device.ok or device.unexpected:
+                lines.append(f"  {device.device}: published {device.published}, arrived "
+                             f"{device.arrived}, missing {_ranges(device.missing)}, out of order "
+                             f"{device.out_of_order}, unexpected {device.unexpected}")
+        if self.figures:
+            lines.append(f"  figures: {self.figures}")
+        return "\n".join(lines)
+
+
+def _ranges(seqs: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3,7' (missing seqs of a long outage stay readable)."""
+    parts, start, previous = [], None, None
+    for seq in sorted(seqs):
+        if start is None:
+            start = previous = seq
+        elif seq == previous + 1:
+            previous = seq
+        else:
+            parts.append(f"{start}-{previous}" if previous != start else str(start))
+            start = previous = seq
+    if start is not None:
+        parts.append(f"{start}-{previous}" if previous != start else str(start))
+    return ",".join(parts)
+
+
+def audit_device(device: str, published: int, arrivals, acked: int = 0,
+                 dropped: int = 0) -> DeviceAudit:
+    """Audit one device: `arrivals` are its (seq, msg_id) in Kafka order (one partition per key)."""
+    row = DeviceAudit(device, published, acked=acked, dropped=dropped)
+    seen_ids: set[str] = set()
+    seen_seqs: set[int] = set()
+    highest = 0
+    for seq, msg_id in arrivals:
+        row.records += 1
+        if msg_id in seen_ids:
+            row.duplicated += 1
+            continue
+        seen_ids.add(msg_id)
+        if not 1 <= seq <= published:
+            row.unexpected += 1
+            continue
+        if seq in seen_seqs:  # same seq, another msg_id: the publisher re-used a seq
+            row.duplicated += 1
+            continue
+        if seq < highest:
+            row.out_of_order += 1
+        highest = max(highest, seq)
+        seen_seqs.add(seq)
+    row.arrived = len(seen_seqs)
+    if row.arrived < published:
+        row.missing = [seq for seq in range(1, published + 1) if seq not in seen_seqs]
+    return row
+
+
+def audit_records(published: dict[str, dict | int], arrivals: dict[str, list],
+                  topic: str = "", foreign: int = 0) -> AuditReport:
+    """Audit every device in `published` (device -> last seq, or its GET /devices row)."""
+    rows = []
+    for device, counts in published.items():
+        if isinstance(counts, int):
+            counts = {"seq": counts}
+        rows.append(audit_device(device, counts["seq"], arrivals.get(device, ()),
+                                 counts.get("acked", 0), counts.get("dropped", 0)))
+    return AuditReport(topic, rows, foreign=foreign)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading Kafka while the stream runs
+
+class KafkaTally:
+    """A thread reading one topic from the beginning (fresh group): (seq, msg_id) per device."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.topic = topic
+        self.arrivals: dict[str, list[tuple[int, str]]] = {}
+        self.count = 0
+        self.foreign = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"audit-{uuid.uuid4().hex[:10]}", "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "enable.partition.eof": False,
+            "logger": logging.getLogger("bench.audit.kafka")})
+        self._consumer.subscribe([topic])
+        self._thread = threading.Thread(target=self._run, name="kafka-tally", daemon=True)
+
+    def start(self) -> "KafkaTally":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for record in self._consumer.consume(1000, 0.2):
+                    self._add(record)
+        finally:
+            self._consumer.close()
+
+    def _add(self, record) -> None:
+        error = record.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                self.errors.append(str(error))
+            return
+        try:
+            payload = json.loads(record.value())
+            entry = (int(payload["seq"]), str(payload["msg_id"]))
+            device = record.key().decode()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self.foreign += 1
+            return
+        with self._lock:
+            self.arrivals.setdefault(device, []).append(entry)
+            self.count += 1
+
+    def distinct(self, device: str) -> int:
+        """Distinct seqs of `device` read so far."""
+        with self._lock:
+            return len({seq for seq, _ in self.arrivals.get(device, ())})
+
+    def complete(self, published: dict[str, int]) -> bool:
+        """True when every seq 1..published[device] of every device has been read."""
+        with self._lock:
+            for device, last in published.items():
+                seqs = {seq for seq, _ in self.arrivals.get(device, ())}
+                if not all(seq in seqs for seq in range(1, last + 1)):
+                    return False
+        return True
+
+    def snapshot(self) -> dict[str, list]:
+        with self._lock:
+            return {device: list(entries) for device, entries in self.arrivals.items()}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+# ---------------------------------------------------------------------------------------------
+# The processes
+
+class ChildProcess:
+    """One `python -m <package>` child, its output in a file."""
+
+    def __init__(self, name: str, args: list[str], settings: Settings, log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
+                                            env={**os.environ, **settings.to_env()},
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        LOGGER.info("%s started (pid %d), log %s", name, self.process.pid, log_path)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self, lines: int = 30) -> str:
+        """The last lines of its output."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def check_running(self) -> None:
+        if not self.running:
+            raise AuditError(f"{self.name} exited with code {self.process.returncode}; its "
+                             f"output ends:\n{self.output()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
+        if self.running:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("%s did not stop within %.0f s: killing it", self.name, timeout)
+        return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL (kill -9) and reap it."""
+        if self.running:
+            self.process.kill()
+        return self.process.wait(10)
+
+
+class PipelineRun:
+    """Publisher + bridge as subprocesses over the given brokers, audited through Kafka."""
+
+    def __init__(self, settings: Settings, work_dir: Path, *, devices: int = 100,
+                 messages: int = 20_000, interval: tuple[float, float] = (0.05, 0.05),
+                 prefix: str | None = None, topic: str | None = None, partitions: int = 6,
+                 bridge_flags: tuple[str, ...] = (), max_queued: int = 100_000,
+                 declare: bool = True):
+        self.settings = settings
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = uuid.uuid4().hex[:8]
+        prefix = prefix or f"A{self.run_id}"
+        self.devices = [f"{prefix}-{i:04d}" for i in range(devices)]
+        self.queues = [topology.device_queue(d) for d in self.devices]
+        self.messages = messages
+        # Each device's share of the messages; the first ones take the remainder.
+        base, extra = divmod(messages, devices)
+        self.shares = {d: base + (1 if i < extra else 0) for i, d in enumerate(self.devices)}
+        self.interval = interval
+        self.topic = topic or f"audit.{self.run_id}"
+        self.partitions = partitions
+        self.bridge_flags = tuple(bridge_flags)
+        self.max_queued = max_queued
+        self.declare = declare
+        self.publisher: ChildProcess | None = None
+        self.publisher_url = ""
+        self.bridge: ChildProcess | None = None
+        self.bridges: list[ChildProcess] = []
+        self.bridge_exit_codes: list[int] = []
+        self.tally: KafkaTally | None = None
+        self.rows: dict[str, dict] = {}        # last GET /devices row per device
+        self.published = 0                     # sum of seq over the devices, last read
+        self.stopped: set[str] = set()         # devices turned Inactive by the harness
+        self.timeline: list[tuple[float, str]] = []
+        self.started_at = 0.0
+        self._streaming = threading.Event()
+        self._stream_done = threading.Event()
+        self._stream_error: BaseException | None = None
+        self._streamer: threading.Thread | None = None
+        self._http = requests.Session()
+
+    # -- context manager: whatever happens, the children are stopped and the queues removed --
+
+    def __enter__(self) -> "PipelineRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def note(self, event: str) -> None:
+        """Record an event on the run's timeline (seconds since start)."""
+        at = time.monotonic() - self.started_at if self.started_at else 0.0
+        self.timeline.append((round(at, 2), event))
+        LOGGER.info("audit %s +%.1f s: %s", self.run_id, at, event)
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, bridge: bool = True) -> None:
+        """Declare queues and topic, start the Kafka reader, the bridge and the publisher."""
+        self.started_at = time.monotonic()
+        if self.declare:
+            self._declare_queues()
+        ensure_topic(self.settings.kafka_bootstrap, self.topic, self.partitions)
+        self.tally = KafkaTally(self.settings, self.topic).start()
+        if bridge:
+            self.start_bridge()
+        self._start_publisher()
+        self._streamer = threading.Thread(target=self._stream, name="audit-stream", daemon=True)
+        self._streamer.start()
+        self.note(f"streaming {self.messages} messages from {len(self.devices)} devices")
+
+    def _declare_queues(self) -> None:
+        with pika.BlockingConnection(topology.admin_parameters(self.settings)) as connection:
+            channel = connection.channel()
+            for device in self.devices:
+                topology.declare_device(channel, device)
+
+    def start_bridge(self, wait: bool = True) -> ChildProcess:
+        """Start a `python -m bridge` for this run's queues and topic; wait until it consumes."""
+        port = free_port()
+        bridge = ChildProcess(
+            "bridge", ["bridge", "--queues", ",".join(self.queues), "--topic-template", self.topic,
+                       "--metrics-port", str(port), *self.bridge_flags],
+            self.settings, self.work_dir / f"bridge-{len(self.bridges) + 1}.log")
+        bridge.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self.bridge = bridge
+        self.bridges.append(bridge)
+        if wait:
+            self.wait_bridge_consuming()
+        self.note(f"bridge {len(self.bridges)} started (pid {bridge.process.pid})")
+        return bridge
+
+    def bridge_metric(self, name: str) -> float | None:
+        """One sample of the current bridge's /metrics, None when it does not answer."""
+        try:
+            text = self._http.get(self.bridge.metrics_url, timeout=2).text
+        except requests.RequestException:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def wait_bridge_consuming(self, timeout: float = 60.0) -> None:
+        """Until the current bridge consumes every queue of the run (its webos_bridge_queues)."""
+        deadline = time.monotonic() + timeout
+        while (self.bridge_metric("webos_bridge_queues") or 0) < len(self.queues):
+            self.bridge.check_running()
+            if time.monotonic() > deadline:
+                raise AuditError(f"the bridge did not consume {len(self.queues)} queues within "
+                                 f"{timeout:.0f} s; its output ends:\n{self.bridge.output()}")
+            time.sleep(0.1)
+
+    def kill_bridge(self) -> int:
+        """kill -9 the current bridge; returns its exit code (-9)."""
+        code = self.bridge.kill()
+        self.bridge_exit_codes.append(code)
+        self.note(f"bridge {len(self.bridges)} killed (exit {code})")
+        return code
+
+    def _start_publisher(self) -> None:
+        port = free_port()
+        low, high = self.interval
+        self.publisher = ChildProcess(
+            "publisher", ["publisher", "--port", str(port), "--devices", ",".join(self.devices),
+                          "--interval", str(low), str(high), "--max-queued", str(self.max_queued),
+                          "--no-declare", "--log-level", "WARNING"],
+            self.settings, self.work_dir / "publisher.log")
+        self.publisher_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            self.publisher.check_running()
+            try:
+                if self._http.get(self.publisher_url + "/devices", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AuditError(f"the publisher did not answer within 60 s:\n"
+                                 f"{self.publisher.output()}")
+            time.sleep(0.1)
+
+    # -- streaming (the harness's thread) -----------------------------------------------------
+
+    def read_devices(self) -> dict[str, dict]:
+        """GET /devices: this run's rows by device id; also updates `published`."""
+        answer = self._http.get(self.publisher_url + "/devices", timeout=HTTP_TIMEOUT)
+        answer.raise_for_status()
+        rows = {row["id"]: row for row in answer.json()["devices"] if row["id"] in self.shares}
+        self.rows = rows
+        self.published = sum(row["seq"] for row in rows.values())
+        return rows
+
+    def _stream(self) -> None:
+        """Turn each device Inactive once its seq reached its share; until all are."""
+        try:
+            with ThreadPoolExecutor(8, thread_name_prefix="audit-status") as pool:
+                while len(self.stopped) < len(self.devices):
+                    self.publisher.check_running()
+                    rows = self.read_devices()
+                    due = [d for d, row in rows.items()
+                           if d not in self.stopped and row["seq"] >= self.shares[d]]
+                    for answer in pool.map(self._deactivate, due):
+                        answer.raise_for_status()
+                    self.stopped.update(due)
+                    self._streaming.set()
+                    time.sleep(POLL_INTERVAL)  # the publisher's cadence, not a wait on a condition
+            self.read_devices()
+            self.note(f"every device Inactive, {self.published} published")
+        except BaseException as error:  # handed to the caller's thread by wait_* and finish
+            self._stream_error = error
+        finally:
+            self._stream_done.set()
+
+    def _deactivate(self, device: str) -> requests.Response:
+        return self._http.post(f"{self.publisher_url}/status/{device}",
+                               json={"status": "Inactive"}, timeout=HTTP_TIMEOUT)
+
+    def _check_stream(self) -> None:
+        if self._stream_error is not None:
+            raise AuditError(f"the stream failed: {self._stream_error!r}") from self._stream_error
+
+    def wait_published(self, count: int, timeout: float = 120.0) -> int:
+        """Block the caller until the devices published `count` messages in all (or more)."""
+        deadline = time.monotonic() + timeout
+        while self.published < count:
+            self._check_stream()
+            if self._stream_done.is_set():
+                break
+            if time.monotonic() > deadline:
+                raise AuditError(f"only {self.published} of {count} messages published after "
+                                 f"{timeout:.0f} s")
+            time.sleep(0.05)
+        return self.published
+
+    def wait_stream_done(self, timeout: float = 300.0) -> None:
+        """Until every device published its share and was turned Inactive."""
+        if not self._stream_done.wait(timeout):
+            raise AuditError(f"the stream did not end within {timeout:.0f} s "
+                             f"({self.published} of {self.messages} published)")
+        self._check_stream()
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    def wait_acked(self, timeout: float = 120.0) -> None:
+        """Until RabbitMQ acknowledged every message the publisher handed to MQTT."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.read_devices()
+            pending = {d: row["messages"] - row["acked"] for d, row in rows.items()
+                       if row["acked"] < row["messages"]}
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise AuditError(f"{sum(pending.values())} messages of {len(pending)} devices "
+                                 f"never acknowledged by RabbitMQ after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 180.0, stream_timeout: float = 300.0) -> AuditReport:
+        """End the stream, stop the publisher, wait for Kafka to hold everything, audit it."""
+        self.wait_stream_done(stream_timeout)
+        stream_seconds = time.monotonic() - self.started_at
+        self.wait_acked(timeout)
+        final = {d: dict(row) for d, row in self.read_devices().items()}
+        publisher_code = self.publisher.stop()
+        self.note(f"publisher stopped (exit {publisher_code}); waiting for Kafka")
+        published = {d: row["seq"] for d, row in final.items()}
+        deadline = time.monotonic() + timeout
+        while not self.tally.complete(published) and time.monotonic() < deadline:
+            if self.bridge is not None and not self.bridge.running:
+                break  # nothing more will arrive
+            time.sleep(0.2)
+        complete_seconds = time.monotonic() - self.started_at
+        self.note(f"Kafka holds {self.tally.count} records")
+        if self.bridge is not None and self.bridge.running:
+            self.bridge_exit_codes.append(self.bridge.stop())
+        self.tally.stop()
+        report = audit_records(final, self.tally.snapshot(), self.topic, self.tally.foreign)
+        report.figures = {
+            "stream_seconds": round(stream_seconds, 1),
+            "published_per_s": round(report.published / stream_seconds, 1),
+            "all_in_kafka_seconds": round(complete_seconds, 1),
+            "bridges_started": len(self.bridges),
+            "bridge_exit_codes": self.bridge_exit_codes,
+            "publisher_exit_code": publisher_code,
+            "kafka_errors": self.tally.errors[:5],
+            "timeline": self.timeline,
+        }
+        LOGGER.info("audit %s: %s", self.run_id, report.summary())
+        return report
+
+    def close(self) -> None:
+        """Stop whatever still runs and delete the run's queues."""
+        for child in [self.publisher, *self.bridges]:
+            if child is not None and child.running:
+                child.kill()
+        if self.tally is not None and self.tally._thread.is_alive():
+            self.tally.stop()
+        if self.declare:
+            try:
+                with pika.BlockingConnection(topology.admin_parameters(self.settings)) as connection:
+                    channel = connection.channel()
+                    for device in self.devices:
+                        topology.delete_device(channel, device)
+            except (pika.exceptions.AMQPError, OSError) as error:
+                LOGGER.warning("could not delete the run's queues: %r", error)
+        self._http.close()
+
+
+def audit(settings: Settings, work_dir: Path, *, faults: dict | None = None,
+          timeout: float = 180.0, **options) -> AuditReport:
+    """One audited run; `faults` maps a published count to a callable(run) called at that point."""
+    with PipelineRun(settings, work_dir, **options) as pipeline:
+        pipeline.start()
+        for count, fault in sorted((faults or {}).items()):
+            pipeline.wait_published(count)
+            pipeline.note(f"fault at {pipeline.published} published: "
+                          f"{getattr(fault, '__name__', fault)}")
+            fault(pipeline)
+        return pipeline.finish(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# `make bench`
+
+def run(settings: Settings, out_dir) -> dict:
+    """A clean audited run (WEBOS_BENCH_AUDIT_DEVICES x _MESSAGES, default 100 x 20,000)."""
+    import tempfile
+
+    devices = int(os.environ.get("WEBOS_BENCH_AUDIT_DEVICES", "100"))
+    messages = int(os.environ.get("WEBOS_BENCH_AUDIT_MESSAGES", "20000"))
+    with tempfile.TemporaryDirectory(prefix="webos-audit-") as work_dir:
+        report = audit(settings, Path(work_dir), devices=devices, messages=messages)
+    LOGGER.info("audit: %s", report.summary())
+    return report.to_json()
