@@ -43,13 +43,38 @@ def _say(text: str) -> None:
     print(f"[bridge_throughput] {text}", flush=True)
 
 
-def payloads(device: str, count: int):
-    """Device-like JSON bodies as DESIGN.md describes them."""
-    now = int(time.time() * 1000)
-    for seq in range(count):
-        yield json.dumps({"Producer": device, "command": "position", "id": device,
-                          "x": seq % 97, "y": seq % 89, "status": "Active", "seq": seq,
-                          "msg_id": uuid.uuid4().hex, "ts": now + seq}).encode()
+BENCH_DEVICE = "BENCH0-000000"  # the device the payloads name: the same bytes in every run
+
+
+def payloads(count: int, device: str = BENCH_DEVICE) -> list[bytes]:
+    """Device-like JSON bodies as DESIGN.md describes them; the same bytes on every call, so
+    baseline A, baseline B and the bridge handle identical payloads."""
+    start = 1_767_225_600_000  # a fixed ts (ms) keeps every body the same length run to run
+    return [json.dumps({"Producer": device, "command": "position", "id": device,
+                        "x": seq % 97, "y": seq % 89, "status": "Active", "seq": seq,
+                        "msg_id": uuid.UUID(int=seq).hex, "ts": start + seq}).encode()
+            for seq in range(count)]
+
+
+def broker_processes(settings: Settings) -> list[psutil.Process]:
+    """The RabbitMQ and Kafka processes listening on the ports in `settings`."""
+    ports = {settings.amqp_port, int(settings.kafka_bootstrap.rsplit(":", 1)[1])}
+    pids = {conn.pid for conn in psutil.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports
+            and conn.pid}
+    return [psutil.Process(pid) for pid in sorted(pids)]
+
+
+def cpu_seconds(processes) -> float:
+    """User plus system CPU seconds used so far by `processes` (gone ones count 0)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def queue_depth(settings: Settings, queue: str) -> int:
@@ -61,15 +86,16 @@ def queue_depth(settings: Settings, queue: str) -> int:
     return response.json().get("messages", 0)
 
 
-def fill_queue(settings: Settings, device: str, count: int) -> None:
-    """Publish `count` persistent messages for `device` as admin; wait until RabbitMQ holds them."""
+def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
+    """Publish `bodies` as persistent messages for `device` as admin; wait until RabbitMQ has them."""
     started = time.monotonic()
+    count = len(bodies)
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
         channel = connection.channel()
         queue = topology.declare_device(channel, device)
         key = topology.routing_key(device, "info")
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        for n, body in enumerate(payloads(device, count), 1):
+        for n, body in enumerate(bodies, 1):
             channel.basic_publish(topology.TOPIC_EXCHANGE, key, body, properties)
             if n % 20_000 == 0:
                 connection.process_data_events(0)
@@ -80,7 +106,10 @@ def fill_queue(settings: Settings, device: str, count: int) -> None:
 
 
 def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) -> dict:
-    """Baseline A: drain the queue with a bare pika consumer, one multiple-ack per batch."""
+    """Baseline A: drain the queue with a bare pika consumer, one multiple-ack per batch.
+
+    Same connection parameters as the bridge's and one window for the channel (global qos)."""
+    brokers = broker_processes(settings)
     queue = topology.device_queue(device)
     state = {"n": 0, "last": 0, "first": None}
 
@@ -91,9 +120,10 @@ def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) ->
         state["last"] = method.delivery_tag
 
     with pika.BlockingConnection(topology.amqp_parameters(
-            settings, settings.bridge_user, settings.bridge_password)) as connection:
+            settings, settings.bridge_user, settings.bridge_password,
+            heartbeat=30, blocked_connection_timeout=60)) as connection:
         channel = connection.channel()
-        channel.basic_qos(prefetch_count=prefetch)
+        channel.basic_qos(prefetch_count=prefetch, global_qos=True)
         channel.basic_consume(queue, on_message, auto_ack=False)
         acked = 0
         cpu_first = None
@@ -102,16 +132,26 @@ def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) ->
             if state["last"] > acked:
                 if cpu_first is None:
                     cpu_first = time.process_time()
+                    broker_first = cpu_seconds(brokers)
                 channel.basic_ack(state["last"], multiple=True)
                 acked = state["last"]
         elapsed = time.perf_counter() - state["first"]
         cpu = time.process_time() - cpu_first
-    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(cpu / count * 1e6, 1)}
+        broker_cpu = cpu_seconds(brokers) - broker_first
+    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(cpu / count * 1e6, 1),
+            "broker_cpu_us_per_msg": round(broker_cpu / count * 1e6, 1)}
 
 
-def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeOptions) -> dict:
-    """Baseline B: a bare producer (the bridge's producer settings) writing the same payloads."""
-    bodies = list(payloads(device, count))
+def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
+                   options: BridgeOptions) -> dict:
+    """Baseline B: a bare producer (the bridge's producer settings) writing the same records the
+    bridge writes: same payloads, key and six headers."""
+    count = len(bodies)
+    queue = topology.device_queue(device)
+    key = topology.routing_key(device, "info")
+    fixed = [("routing_key", key), ("mqtt_topic", key.replace(".", "/")), ("device", device),
+             ("type", "info"), ("queue", queue)]
+    msg_ids = [json.loads(body)["msg_id"] for body in bodies]
     producer = Producer(options.producer_config(settings))
     producer.list_topics(timeout=10)
     delivered = [0]
@@ -121,12 +161,15 @@ def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeO
             delivered[0] += 1
 
     key = device.encode()
+    brokers = broker_processes(settings)
     started = time.perf_counter()
     cpu_started = psutil.Process().cpu_times()
-    for body in bodies:
+    broker_started = cpu_seconds(brokers)
+    for body, msg_id in zip(bodies, msg_ids):
         while True:
             try:
-                producer.produce(settings.kafka_topic, body, key, on_delivery=on_delivery)
+                producer.produce(settings.kafka_topic, body, key,
+                                 headers=[*fixed, ("msg_id", msg_id)], on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.01)
@@ -134,10 +177,12 @@ def baseline_kafka(settings: Settings, device: str, count: int, options: BridgeO
     producer.flush(60)
     elapsed = time.perf_counter() - started
     cpu = psutil.Process().cpu_times()
+    broker_cpu = cpu_seconds(brokers) - broker_started
     if delivered[0] != count:
         raise RuntimeError(f"baseline B: only {delivered[0]} of {count} records confirmed")
     used = cpu.user + cpu.system - cpu_started.user - cpu_started.system
-    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(used / count * 1e6, 1)}
+    return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(used / count * 1e6, 1),
+            "broker_cpu_us_per_msg": round(broker_cpu / count * 1e6, 1)}
 
 
 def _metric(text: str, name: str) -> float:
@@ -165,6 +210,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
     """The bridge draining the pre-filled queue: msgs/s between first and last ack, peak RSS."""
     process, url = start_bridge(settings, [topology.device_queue(device)], log_path)
     rss = psutil.Process(process.pid)
+    brokers = broker_processes(settings)
     peak = 0
     first = None
     last = None
@@ -183,9 +229,11 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
             if acked and first is None:
                 first = (now, acked)
                 cpu_first = rss.cpu_times()
+                broker_first = cpu_seconds(brokers)
             if acked >= count:
                 last = (now, acked)
                 cpu = rss.cpu_times()
+                broker_cpu = cpu_seconds(brokers) - broker_first
                 text = requests.get(url + "/metrics", timeout=2).text
                 latency_sum = _metric(text, "webos_bridge_delivery_latency_seconds_sum")
                 latency_count = _metric(text, "webos_bridge_delivery_latency_seconds_count")
@@ -200,6 +248,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
     return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code,
             "cpu_us_per_msg": round((cpu.user + cpu.system - cpu_first.user - cpu_first.system)
                                     / (last[1] - first[1]) * 1e6, 1),
+            "broker_cpu_us_per_msg": round(broker_cpu / (last[1] - first[1]) * 1e6, 1),
             "kafka_ack_mean_ms": round(latency_sum / max(latency_count, 1) * 1000, 2)}
 
 
@@ -306,7 +355,8 @@ def plot(result: dict, path: Path) -> None:
     left.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
     left.set_ylabel("messages / s")
     left.set_title(f"{result['messages']:,} messages, best of {result['rounds']}: "
-                   f"bridge / min(A, B) = {result['ratio']:.2f}", fontsize=10)
+                   f"bridge / min(A, B) = {result['ratio']:.2f} "
+                   f"(medians {result['ratio_of_medians']:.2f})", fontsize=10)
     latency = result.get("latency")
     if latency:
         labels = ["p50", "p90", "p99", "p99.9", "max"]
@@ -323,9 +373,27 @@ def plot(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def _summary(runs: list[dict]) -> dict:
+    """Best, median and every value of each figure over the rounds of one contender."""
+    out = {}
+    for figure, best in (("msgs_per_s", max), ("cpu_us_per_msg", min),
+                         ("broker_cpu_us_per_msg", min)):
+        values = [run_[figure] for run_ in runs]
+        out[figure] = {"best": round(best(values), 1), "median": round(statistics.median(values), 1),
+                       "all": [round(value, 1) for value in values]}
+    return out
+
+
 def run(settings: Settings, out_dir) -> dict:
-    """All three throughput runs (best of WEBOS_BENCH_ROUNDS rounds, default 3, because other
-    work on the machine makes single runs noisy) and the latency run; a PNG plot in out_dir."""
+    """All three throughput runs, WEBOS_BENCH_ROUNDS rounds (default 3) of A, B and the bridge
+    on the same payloads, because other work on the machine makes single runs noisy; then the
+    latency run; a PNG plot in out_dir.
+
+    Ratios are given best-of-N and median-of-N. CPU per message is steadier than msg/s on a
+    loaded machine: the bridge's process CPU (its thread and librdkafka's) and the two brokers'
+    CPU per message are reported for each contender; `cpu_ratio` = total CPU per message of A
+    over that of the bridge (what msg/s would give on a machine the three fully share).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = int(os.environ.get("WEBOS_BENCH_MESSAGES", DEFAULT_MESSAGES))
@@ -336,7 +404,9 @@ def run(settings: Settings, out_dir) -> dict:
     _say(f"bridge output goes to {log_path}")
     result = {"messages": count, "rounds": rounds, "prefetch": options.prefetch,
               "linger_ms": options.linger_ms, "batch_size": options.batch_size,
-              "load_average_at_start": [round(x, 1) for x in os.getloadavg()]}
+              "load_average_at_start": [round(x, 1) for x in os.getloadavg()],
+              "load_average_per_round": []}
+    bodies = payloads(count)
     runs = {"a": [], "b": [], "bridge": []}
     devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(2 * rounds + 1)]
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
@@ -345,18 +415,21 @@ def run(settings: Settings, out_dir) -> dict:
             topology.declare_device(channel, device)
     try:
         for round_ in range(rounds):
+            result["load_average_per_round"].append([round(x, 1) for x in os.getloadavg()])
             queue_a, queue_bridge = devices[2 * round_], devices[2 * round_ + 1]
-            _say(f"round {round_ + 1}/{rounds}: baseline A, bare pika consumer, {count} messages")
-            fill_queue(settings, queue_a, count)
+            _say(f"round {round_ + 1}/{rounds} (load average {os.getloadavg()[0]:.1f}): "
+                 f"baseline A, bare pika consumer, {count} messages")
+            fill_queue(settings, queue_a, bodies)
             runs["a"].append(baseline_pika(settings, queue_a, count, options.prefetch))
             _say(f"  {runs['a'][-1]}")
             _say(f"round {round_ + 1}/{rounds}: baseline B, bare confluent-kafka producer")
-            runs["b"].append(baseline_kafka(settings, queue_a, count, options))
+            runs["b"].append(baseline_kafka(settings, queue_bridge, bodies, options))
             _say(f"  {runs['b'][-1]}")
             _say(f"round {round_ + 1}/{rounds}: python -m bridge with its defaults")
-            fill_queue(settings, queue_bridge, count)
+            fill_queue(settings, queue_bridge, bodies)
             runs["bridge"].append(bridge_drain(settings, queue_bridge, count, log_path))
             _say(f"  {runs['bridge'][-1]}")
+        result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
         if seconds > 0:
             _say(f"latency: MQTT -> bridge -> Kafka at {LATENCY_RATE} msg/s for {seconds:.0f} s")
             result["latency"] = latency_run(settings, devices[-1], seconds, log_path)
@@ -367,22 +440,37 @@ def run(settings: Settings, out_dir) -> dict:
             for device in devices:
                 topology.delete_device(channel, device)
     for name, key in (("a", "baseline_a"), ("b", "baseline_b"), ("bridge", "bridge")):
-        rates = [run_["msgs_per_s"] for run_ in runs[name]]
-        result[f"{key}_msgs_per_s"] = round(max(rates))
-        result[f"{key}_msgs_per_s_all"] = [round(rate) for rate in rates]
-        result[f"{key}_cpu_us_per_msg_all"] = [run_["cpu_us_per_msg"] for run_ in runs[name]]
-    floor = min(result["baseline_a_msgs_per_s"], result["baseline_b_msgs_per_s"])
-    result["ratio"] = round(result["bridge_msgs_per_s"] / floor, 3)
-    medians = {name: statistics.median(run_["msgs_per_s"] for run_ in runs[name]) for name in runs}
+        summary = _summary(runs[name])
+        result[key] = summary
+        result[f"{key}_msgs_per_s"] = round(summary["msgs_per_s"]["best"])
+    best = {name: result[key]["msgs_per_s"]["best"] for name, key in
+            (("a", "baseline_a"), ("b", "baseline_b"), ("bridge", "bridge"))}
+    medians = {name: result[key]["msgs_per_s"]["median"] for name, key in
+               (("a", "baseline_a"), ("b", "baseline_b"), ("bridge", "bridge"))}
+    result["ratio"] = round(best["bridge"] / min(best["a"], best["b"]), 3)
     result["ratio_of_medians"] = round(medians["bridge"] / min(medians["a"], medians["b"]), 3)
+    # Each round's own ratio: A, B and the bridge of one round ran minutes apart, under
+    # about the same load.
+    result["ratio_per_round"] = [
+        round(bridge["msgs_per_s"] / min(a["msgs_per_s"], b["msgs_per_s"]), 3)
+        for a, b, bridge in zip(runs["a"], runs["b"], runs["bridge"])]
+
+    def total_cpu(name):
+        return statistics.median(run_["cpu_us_per_msg"] + run_["broker_cpu_us_per_msg"]
+                                 for run_ in runs[name])
+
+    result["total_cpu_us_per_msg_median"] = {name: round(total_cpu(name), 1) for name in runs}
+    result["cpu_ratio"] = round(total_cpu("a") / total_cpu("bridge"), 3)
     result["bridge_peak_rss_mb"] = round(max(run_["peak_rss_mb"] for run_ in runs["bridge"]), 1)
     result["bridge_kafka_ack_mean_ms_all"] = [run_["kafka_ack_mean_ms"] for run_ in runs["bridge"]]
     result["bridge_exit_codes"] = [run_["exit_code"] for run_ in runs["bridge"]]
-    _say(f"best of {rounds}: A {result['baseline_a_msgs_per_s']:,} msg/s, "
-         f"B {result['baseline_b_msgs_per_s']:,} msg/s, bridge {result['bridge_msgs_per_s']:,} "
-         f"msg/s; ratio {result['ratio']:.2f} (of medians {result['ratio_of_medians']:.2f}; "
-         f"target >= 0.75); bridge peak RSS "
-         f"{result['bridge_peak_rss_mb']} MB")
+    _say(f"best of {rounds}: A {best['a']:,.0f} msg/s, B {best['b']:,.0f} msg/s, bridge "
+         f"{best['bridge']:,.0f} msg/s; ratio {result['ratio']:.2f} (of medians "
+         f"{result['ratio_of_medians']:.2f}, per round {result['ratio_per_round']}; target >= "
+         f"0.75); CPU per message (client + brokers, median) A "
+         f"{result['total_cpu_us_per_msg_median']['a']} us, bridge "
+         f"{result['total_cpu_us_per_msg_median']['bridge']} us, ratio {result['cpu_ratio']:.2f}; "
+         f"bridge peak RSS {result['bridge_peak_rss_mb']} MB")
     image = out_dir / "bridge_throughput.png"
     plot(result, image)
     result["plot"] = str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT) else image)

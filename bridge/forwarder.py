@@ -1,8 +1,11 @@
 """The forwarding loop: device queues in, Kafka records out, acks only after Kafka confirmed.
 
-One thread owns the pika connection and drives both it and `producer.poll()`. Delivery reports
-(called by `poll`/`flush` on that same thread) only record what happened; the loop then acks,
-nacks and parks between `process_data_events` calls.
+One thread owns the pika connection and drives both it and `producer.poll()`. `on_message` only
+collects the deliveries of one `process_data_events` turn; the loop then produces them in one burst
+(so librdkafka batches a whole socket read into one request, where per-delivery produce calls
+spread over the read would be cut into many small ones by linger.ms). Delivery reports (called by
+`poll`/`flush` on that same thread) only record what happened; the loop then acks, nacks and parks
+between `process_data_events` calls.
 """
 from __future__ import annotations
 
@@ -99,6 +102,8 @@ class Forwarder:
         self.tracker = AckTracker(0)
         self.consumers: dict[str, str] = {}      # queue -> consumer tag
         self.missing_warned: set[str] = set()
+        self._deliveries: list[tuple] = []   # (queue, method, properties, body) of this turn
+        self._confirmed: list[tuple[int, float | None]] = []  # (tag, latency) Kafka confirmed
         self._to_nack: list[int] = []
         self._to_park: list[tuple[int, Route, bytes, str]] = []
         self._to_isolate: list[tuple[int, Route, bytes, str]] = []
@@ -208,6 +213,8 @@ class Forwarder:
         self._generation += 1
         self.tracker = AckTracker(self._generation)
         self._ack_count = 0  # those tags died with the old channel
+        self._deliveries = []
+        self._confirmed = []
         self._to_nack.clear()
         self._to_park.clear()
         self._to_isolate.clear()
@@ -317,11 +324,15 @@ class Forwarder:
             if in_flight >= prefetch:
                 # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
                 connection.process_data_events(time_limit=0)
+                if self._deliveries:
+                    self._forward()
                 served = producer.poll(SATURATED_WAIT)
             else:
                 # A delivery ends the AMQP wait at once; the wait only bounds how late delivery
                 # reports (hence acks) are served: short while things happen, longer when not.
                 connection.process_data_events(time_limit=wait if in_flight else IDLE_WAIT)
+                if self._deliveries:
+                    self._forward()
                 served = producer.poll(0)
             wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
             self._settle()
@@ -333,23 +344,40 @@ class Forwarder:
         self._drain()
 
     def on_message(self, queue: str, channel, method, properties, body: bytes) -> None:
-        """One delivery: produce it (the delivery report settles it) or park it."""
-        tag = method.delivery_tag
-        self.tracker.add(tag)
-        self.stats.consumed += 1
-        route = self.routes.get(queue, method.routing_key)
-        reason, detail, msg_id = inspect_body(body, self.max_message_bytes)
-        if reason is not None:
-            self._park(tag, body, reason, detail, queue, method.routing_key, method.exchange,
-                       properties.headers)
-            return
-        self._produce(tag, route, body, msg_id, properties.headers, method.exchange)
+        """One delivery: noted for `_forward`, which the loop calls after this turn's events."""
+        self._deliveries.append((queue, method, properties, body))
+
+    def _forward(self) -> None:
+        """Produce this turn's deliveries (their delivery reports settle them) or park them."""
+        deliveries, self._deliveries = self._deliveries, []
+        self.stats.consumed += len(deliveries)
+        # Once per delivery: locals, the route from a dict, no Python call but inspect_body.
+        add, max_bytes, generation = self.tracker.add, self.max_message_bytes, self._generation
+        cached, route_for_queue = self.routes.cached, self.routes.get
+        produce, on_delivery = self.producer.produce, self.on_delivery
+        for queue, method, properties, body in deliveries:
+            tag = method.delivery_tag
+            add(tag)
+            routing_key = method.routing_key
+            route = cached.get((queue, routing_key)) or route_for_queue(queue, routing_key)
+            reason, detail, msg_id = inspect_body(body, max_bytes)
+            if reason is not None:
+                self._park(tag, body, reason, detail, queue, routing_key, method.exchange,
+                           properties.headers)
+                continue
+            try:
+                produce(route.topic, body, route.key,
+                        headers=[*route.headers, ("msg_id", msg_id)] if msg_id else [*route.headers],
+                        on_delivery=partial(on_delivery, generation, tag, route))
+            except (BufferError, KafkaException):
+                self._produce(tag, route, body, msg_id, properties.headers, method.exchange)
 
     def _produce(self, tag: int, route: Route, body: bytes, msg_id: str, amqp_headers=None,
                  exchange: str = "", alone: bool = False) -> None:
+        """Produce one record, waiting while librdkafka's queue is full; park what it refuses."""
         headers = list(route.headers)
         if msg_id:
-            headers.append(("msg_id", msg_id.encode()))
+            headers.append(("msg_id", msg_id))
         callback = partial(self.on_delivery, self._generation, tag, route,
                            alone=True) if alone else partial(self.on_delivery, self._generation,
                                                              tag, route)
@@ -368,14 +396,11 @@ class Forwarder:
 
     def on_delivery(self, generation: int, tag: int, route: Route, error, record,
                     alone: bool = False) -> None:
-        """Kafka's delivery report: note it; acks and nacks are sent by the loop."""
-        if generation != self.tracker.generation:
+        """Kafka's delivery report: note it; acks, nacks and counters are the loop's job."""
+        if error is None and generation == self._generation:
+            self._confirmed.append((tag, record.latency()))
+        elif generation != self._generation:
             self.stats.forgotten += 1  # its delivery tag died with the old channel
-            return
-        if error is None:
-            self.tracker.confirm(tag)
-            self.stats.produced += 1
-            self.stats.latency.observe(record.latency() or 0.0)
         elif error.code() in REJECTED_BY_KAFKA:
             # Kafka refuses whole batches: a good record batched with a bad one fails with it.
             # Only a record refused when sent alone is parked.
@@ -398,6 +423,11 @@ class Forwarder:
     def _settle(self, force: bool = False) -> None:
         """Send the nacks, parks and acks the delivery reports asked for (`force`: ack now)."""
         channel, tracker = self.channel, self.tracker
+        if self._confirmed:
+            confirmed, self._confirmed = self._confirmed, []
+            tracker.confirm_all(confirmed)
+            self.stats.produced += len(confirmed)
+            self.stats.latency.observe_all(latency for _, latency in confirmed)
         if self._to_nack:
             for tag in self._to_nack:
                 channel.basic_nack(tag, requeue=True)
@@ -462,7 +492,9 @@ class Forwarder:
             self.channel.basic_cancel(consumer_tag)
         self.consumers = {}
         deadline = time.monotonic() + self.options.flush_timeout
-        while self.tracker.in_flight and time.monotonic() < deadline:
+        while (self.tracker.in_flight or self._deliveries) and time.monotonic() < deadline:
+            if self._deliveries:
+                self._forward()  # delivered before the cancel took effect
             self.producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
             self._settle(force=True)
             self.connection.process_data_events(time_limit=0)

@@ -33,6 +33,15 @@ class LatencyHistogram:
         self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
+    def observe_all(self, latencies) -> None:
+        """Count many latencies (None counts as 0)."""
+        counts, bounds, total = self.counts, self.bounds, 0.0
+        for seconds in latencies:
+            seconds = seconds or 0.0
+            counts[bisect.bisect_left(bounds, seconds)] += 1
+            total += seconds
+        self.total += total
+
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, count) pairs as Prometheus wants them, ending with +Inf."""
         running = 0
