@@ -70,6 +70,7 @@ class DeviceAudit:
     duplicated: int = 0     # records whose msg_id was seen before
     out_of_order: int = 0   # first arrivals with a seq lower than one already seen
     unexpected: int = 0     # records with a seq outside 1..published
+    disorder: list[tuple[int, int]] = field(default_factory=list)  # first (seq, after seq) pairs
 
     @property
     def ok(self) -> bool:
@@ -150,7 +151,8 @@ class AuditReport:
             if not device.ok or device.unexpected:
                 lines.append(f"  {device.device}: published {device.published}, arrived "
                              f"{device.arrived}, missing {_ranges(device.missing)}, out of order "
-                             f"{device.out_of_order}, unexpected {device.unexpected}")
+                             f"{device.out_of_order} (first: seq, after: {device.disorder}), "
+                             f"unexpected {device.unexpected}")
         if self.figures:
             lines.append(f"  figures: {self.figures}")
         return "\n".join(lines)
@@ -193,6 +195,8 @@ def audit_device(device: str, published: int, arrivals, acked: int = 0,
             continue
         if seq < highest:
             row.out_of_order += 1
+            if len(row.disorder) < 5:
+                row.disorder.append((seq, highest))
         highest = max(highest, seq)
         seen_seqs.add(seq)
     row.arrived = len(seen_seqs)
@@ -574,7 +578,12 @@ class PipelineRun:
         if self.bridge is not None and self.bridge.running:
             self.bridge_exit_codes.append(self.bridge.stop())
         self.tally.stop()
-        report = audit_records(final, self.tally.snapshot(), self.topic, self.tally.foreign)
+        arrivals = self.tally.snapshot()
+        report = audit_records(final, arrivals, self.topic, self.tally.foreign)
+        if not report.ok:  # the evidence, for whoever reads the failure
+            evidence = {d.device: [seq for seq, _ in arrivals.get(d.device, ())]
+                        for d in report.devices if not d.ok}
+            (self.work_dir / "arrivals.json").write_text(json.dumps(evidence))
         report.figures = {
             "stream_seconds": round(stream_seconds, 1),
             "published_per_s": round(report.published / stream_seconds, 1),
