@@ -69,6 +69,7 @@ class ResourceSampler:
         self.alone = set(alone)
         self.peak_rss = {name: 0 for name in self.processes}
         self.peak_cpu = {name: 0.0 for name in self.processes}
+        self.start_rss: dict[str, int] = {}
         self.cpu_start: dict[str, float] = {}
         self.cpu_end: dict[str, float] = {}
         self.stop_event = threading.Event()
@@ -97,7 +98,7 @@ class ResourceSampler:
     def start(self) -> None:
         self.started = time.monotonic()
         for name in self.processes:
-            self.cpu_start[name] = self._measure(name)[1]
+            self.start_rss[name], self.cpu_start[name] = self._measure(name)
         self.thread.start()
 
     def run(self) -> None:
@@ -112,7 +113,8 @@ class ResourceSampler:
                 last[name] = (now, cpu)
 
     def stop(self) -> dict:
-        """Stop sampling; per process: peak RSS (MB), mean and peak CPU (% of one core)."""
+        """Stop sampling; per process: RSS at start, peak and end (MB), mean and peak CPU (% of
+        one core)."""
         self.stop_event.set()
         self.thread.join(5)
         elapsed = time.monotonic() - self.started
@@ -120,7 +122,9 @@ class ResourceSampler:
         for name in self.processes:
             rss, cpu = self._measure(name)
             figures[name] = {
+                "start_rss_mb": round(self.start_rss[name] / 2**20, 1),
                 "peak_rss_mb": round(max(self.peak_rss[name], rss) / 2**20, 1),
+                "end_rss_mb": round(rss / 2**20, 1),
                 "cpu_mean_pct": round((cpu - self.cpu_start[name]) / elapsed * 100, 1),
                 "cpu_peak_pct": round(self.peak_cpu[name], 1)}
         return figures
