@@ -23,7 +23,6 @@ LOGGER = logging.getLogger(__name__)
 TOKEN = "fuzz-token-" + uuid.uuid4().hex[:8]
 SLOW = (5.0, 10.0)  # the fuzzer's own devices report rarely: the broker is not the subject here
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 KNOWN_KEYS = ["status", "type", "text", "message", "id", "route", "interval"]
 
 
