@@ -316,6 +316,7 @@ class Forwarder:
         connection, producer, tracker = self.connection, self.producer, self.tracker
         next_sync = 0.0
         prefetch = self.options.prefetch
+        burst = max(1, prefetch // 2)
         stats = self.stats
         wait = BUSY_WAIT
         while not self.stop.is_set() and self._fatal is None:
@@ -331,6 +332,13 @@ class Forwarder:
                 # A delivery ends the AMQP wait at once; the wait only bounds how late delivery
                 # reports (hence acks) are served: short while things happen, longer when not.
                 connection.process_data_events(time_limit=wait if in_flight else IDLE_WAIT)
+                # Under a backlog one call hands over one socket read (pika takes ~100 kB, about
+                # 240 deliveries, per event): take what already waits in the socket too, so Kafka
+                # gets fewer, bigger batches (its broker's CPU is per request). Never waits.
+                collected = 0
+                while collected < len(self._deliveries) < burst:
+                    collected = len(self._deliveries)
+                    connection.process_data_events(time_limit=0)
                 if self._deliveries:
                     self._forward()
                 served = producer.poll(0)
