@@ -315,6 +315,7 @@ class ChildProcess:
     def __init__(self, name: str, args: list[str], settings: Settings, log_path: Path):
         self.name = name
         self.log_path = log_path
+        self.metrics_url = ""  # a bridge's /metrics
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
                                             env={**os.environ, **settings.to_env()},
