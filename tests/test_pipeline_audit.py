@@ -90,7 +90,7 @@ def test_bridge_killed_twice_mid_stream_loses_nothing(settings, tmp_path):
         run.start()
         for at in (5_000, 12_000):
             run.wait_published(at)
-            assert run.bridge_metric("webos_bridge_acked_total") > 0  # it was forwarding
+            assert (run.bridge_metric("webos_bridge_acked_total") or 0) > 0  # it was forwarding
             assert run.kill_bridge() == -signal.SIGKILL
             run.start_bridge()  # consumes every queue again before the stream goes on
         report = run.finish()
@@ -155,7 +155,7 @@ def test_rabbitmq_restart_mid_stream_loses_nothing_it_accepted(own_rabbitmq, tmp
     with PipelineRun(own, tmp_path, devices=50, messages=10_000, interval=(0.1, 0.1)) as run:
         run.start()
         run.wait_published(2_000)
-        assert run.bridge_metric("webos_bridge_acked_total") > 0
+        assert (run.bridge_metric("webos_bridge_acked_total") or 0) > 0
         seq_at_stop = {device: row["seq"] for device, row in run.read_devices().items()}
         own_rabbitmq.stop()  # a clean stop: durable queues and persistent messages survive
         run.note("RabbitMQ stopped")
