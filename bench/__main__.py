@@ -28,7 +28,7 @@ from stack.process import free_port
 from stack.rabbitmq_server import LocalRabbitMQ
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory"]
+BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "audit"]
 LOGGER = logging.getLogger("bench")
 
 
