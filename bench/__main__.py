@@ -59,6 +59,45 @@ def start_brokers(base: Path) -> tuple[Settings, list]:
     return settings, brokers
 
 
+def summary_table(results: dict) -> list[str]:
+    """The headline figures as Markdown table rows (what the README's Performance section shows)."""
+    rows = ["| benchmark | figure | value |", "| --- | --- | --- |"]
+
+    def add(name, figure, value):
+        if value is not None:
+            rows.append(f"| {name} | {figure} | {value} |")
+
+    bridge = results.get("bridge_throughput") or {}
+    if bridge:
+        add("bridge throughput", "A: bare pika consumer, msg/s (best)", bridge.get("baseline_a_msgs_per_s"))
+        add("bridge throughput", "B: bare Kafka producer, msg/s (best)", bridge.get("baseline_b_msgs_per_s"))
+        add("bridge throughput", "bridge, msg/s (best)", bridge.get("bridge_msgs_per_s"))
+        add("bridge throughput", "ratio bridge / min(A, B): best, of medians",
+            f"{bridge.get('ratio')}, {bridge.get('ratio_of_medians')}")
+        add("bridge throughput", "bridge peak RSS, MB", bridge.get("bridge_peak_rss_mb"))
+        latency = bridge.get("latency") or {}
+        add("bridge throughput", "MQTT -> Kafka at 1,000 msg/s: p50 / p99 ms",
+            f"{latency.get('p50_ms')} / {latency.get('p99_ms')}" if latency else None)
+    for run in (results.get("e2e_latency") or {}).get("runs", []):
+        add("end to end", f"{run['rate_target']} msg/s offered ({run['rate_achieved']} achieved): "
+            "p50 / p99 / max ms", f"{run['p50_ms']} / {run['p99_ms']} / {run['max_ms']}")
+    for run in (results.get("publisher_scale") or {}).get("results", []):
+        add("publisher scale", f"{run['devices']} devices: on time (within 100 ms), CPU % of a core, "
+            "RSS MB", f"{run['on_time_share']:.1%}, {run.get('cpu_percent_of_one_core')}, "
+            f"{run.get('rss_mib_max')}")
+    memory = results.get("memory") or {}
+    for name, figures in (memory.get("processes") or {}).items():
+        add("memory", f"{name} with {memory.get('devices')} devices: peak RSS MB, mean CPU %",
+            f"{figures.get('peak_rss_mb')}, {figures.get('cpu_mean_pct')}")
+    audit = results.get("audit") or {}
+    if audit:
+        add("audit", f"{audit.get('devices')} devices: published / arrived / missing / "
+            "out of order / duplicated",
+            f"{audit.get('published')} / {audit.get('arrived')} / {audit.get('missing')} / "
+            f"{audit.get('out_of_order')} / {audit.get('duplicated')}")
+    return rows
+
+
 def main(argv=None) -> int:
     """Run the benchmarks named on the command line (default: all)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -86,8 +125,14 @@ def main(argv=None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     out = RESULTS / f"{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["results"], indent=2))
-    print(f"results written to {out}")
+    table = summary_table(report["results"])
+    machine_line = (f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB, "
+                    f"Python {report['machine']['python']}, load average at end "
+                    f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    (RESULTS / "latest.md").write_text(f"Measured {report['date']} on {machine_line}.\n\n"
+                                       + "\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"results written to {out} and {RESULTS / 'latest.md'}")
     return 0
 
 
