@@ -9,6 +9,7 @@ the length of the latency run.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -65,16 +66,24 @@ def broker_processes(settings: Settings) -> list[psutil.Process]:
     return [psutil.Process(pid) for pid in sorted(pids)]
 
 
-def cpu_seconds(processes) -> float:
-    """User plus system CPU seconds used so far by `processes` (gone ones count 0)."""
-    total = 0.0
+def cpu_seconds(processes) -> dict[str, float]:
+    """User plus system CPU seconds used so far by each of `processes`, by name (beam.smp is
+    RabbitMQ, java is Kafka), and their "total"; gone ones count 0."""
+    seconds = {"total": 0.0}
     for process in processes:
         try:
             times = process.cpu_times()
+            name = process.name()
         except psutil.Error:
             continue
-        total += times.user + times.system
-    return total
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+        seconds["total"] += times.user + times.system
+    return seconds
+
+
+def _per_message(after: dict, before: dict, count: float) -> dict:
+    """CPU microseconds per message of each broker between two cpu_seconds() readings."""
+    return {name: round((after[name] - before.get(name, 0.0)) / count * 1e6, 1) for name in after}
 
 
 def queue_depth(settings: Settings, queue: str) -> int:
@@ -108,8 +117,21 @@ def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
 def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) -> dict:
     """Baseline A: drain the queue with a bare pika consumer, one multiple-ack per batch.
 
-    Same connection parameters as the bridge's and one window for the channel (global qos)."""
+    Same connection parameters as the bridge's, one window for the channel (global qos), and
+    the bridge's collector settings (the bench's own start-up objects frozen out of it)."""
     brokers = broker_processes(settings)
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(10_000, *threshold[1:])
+    try:
+        return _drain_with_pika(settings, device, count, prefetch, brokers)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+def _drain_with_pika(settings: Settings, device: str, count: int, prefetch: int,
+                     brokers: list) -> dict:
     queue = topology.device_queue(device)
     state = {"n": 0, "last": 0, "first": None}
 
@@ -137,9 +159,9 @@ def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) ->
                 acked = state["last"]
         elapsed = time.perf_counter() - state["first"]
         cpu = time.process_time() - cpu_first
-        broker_cpu = cpu_seconds(brokers) - broker_first
+        broker_cpu = _per_message(cpu_seconds(brokers), broker_first, count)
     return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(cpu / count * 1e6, 1),
-            "broker_cpu_us_per_msg": round(broker_cpu / count * 1e6, 1)}
+            **_split(broker_cpu)}
 
 
 def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
@@ -177,12 +199,12 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
     producer.flush(60)
     elapsed = time.perf_counter() - started
     cpu = psutil.Process().cpu_times()
-    broker_cpu = cpu_seconds(brokers) - broker_started
+    broker_cpu = _per_message(cpu_seconds(brokers), broker_started, count)
     if delivered[0] != count:
         raise RuntimeError(f"baseline B: only {delivered[0]} of {count} records confirmed")
     used = cpu.user + cpu.system - cpu_started.user - cpu_started.system
     return {"msgs_per_s": count / elapsed, "cpu_us_per_msg": round(used / count * 1e6, 1),
-            "broker_cpu_us_per_msg": round(broker_cpu / count * 1e6, 1)}
+            **_split(broker_cpu)}
 
 
 def _metric(text: str, name: str) -> float:
@@ -233,7 +255,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
             if acked >= count:
                 last = (now, acked)
                 cpu = rss.cpu_times()
-                broker_cpu = cpu_seconds(brokers) - broker_first
+                broker_cpu = cpu_seconds(brokers)
                 text = requests.get(url + "/metrics", timeout=2).text
                 latency_sum = _metric(text, "webos_bridge_delivery_latency_seconds_sum")
                 latency_count = _metric(text, "webos_bridge_delivery_latency_seconds_count")
@@ -248,8 +270,13 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
     return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code,
             "cpu_us_per_msg": round((cpu.user + cpu.system - cpu_first.user - cpu_first.system)
                                     / (last[1] - first[1]) * 1e6, 1),
-            "broker_cpu_us_per_msg": round(broker_cpu / (last[1] - first[1]) * 1e6, 1),
+            **_split(_per_message(broker_cpu, broker_first, last[1] - first[1])),
             "kafka_ack_mean_ms": round(latency_sum / max(latency_count, 1) * 1000, 2)}
+
+
+def _split(per_message: dict) -> dict:
+    """Broker CPU per message: the total, and each broker's."""
+    return {"broker_cpu_us_per_msg": per_message.pop("total"), "broker_cpu_us": per_message}
 
 
 def latency_run(settings: Settings, device: str, seconds: float, log_path: Path) -> dict:
