@@ -267,6 +267,9 @@ class _Device:
     backoff: float = RECONNECT_MIN
     topics: dict = field(default_factory=dict)
     write_registered: bool = False  # the selector also watches for writability
+    # (topic, body) accepted while the connection is not up (or the backlog not yet handed on),
+    # oldest first; see _publish for why paho does not get them at once.
+    backlog: deque = field(default_factory=deque)
 
 
 class Simulator:
@@ -423,6 +426,10 @@ class Simulator:
             client = entry.client
             if mask & selectors.EVENT_READ:
                 client.loop_read()
+                # A CONNACK read just now made paho resend its unacknowledged messages (after
+                # on_connect): only now may the backlog follow them.
+                if entry.backlog:
+                    self._flush_backlog(entry)
             if mask & selectors.EVENT_WRITE and client.socket() is not None:
                 client.loop_write()
             self._watch_writes(entry)
@@ -558,20 +565,50 @@ class Simulator:
     # -- MQTT (scheduler thread) ----------------------------------------------------------------
 
     def _publish(self, entry: _Device, payload: dict, message_type: str = "info") -> None:
+        """Hand one message to paho, or to the device's backlog while it is not connected.
+
+        Why the backlog: paho 2.2's reconnect() opens the socket and sends CONNECT at once, and
+        from then on publish() writes immediately, while the messages left unacknowledged by the
+        lost connection are only resent when the CONNACK arrives. A message published between
+        the two would overtake that backlog. So until on_connect has run and the backlog has
+        been handed on (_flush_backlog, after loop_read), messages wait here, in order.
+        """
         state = entry.state
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        info = entry.client.publish(entry.topics[message_type], body, qos=1)
-        self._watch_writes(entry)
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            state.dropped += 1
-            if state.dropped == 1 or state.dropped % 100 == 0:
-                LOGGER.warning("device %s: %d messages wait for the broker already; dropped seq %d "
-                               "(%d dropped so far)", state.id, self.max_queued_messages,
-                               payload["seq"], state.dropped)
+        topic = entry.topics[message_type]
+        # published - acked: what waits for the broker, in paho and in the backlog alike.
+        if self.max_queued_messages > 0 and state.published - state.acked >= self.max_queued_messages:
+            self._dropped(state, payload["seq"])
             return
-        # MQTT_ERR_NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+        if state.connected and not entry.backlog:
+            info = entry.client.publish(topic, body, qos=1)
+            self._watch_writes(entry)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                self._dropped(state, payload["seq"])
+                return
+            # MQTT_ERR_NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+        else:
+            entry.backlog.append((topic, body))
         state.published += 1
         state.last_message_ts = payload["ts"]
+
+    def _dropped(self, state: DeviceState, seq: int) -> None:
+        state.dropped += 1
+        if state.dropped == 1 or state.dropped % 100 == 0:
+            LOGGER.warning("device %s: %d messages wait for the broker already; dropped seq %d "
+                           "(%d dropped so far)", state.id, self.max_queued_messages, seq,
+                           state.dropped)
+
+    def _flush_backlog(self, entry: _Device) -> None:
+        """Hand the backlog to paho in order, once connected (paho resent its own messages)."""
+        client = entry.client
+        while entry.backlog and entry.state.connected and client.socket() is not None:
+            topic, body = entry.backlog[0]
+            info = client.publish(topic, body, qos=1)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                break  # paho is full after all: the rest waits for acknowledgements, in order
+            entry.backlog.popleft()
+        self._watch_writes(entry)
 
     def _connect(self, entry: _Device) -> None:
         if entry.state.removed or self._stop.is_set():

@@ -156,7 +156,6 @@ def test_rabbitmq_restart_mid_stream_loses_nothing_it_accepted(own_rabbitmq, tmp
         run.start()
         run.wait_published(2_000)
         assert (run.bridge_metric("webos_bridge_acked_total") or 0) > 0
-        seq_at_stop = {device: row["seq"] for device, row in run.read_devices().items()}
         own_rabbitmq.stop()  # a clean stop: durable queues and persistent messages survive
         run.note("RabbitMQ stopped")
         wait_for(lambda: not any(row["connected"] for row in run.read_devices().values()), 30,
@@ -180,14 +179,8 @@ def test_rabbitmq_restart_mid_stream_loses_nothing_it_accepted(own_rabbitmq, tmp
     assert report.missing == 0, report.summary()
     assert report.unexpected == 0 and report.foreign == 0
     assert report.figures["bridges_started"] == 1 and report.figures["bridge_exit_codes"] == [0]
-    if report.out_of_order and all(after > seq_at_stop[row.device]
-                                   for row in report.devices for _, after in row.disorder):
-        # Known publisher bug (publisher/devices.py with paho 2.2): a message published between
-        # paho's reconnect() (socket open, CONNECT sent) and the CONNACK is written at once,
-        # while the backlog queued during the outage is only sent on CONNACK: the device's
-        # newest seqs overtake its backlog. Only that shape is tolerated here; remove this
-        # branch once the publisher holds messages until on_connect (see the audit's report).
-        pytest.xfail(f"publisher reorders around a reconnect: {report.out_of_order} records")
+    # Each device's order holds across the reconnect too: what it published while the CONNACK
+    # was on its way waited behind the outage's backlog (publisher/devices.py, _publish).
     assert report.out_of_order == 0, report.summary()
     assert report.ok
 

@@ -463,3 +463,124 @@ def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
         if simulator is not None:
             simulator.close()
         broker.stop()
+
+
+class HoldingProxy:
+    """A TCP proxy to the broker's MQTT port that can cut its connections and hold the replies.
+
+    Holding the broker's replies keeps a reconnecting client between CONNECT and CONNACK for as
+    long as the test needs: the window in which paho 2.2 would already write new messages.
+    """
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+        import threading
+
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._holding = False
+        self._held: list[tuple[object, bytes]] = []
+        self._sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._sockets += [downstream, upstream]
+                self.accepted += 1
+            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
+
+    def _pump(self, source, sink, reply: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                with self._lock:
+                    if reply and self._holding:
+                        self._held.append((sink, data))
+                    else:
+                        sink.sendall(data)
+        except OSError:
+            pass  # cut
+        finally:
+            self._shut(sink)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        import socket
+
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+        sock.close()
+
+    def hold_replies(self) -> None:
+        with self._lock:
+            self._holding = True
+
+    def release_replies(self) -> None:
+        with self._lock:
+            self._holding = False
+            for sink, data in self._held:
+                sink.sendall(data)
+            self._held.clear()
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            self._shut(sock)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_messages_published_before_the_connack_wait_behind_the_outage_backlog(settings, amqp, new_device):
+    """Regression: paho writes at once after CONNECT but resends the backlog only on CONNACK."""
+    import dataclasses
+
+    from publisher.devices import INACTIVE, Simulator
+
+    device = new_device("PO")
+    proxy = HoldingProxy((settings.rabbitmq_host, settings.mqtt_port))
+    simulator = Simulator(dataclasses.replace(settings, mqtt_port=proxy.port),
+                          [DeviceConfig(device, status=INACTIVE)])  # sends only what we ask
+    try:
+        simulator.start()
+        wait_for(lambda: simulator.device(device)["connected"], 10, message="the device connected")
+        def send(count: int) -> None:
+            for _ in range(count):
+                simulator.send_message(device, "info", "ordered").result(5)
+
+        send(3)
+        wait_for(lambda: simulator.device(device)["acked"] == 3, 10, message="seq 1-3 acknowledged")
+
+        proxy.hold_replies()
+        proxy.cut()
+        wait_for(lambda: not simulator.device(device)["connected"], 10, message="the cut noticed")
+        send(3)  # seq 4-6: the outage's backlog
+        wait_for(lambda: proxy.accepted == 2, 10, message="the device's reconnect (CONNECT sent)")
+        send(1)  # seq 7: while the CONNACK is held
+        assert simulator.device(device)["connected"] is False
+        proxy.release_replies()
+        wait_for(lambda: simulator.device(device)["acked"] == 7, 10, message="seq 1-7 acknowledged")
+        assert simulator.device(device)["dropped"] == 0
+
+        seqs = [payload["seq"] for _, payload in drain(amqp, topology.device_queue(device))]
+        first_seen = list(dict.fromkeys(seqs))  # QoS 1 may repeat a message, never reorder it
+        assert first_seen == list(range(1, 8)), seqs
+    finally:
+        simulator.close()
+        proxy.close()
