@@ -102,9 +102,13 @@ def main(argv=None) -> int:
     """Run the benchmarks named on the command line (default: all)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", default=BENCHMARKS, choices=BENCHMARKS + [[]],
-                        help="which to run (default: all)")
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
+                        help=f"which to run: {', '.join(BENCHMARKS)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.benchmarks) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    args.benchmarks = args.benchmarks or BENCHMARKS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     RESULTS.mkdir(exist_ok=True)
