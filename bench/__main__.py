@@ -116,12 +116,18 @@ def main(argv=None) -> int:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "results": {}}
     settings, brokers = start_brokers(base)
+    failed: list[str] = []
     try:
         for name in args.benchmarks:
             LOGGER.info("benchmark %s ...", name)
             started = time.monotonic()
             module = importlib.import_module(f"bench.{name}")
-            report["results"][name] = module.run(settings, RESULTS)
+            try:
+                report["results"][name] = module.run(settings, RESULTS)
+            except Exception as error:  # one broken benchmark must not lose the others' figures
+                LOGGER.exception("benchmark %s failed", name)
+                report["results"][name] = {"error": repr(error)}
+                failed.append(name)
             LOGGER.info("benchmark %s done in %.0f s", name, time.monotonic() - started)
     finally:
         for broker in reversed(brokers):
@@ -137,7 +143,9 @@ def main(argv=None) -> int:
                                        + "\n".join(table) + "\n")
     print("\n".join(table))
     print(f"results written to {out} and {RESULTS / 'latest.md'}")
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)} (see the log above)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

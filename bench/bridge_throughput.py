@@ -92,7 +92,11 @@ def queue_depth(settings: Settings, queue: str) -> int:
                             params={"columns": "messages,messages_ready"},
                             auth=(settings.admin_user, settings.admin_password), timeout=10)
     response.raise_for_status()
-    return response.json().get("messages", 0)
+    body = response.json()
+    # RabbitMQ 3.10 answers a column-filtered query with a list while a new queue has no stats yet.
+    if isinstance(body, list):
+        body = body[0] if body else {}
+    return body.get("messages", 0)
 
 
 def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
