@@ -91,8 +91,7 @@ def summary_table(results: dict) -> list[str]:
             f"{figures.get('peak_rss_mb')}, {figures.get('cpu_mean_pct')}")
     audit = results.get("audit") or {}
     if audit:
-        add("audit", f"{audit.get('devices')} devices: published / arrived / missing / "
-            "out of order / duplicated",
+        add("audit", "whole pipeline, published / arrived / missing / out of order / duplicated",
             f"{audit.get('published')} / {audit.get('arrived')} / {audit.get('missing')} / "
             f"{audit.get('out_of_order')} / {audit.get('duplicated')}")
     return rows
