@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import secrets
 import shutil
 import tempfile
 import time
@@ -23,9 +22,8 @@ import psutil
 
 from rabbitmq import topology
 from stack.config import Settings
-from stack.kafka_server import LocalKafka, ensure_topic
-from stack.process import free_port
-from stack.rabbitmq_server import LocalRabbitMQ
+from stack.kafka_server import ensure_topic
+from stack.local import start_fresh_brokers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "audit"]
@@ -41,22 +39,10 @@ def machine() -> dict:
 
 def start_brokers(base: Path) -> tuple[Settings, list]:
     """Fresh RabbitMQ and Kafka on free ports, topology and topic applied."""
-    amqp, mqtt, management, kafka_port, controller = (free_port() for _ in range(5))
-    settings = Settings(amqp_port=amqp, mqtt_port=mqtt, management_port=management,
-                        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-                        admin_password=secrets.token_urlsafe(12),
-                        device_password=secrets.token_urlsafe(12),
-                        bridge_password=secrets.token_urlsafe(12))
-    brokers = [LocalRabbitMQ(base / "rabbitmq", settings, node_name=f"webos-bench-{os.getpid()}",
-                             dist_port=free_port()),
-               LocalKafka(base / "kafka", port=kafka_port, controller_port=controller)]
-    for broker in brokers:
-        broker.start()
-    for broker in brokers:
-        broker.wait_ready()
+    settings, rabbitmq, kafka = start_fresh_brokers(base, node_name=f"webos-bench-{os.getpid()}")
     topology.apply(settings)
     ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
-    return settings, brokers
+    return settings, [rabbitmq, kafka]
 
 
 def summary_table(results: dict) -> list[str]:

@@ -22,7 +22,7 @@ PROCFILE = REPO_ROOT / "Procfile"
 
 def brokers(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, LocalKafka]:
     """The local RabbitMQ and Kafka processes for `settings` (not started)."""
-    host, _, port = settings.kafka_bootstrap.rpartition(":")
+    port = settings.kafka_bootstrap.rpartition(":")[2]
     rabbitmq = LocalRabbitMQ(stack_dir / "rabbitmq", settings)
     kafka = LocalKafka(stack_dir / "kafka", port=int(port), controller_port=int(port) + 1)
     return rabbitmq, kafka

@@ -23,7 +23,7 @@ import pytest
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings, load_settings
 from stack.kafka_server import LocalKafka, ensure_topic
-from stack.process import free_port
+from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ
 from tests.browser import browser, page  # noqa: F401  (fixtures)
 
@@ -57,18 +57,11 @@ class _Brokers:
         self.kafka: LocalKafka | None = None
 
     def local(self) -> Settings:
-        amqp, mqtt, management, kafka_port, controller = (free_port() for _ in range(5))
-        settings = Settings(amqp_port=amqp, mqtt_port=mqtt, management_port=management,
-                            kafka_bootstrap=f"127.0.0.1:{kafka_port}", **_test_credentials())
-        self.rabbitmq = LocalRabbitMQ(self.tmp_root / "rabbitmq", settings,
-                                      node_name=f"webos-test-{os.getpid()}", dist_port=free_port())
-        self.kafka = LocalKafka(self.tmp_root / "kafka", port=kafka_port, controller_port=controller)
+        settings, self.rabbitmq, self.kafka = start_fresh_brokers(
+            self.tmp_root, node_name=f"webos-test-{os.getpid()}")
         for broker in (self.rabbitmq, self.kafka):
-            broker.start()
             self.stoppers.append(broker.stop)
             self.logs.append(broker.log_path)
-        for broker in (self.rabbitmq, self.kafka):
-            broker.wait_ready()
         return settings
 
     def containers(self) -> Settings:
