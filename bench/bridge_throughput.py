@@ -1,11 +1,10 @@
-"""Bridge throughput against its two baselines, its peak RSS, and end-to-end latency at 1,000 msg/s.
+"""Bridge throughput against its two baselines, and its peak RSS.
 
 1. baseline A: a bare pika consumer draining a pre-filled queue with batched acks (no Kafka);
 2. baseline B: a bare confluent-kafka producer writing the same payloads (no RabbitMQ);
 3. the bridge (`python -m bridge`, default settings) draining the same pre-filled queue into Kafka.
-Then MQTT publish -> Kafka consume latency through the bridge at a steady 1,000 msg/s.
-WEBOS_BENCH_MESSAGES (default 200000) sets the queue size; WEBOS_BENCH_LATENCY_SECONDS (default 10)
-the length of the latency run.
+WEBOS_BENCH_MESSAGES (default 200000) sets the queue size, WEBOS_BENCH_ROUNDS (default 3) how
+often the three run. Latency through the bridge is bench/e2e_latency.py's.
 """
 from __future__ import annotations
 
@@ -16,28 +15,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pika
 import psutil
 import requests
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from bench.__main__ import machine
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
-from stack.kafka_server import ensure_topic
 from stack.process import free_port
 
 DEFAULT_MESSAGES = 200_000
-COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS, " \
-          "WEBOS_BENCH_LATENCY_SECONDS to change sizes)"
-LATENCY_RATE = 1000
+COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS " \
+          "to change sizes)"
 
 
 def _say(text: str) -> None:
@@ -283,96 +278,8 @@ def _split(per_message: dict) -> dict:
     return {"broker_cpu_us_per_msg": per_message.pop("total"), "broker_cpu_us": per_message}
 
 
-def latency_run(settings: Settings, device: str, seconds: float, log_path: Path) -> dict:
-    """MQTT publish (QoS 1) -> bridge -> Kafka consume latency at LATENCY_RATE msg/s."""
-    topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
-    ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    process, url = start_bridge(settings, [topology.device_queue(device)], log_path,
-                                ["--topic-template", topic])
-    latencies: list[float] = []
-    total = int(seconds * LATENCY_RATE)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"bench-{uuid.uuid4().hex[:6]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "fetch.wait.max.ms": 5})
-    consumer.subscribe([topic])
-    done = threading.Event()
-
-    def read():
-        while not done.is_set() and len(latencies) < total:
-            record = consumer.poll(0.1)
-            if record is None or record.error():
-                continue
-            received = time.time_ns()
-            sent = json.loads(record.value()).get("t_ns")
-            if sent is None:
-                continue
-            latencies.append((received - sent) / 1e6)
-
-    reader = threading.Thread(target=read, daemon=True)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{device}",
-                         protocol=mqtt.MQTTv311)
-    client.username_pw_set(settings.device_user, settings.device_password)
-    client.max_inflight_messages_set(1000)
-    connected = threading.Event()
-    client.on_connect = lambda *args: connected.set()
-    client.connect(settings.rabbitmq_host, settings.mqtt_port)
-    client.loop_start()
-    try:
-        if not connected.wait(10):
-            raise RuntimeError("MQTT connect failed")
-        # Warm up until one message has made the whole trip (bridge consuming, partitions
-        # assigned to the reader): otherwise the first records measure the group join.
-        mqtt_topic = topology.mqtt_topic(device, "info")
-        deadline = time.monotonic() + 60
-        warmed = False
-        while not warmed and time.monotonic() < deadline:
-            client.publish(mqtt_topic, json.dumps({"warmup": True}).encode(), qos=1)
-            record = consumer.poll(1.0)
-            warmed = record is not None and record.error() is None
-        if not warmed:
-            raise RuntimeError(f"no warm-up record came through in 60 s; see {log_path}")
-        while (record := consumer.poll(0.5)) is not None:
-            pass  # drop the other warm-up records
-        reader.start()
-        start = time.perf_counter()
-        for seq in range(total):
-            slot = start + seq / LATENCY_RATE
-            pause = slot - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)  # pacing the publisher to the target rate
-            body = json.dumps({"Producer": device, "command": "position", "id": device,
-                               "x": seq % 7, "y": seq % 5, "status": "Active", "seq": seq,
-                               "msg_id": uuid.uuid4().hex, "ts": int(time.time() * 1000),
-                               "t_ns": time.time_ns()}).encode()
-            client.publish(mqtt_topic, body, qos=1)
-        achieved = total / (time.perf_counter() - start)
-        reader.join(timeout=60)
-        text = requests.get(url + "/metrics", timeout=2).text
-        kafka_side = {f"share_acked_by_kafka_within_{le}s": round(
-            _metric(text, f'webos_bridge_delivery_latency_seconds_bucket{{le="{le}"}}')
-            / max(_metric(text, "webos_bridge_delivery_latency_seconds_count"), 1), 3)
-            for le in ("0.005", "0.02", "0.1")}
-    finally:
-        done.set()
-        client.disconnect()
-        client.loop_stop()
-        consumer.close()
-        process.terminate()
-        process.wait(60)
-    latencies.sort()
-
-    def pct(p):
-        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2)
-
-    return {"rate_target": LATENCY_RATE, "rate_achieved": round(achieved), "messages": total,
-            "received": len(latencies), "p50_ms": pct(50), "p90_ms": pct(90),
-            "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": round(latencies[-1], 2),
-            **kafka_side}
-
-
 def plot(result: dict, path: Path) -> None:
-    """Throughput bars and latency percentiles in one PNG."""
+    """Throughput bars and CPU per message in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,17 +295,15 @@ def plot(result: dict, path: Path) -> None:
     left.set_title(f"{result['messages']:,} messages, best of {result['rounds']}: "
                    f"bridge / min(A, B) = {result['ratio']:.2f} "
                    f"(medians {result['ratio_of_medians']:.2f})", fontsize=10)
-    latency = result.get("latency")
-    if latency:
-        labels = ["p50", "p90", "p99", "p99.9", "max"]
-        points = [latency["p50_ms"], latency["p90_ms"], latency["p99_ms"], latency["p999_ms"],
-                  latency["max_ms"]]
-        bars = right.bar(labels, points, color="#c84")
-        right.bar_label(bars, labels=[f"{v:.1f}" for v in points])
-        right.set_yscale("log")
-        right.set_ylabel("ms")
-        right.set_title(f"MQTT publish -> Kafka consume at {latency['rate_achieved']} msg/s",
-                        fontsize=10)
+    # CPU per message, medians: what each costs the machine (client process, then both brokers).
+    keys = ["baseline_a", "baseline_b", "bridge"]
+    client = [result[key]["cpu_us_per_msg"]["median"] for key in keys]
+    brokers = [result[key]["broker_cpu_us_per_msg"]["median"] for key in keys]
+    right.bar(names, client, color="#48c", label="client process")
+    right.bar(names, brokers, bottom=client, color="#aaa", label="RabbitMQ + Kafka")
+    right.set_ylabel("CPU µs per message (median)")
+    right.set_title("CPU per message", fontsize=10)
+    right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -417,8 +322,8 @@ def _summary(runs: list[dict]) -> dict:
 
 def run(settings: Settings, out_dir) -> dict:
     """All three throughput runs, WEBOS_BENCH_ROUNDS rounds (default 3) of A, B and the bridge
-    on the same payloads, because other work on the machine makes single runs noisy; then the
-    latency run; a PNG plot in out_dir.
+    on the same payloads, because other work on the machine makes single runs noisy; a PNG plot
+    in out_dir.
 
     Ratios are given best-of-N and median-of-N. CPU per message is steadier than msg/s on a
     loaded machine: the bridge's process CPU (its thread and librdkafka's) and the two brokers'
@@ -429,7 +334,6 @@ def run(settings: Settings, out_dir) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     count = int(os.environ.get("WEBOS_BENCH_MESSAGES", DEFAULT_MESSAGES))
     rounds = int(os.environ.get("WEBOS_BENCH_ROUNDS", 3))
-    seconds = float(os.environ.get("WEBOS_BENCH_LATENCY_SECONDS", 10))
     options = BridgeOptions()
     log_path = Path(tempfile.mkdtemp(prefix="webos-bench-bridge-")) / "bridge.log"
     _say(f"bridge output goes to {log_path}")
@@ -439,7 +343,7 @@ def run(settings: Settings, out_dir) -> dict:
               "load_average_per_round": []}
     bodies = payloads(count)
     runs = {"a": [], "b": [], "bridge": []}
-    devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(2 * rounds + 1)]
+    devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(2 * rounds)]
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
         channel = connection.channel()
         for device in devices:
@@ -461,10 +365,6 @@ def run(settings: Settings, out_dir) -> dict:
             runs["bridge"].append(bridge_drain(settings, queue_bridge, count, log_path))
             _say(f"  {runs['bridge'][-1]}")
         result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
-        if seconds > 0:
-            _say(f"latency: MQTT -> bridge -> Kafka at {LATENCY_RATE} msg/s for {seconds:.0f} s")
-            result["latency"] = latency_run(settings, devices[-1], seconds, log_path)
-            _say(f"  {result['latency']}")
     finally:
         with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
             channel = connection.channel()

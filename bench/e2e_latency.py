@@ -3,11 +3,14 @@ offered loads, with the peak memory and CPU of the bridge, RabbitMQ and Kafka du
 (and of this process, `bench_clients`: the MQTT devices and the Kafka reader, sharing one GIL).
 
 For each rate (WEBOS_BENCH_RATES, default 100,1000,5000 msg/s) WEBOS_BENCH_E2E_DEVICES devices
-(default 4, one MQTT client each, QoS 1, round robin) publish for WEBOS_BENCH_E2E_SECONDS (default
-12) s into their own queues; a fresh bridge forwards them to a fresh topic; a reader assigned to
-every partition takes the time each record arrives. Latency = arrival - `t_ns` in the payload (the
-wall clock just before `publish`), so a publisher that falls behind shows as a lower achieved rate,
-not as latency.
+(default 4, one MQTT client each, QoS 1, round robin) publish into their own queues; a fresh bridge
+forwards them to a fresh topic; a reader assigned to every partition takes the time each record
+arrives. The first WEBOS_BENCH_E2E_WARMUP (default 15) s of each rate are not timed: a Kafka JVM
+that has just started spends a core on its JIT compiler for a minute or two, and steady state is
+what the targets are about. The next WEBOS_BENCH_E2E_SECONDS (default 12) s are. Latency = arrival
+- `t_ns` in the payload (the wall clock just before `publish`), so a publisher that falls behind
+shows as a lower achieved rate, not as latency; the record's CreateTime (the bridge's produce
+call) cuts it in two.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from stack.kafka_server import ensure_topic
 
 DEFAULT_RATES = (100, 1000, 5000)
 COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,5000, "
-           "WEBOS_BENCH_E2E_SECONDS=12, WEBOS_BENCH_E2E_DEVICES=4)")
+           "WEBOS_BENCH_E2E_WARMUP=15, WEBOS_BENCH_E2E_SECONDS=12, WEBOS_BENCH_E2E_DEVICES=4)")
 SAMPLE_PERIOD = 0.5  # seconds between resource samples
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records after the publishers stop
 
@@ -142,6 +145,10 @@ class ArrivalReader:
                                   "fetch.error.backoff.ms": 10})
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.latencies_ms: list[float] = []
+        # The same trip cut at the record's CreateTime (the bridge's produce call, ms resolution):
+        # MQTT publish -> bridge produce, and bridge produce -> arrival here.
+        self.to_bridge_ms: list[float] = []
+        self.after_bridge_ms: list[float] = []
         self.warm_devices: set[str] = set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -161,7 +168,11 @@ class ArrivalReader:
                 if at < 0:
                     self.warm_devices.add(json.loads(value).get("id"))
                 else:
-                    self.latencies_ms.append((received - int(value[at + 8:-1])) / 1e6)
+                    sent = int(value[at + 8:-1])
+                    produced_ms = record.timestamp()[1]
+                    self.latencies_ms.append((received - sent) / 1e6)
+                    self.to_bridge_ms.append(produced_ms - sent / 1e6)
+                    self.after_bridge_ms.append(received / 1e6 - produced_ms)
         finally:
             self.consumer.close()
 
@@ -193,7 +204,7 @@ def percentile(values: list[float], p: float) -> float:
     return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
 
 
-def run_rate(settings: Settings, rate: int, seconds: float, device_count: int,
+def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
              log_path: Path, brokers: dict[str, psutil.Process | None]) -> dict:
     """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
     run_id = uuid.uuid4().hex[:6]
@@ -208,7 +219,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, device_count: int,
                               ["--topic-template", topic])
     reader = ArrivalReader(settings, topic)
     clients: list[mqtt.Client] = []
-    total = int(rate * seconds)
+    warm_total, total = int(rate * warmup), int(rate * seconds)
     try:
         clients = connect_devices(settings, devices)
         topics = [topology.mqtt_topic(device, "info") for device in devices]
@@ -224,30 +235,36 @@ def run_rate(settings: Settings, rate: int, seconds: float, device_count: int,
             time.sleep(0.5)  # re-send period of the warm-up probes
         sampler = ResourceSampler({"bridge": psutil.Process(process.pid), **brokers,
                                    "bench_clients": psutil.Process()}, alone=["bench_clients"])
-        sampler.start()
-        _say(f"{rate} msg/s: publishing {total} messages from {device_count} devices")
+        _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
+             f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
         start = time.perf_counter()
         next_report = start + 2
         peak_waiting = 0
-        for seq in range(total):
+        for seq in range(warm_total + total):
+            if seq == warm_total:
+                sampler.start()
+                timed_start = time.perf_counter()
             slot = start + seq / rate
             pause = slot - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)  # pacing the devices to the offered load
             index = seq % device_count
             device = devices[index]
-            body = json.dumps({"Producer": device, "command": "position", "id": device,
-                               "x": seq % 7, "y": seq % 5, "status": "Active",
-                               "seq": seq // device_count, "msg_id": f"{run_id}-{seq}",
-                               "ts": int(time.time() * 1000), "t_ns": time.time_ns()})
-            clients[index].publish(topics[index], body, qos=1)
+            fields = {"Producer": device, "command": "position", "id": device, "x": seq % 7,
+                      "y": seq % 5, "status": "Active", "seq": seq // device_count,
+                      "msg_id": f"{run_id}-{seq}", "ts": int(time.time() * 1000)}
+            if seq < warm_total:
+                fields["warmup"] = True
+            else:
+                fields["t_ns"] = time.time_ns()  # last field: the reader slices it out
+            clients[index].publish(topics[index], json.dumps(fields), qos=1)
             if time.perf_counter() >= next_report:
                 next_report += 2
                 waiting = sum(queue_depth(settings, topology.device_queue(d)) for d in devices)
                 peak_waiting = max(peak_waiting, waiting)
-                _say(f"  sent {seq + 1}/{total}, in RabbitMQ {waiting} (management API, a few "
-                     f"s old), arrived {len(reader.latencies_ms)}")
-        achieved = total / (time.perf_counter() - start)
+                _say(f"  sent {seq + 1}/{warm_total + total}, in RabbitMQ {waiting} (management "
+                     f"API, a few s old), timed arrivals {len(reader.latencies_ms)}")
+        achieved = total / (time.perf_counter() - timed_start)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while len(reader.latencies_ms) < total and time.monotonic() < deadline:
             if process.poll() is not None:
@@ -269,10 +286,15 @@ def run_rate(settings: Settings, rate: int, seconds: float, device_count: int,
     latencies = sorted(reader.latencies_ms)
     if not latencies:
         raise RuntimeError(f"no timed record arrived at {rate} msg/s; see {log_path}")
+    to_bridge, after_bridge = sorted(reader.to_bridge_ms), sorted(reader.after_bridge_ms)
     return {"rate_target": rate, "rate_achieved": round(achieved), "devices": device_count,
-            "messages": total, "received": len(latencies),
+            "warmup_messages": warm_total, "messages": total, "received": len(latencies),
             "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
-            "p99_ms": percentile(latencies, 99), "max_ms": round(latencies[-1], 2),
+            "p99_ms": percentile(latencies, 99), "p999_ms": percentile(latencies, 99.9),
+            "max_ms": round(latencies[-1], 2),
+            # Where the time goes, cut at the bridge's produce call (CreateTime, 1 ms resolution).
+            "publish_to_produce_ms": {p: percentile(to_bridge, p) for p in (50, 99)},
+            "produce_to_consume_ms": {p: percentile(after_bridge, p) for p in (50, 99)},
             "peak_rabbitmq_backlog": peak_waiting, "bridge_exit_code": process.returncode,
             "resources": resources}
 
@@ -317,6 +339,7 @@ def run(settings: Settings, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = float(os.environ.get("WEBOS_BENCH_E2E_SECONDS", 12))
+    warmup = float(os.environ.get("WEBOS_BENCH_E2E_WARMUP", 15))
     device_count = int(os.environ.get("WEBOS_BENCH_E2E_DEVICES", 4))
     log_path = Path(tempfile.mkdtemp(prefix="webos-bench-e2e-")) / "bridge.log"
     kafka_port = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
@@ -327,7 +350,7 @@ def run(settings: Settings, out_dir) -> dict:
          (f"; no local process found for {', '.join(missing)} (not measured)" if missing else ""))
     results = []
     for rate in rates():
-        result = run_rate(settings, rate, seconds, device_count, log_path, brokers)
+        result = run_rate(settings, rate, seconds, warmup, device_count, log_path, brokers)
         results.append(result)
         resources = ", ".join(f"{name} {r['cpu_mean_pct']}% CPU {r['peak_rss_mb']} MB"
                               for name, r in result["resources"].items())
@@ -336,7 +359,8 @@ def run(settings: Settings, out_dir) -> dict:
              f"max {result['max_ms']} ms; {resources}")
     image = out_dir / "e2e_latency.png"
     plot(results, image)
-    summary = {"seconds_per_rate": seconds, "devices": device_count,
+    summary = {"seconds_per_rate": seconds, "warmup_seconds_per_rate": warmup,
+               "devices": device_count,
                "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "runs": results,
                "plot": str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT)
                            else image)}

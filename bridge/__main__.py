@@ -118,7 +118,8 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
     parser.add_argument(
         "--linger-ms", type=_non_negative_float,
         default=float(default("LINGER_MS", DEFAULTS.linger_ms)),
-        help="how long the Kafka producer waits to fill a batch (librdkafka linger.ms) "
+        help="how long the Kafka producer waits to fill a batch (librdkafka linger.ms): longer "
+        "means fewer, bigger Kafka requests, and up to that much more latency "
         "[WEBOS_BRIDGE_LINGER_MS; default: %(default)s]")
     parser.add_argument(
         "--batch-size", type=_positive_int,

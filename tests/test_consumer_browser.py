@@ -57,7 +57,7 @@ def test_live_page_shows_records_and_turns_an_inactive_device_grey(settings, liv
     page.wait_for_function("document.querySelectorAll('#log li').length === 17")
     log = page.inner_text("#log")
     assert "non-JSON" in log and "not JSON: a stray line" in log
-    assert f"seq=8 (8, 2)" in log
+    assert "seq=8 (8, 2)" in log
     row = page.locator(f'#devices tr[data-device="{walking}"]')
     assert "8, 2" in row.inner_text() and "Active" in row.inner_text()
     assert page.inner_text("#total-non-json") == "1"

@@ -12,7 +12,6 @@ from werkzeug.serving import make_server
 from publisher.app import create_app
 from publisher.devices import DeviceConfig
 from rabbitmq import topology
-from stack.config import REPO_ROOT
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.browser
