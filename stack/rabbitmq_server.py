@@ -78,10 +78,7 @@ class LocalRabbitMQ(LocalProcess):
             # Erlang cookie in the data dir, distribution and epmd on loopback only.
             "HOME": str(self.base_dir),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
-            # Schedulers sleep when out of work instead of spinning: on a small machine shared
-            # with Kafka and the apps, spinning takes the cores they need (measured: bench/).
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1} "
-                                                  "+sbwt none +sbwtdcpu none +sbwtdio none",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         })
         return env
 
