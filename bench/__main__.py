@@ -67,7 +67,7 @@ def summary_table(results: dict) -> list[str]:
             f"{run['p50_ms']} / {run['p99_ms']} / {run['max_ms']}")
     for run in (results.get("publisher_scale") or {}).get("results", []):
         add("publisher scale", f"{run['devices']} devices: on time (within 100 ms), CPU % of a core, "
-            "RSS added MB", f"{run['on_time_share']:.1%}, {run.get('cpu_percent_of_one_core')}, "
+            "RSS added MiB", f"{run['on_time_share']:.1%}, {run.get('cpu_percent_of_one_core')}, "
             f"{run.get('rss_mib_added')}")
     memory = results.get("memory") or {}
     for name, figures in (memory.get("processes") or {}).items():

@@ -6,15 +6,16 @@ For each rate (WEBOS_BENCH_RATES, default 100,1000,2000 msg/s) WEBOS_BENCH_E2E_D
 (default 4, one MQTT client each, QoS 1, round robin) publish into their own queues; a fresh bridge
 forwards them to a fresh topic; a reader assigned to every partition takes the time each record
 arrives. A Kafka JVM that has just started spends a core on its JIT compiler for a minute or two,
-and steady state is what the targets are about: so 40 s at 1,000 msg/s go first, untimed, and
-the first WEBOS_BENCH_E2E_WARMUP (default 10) s of each run are not timed either. The next
-WEBOS_BENCH_E2E_SECONDS (default 12) s are. Each rate runs
+and steady state is what the targets are about: so WEBOS_BENCH_E2E_FIRST_WARMUP (default 40) s at
+1,000 msg/s go first, untimed, and the first WEBOS_BENCH_E2E_WARMUP (default 10) s of each run are
+not timed either. The next WEBOS_BENCH_E2E_SECONDS (default 12) s are. Each rate runs
 WEBOS_BENCH_E2E_ROUNDS (default 3) times; medians are reported, every round is kept.
 
 Latency = arrival - `t_ns` in the payload (the wall clock just before `publish`); the record's
-CreateTime (the bridge's produce call) cuts it in two. `publish` only queues inside paho, so a
-load generator that cannot keep up shows as latency before the bridge: `generator_unacked_at_end`
-(published but not yet acknowledged by RabbitMQ when the timed loop ends) tells that case apart.
+CreateTime (the bridge's produce call, in whole ms, so either half may be off by up to 1 ms) cuts
+it in two. `publish` only queues inside paho, so a load generator that cannot keep up shows as
+latency before the bridge: `generator_unacked_at_end` (published but not yet acknowledged by
+RabbitMQ when the timed loop ends) tells that case apart.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ from stack.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)
-KAFKA_WARMUP = (1000, 40.0)  # msg/s, s: once, untimed, before the first rate (JIT compiler)
+WARMUP_RATE = 1000  # msg/s of the one untimed warm-up before the first rate (Kafka's JIT compiler)
 COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,2000, "
-           "WEBOS_BENCH_E2E_ROUNDS=3, WEBOS_BENCH_E2E_WARMUP=10, WEBOS_BENCH_E2E_SECONDS=12, "
+           "WEBOS_BENCH_E2E_FIRST_WARMUP=40, WEBOS_BENCH_E2E_ROUNDS=3, WEBOS_BENCH_E2E_WARMUP=10, "
+           "WEBOS_BENCH_E2E_SECONDS=12, "
            "WEBOS_BENCH_E2E_DEVICES=4)")
 SAMPLE_PERIOD = 0.5  # seconds between resource samples
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records after the publishers stop
@@ -170,7 +172,7 @@ class ArrivalReader:
                 received = time.time_ns()
                 value = record.value()
                 # t_ns is the payload's last field: slicing it out keeps this thread, which
-                # shares the GIL with the publishing loop, cheap at 5,000 records/s.
+                # shares the GIL with the publishing loop, cheap at thousands of records/s.
                 at = value.rfind(b'"t_ns": ')
                 if at < 0:
                     self.warm_devices.add(json.loads(value).get("id"))
@@ -237,24 +239,26 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         # Warm up until every device's first message made the whole trip (bridge consuming each
         # queue, reader fetching): otherwise the first records measure start-up, not the path.
         deadline = time.monotonic() + 60
+        probes = 0
         while reader.warm_devices < set(devices):
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"no warm-up record from every device in 60 s; see {log_path}")
             for client, device, mqtt_topic in zip(clients, devices, topics):
                 if device not in reader.warm_devices:
                     client.publish(mqtt_topic, json.dumps({"id": device, "warmup": True}), qos=1)
+                    probes += 1
             time.sleep(0.5)  # re-send period of the warm-up probes
         sampler = ResourceSampler({"bridge": psutil.Process(process.pid), **brokers,
                                    "bench_clients": psutil.Process()}, alone=["bench_clients"])
         _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
              f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
-        acked_before = sum(acked)
         start = time.perf_counter()
         next_report = start + 2
         peak_waiting = 0
         for seq in range(warm_total + total):
             if seq == warm_total:
                 sampler.start()
+                peak_waiting = 0  # the timed part's own
                 timed_start = time.perf_counter()
             slot = start + seq / rate
             pause = slot - time.perf_counter()
@@ -279,7 +283,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         achieved = total / (time.perf_counter() - timed_start)
         # publish() only queues in paho: what RabbitMQ has not acknowledged when the loop ends
         # shows a load generator that fell behind (its delay then counts as latency).
-        unacked = warm_total + total - (sum(acked) - acked_before)
+        unacked = probes + warm_total + total - sum(acked)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while len(reader.latencies_ms) < total and time.monotonic() < deadline:
             if process.poll() is not None:
@@ -310,20 +314,23 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             # Where the time goes, cut at the bridge's produce call (CreateTime, 1 ms resolution).
             "publish_to_produce_ms": {p: percentile(to_bridge, p) for p in (50, 99)},
             "produce_to_consume_ms": {p: percentile(after_bridge, p) for p in (50, 99)},
-            "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked, "bridge_exit_code": process.returncode,
+            "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked,
+            "bridge_exit_code": process.returncode,
             "resources": resources}
 
 
 def combine_rounds(runs: list[dict]) -> dict:
     """One rate's rounds: medians of p50 and p99 (one stall on a noisy machine moves a single
-    run's p99 a lot), the worst max, every round's figures, the median-p99 round's resources."""
+    run's p99 a lot), the worst max, every round's figures, the resources of the round whose p99
+    is the median (the upper one of two)."""
     by_p99 = sorted(runs, key=lambda run_: run_["p99_ms"])
     typical = by_p99[len(by_p99) // 2]
     return {"rate_target": typical["rate_target"],
             "rate_achieved": min(run_["rate_achieved"] for run_ in runs),
             "devices": typical["devices"], "rounds": len(runs),
             "p50_ms": round(statistics.median(run_["p50_ms"] for run_ in runs), 2),
-            "p99_ms": typical["p99_ms"], "max_ms": max(run_["max_ms"] for run_ in runs),
+            "p99_ms": round(statistics.median(run_["p99_ms"] for run_ in runs), 2),
+            "max_ms": max(run_["max_ms"] for run_ in runs),
             "p50_ms_per_round": [run_["p50_ms"] for run_ in runs],
             "p99_ms_per_round": [run_["p99_ms"] for run_ in runs],
             "generator_unacked_at_end": max(run_["generator_unacked_at_end"] for run_ in runs),
@@ -372,6 +379,7 @@ def run(settings: Settings, out_dir) -> dict:
     seconds = float(os.environ.get("WEBOS_BENCH_E2E_SECONDS", 12))
     warmup = float(os.environ.get("WEBOS_BENCH_E2E_WARMUP", 10))
     rounds = int(os.environ.get("WEBOS_BENCH_E2E_ROUNDS", 3))
+    first_warmup = float(os.environ.get("WEBOS_BENCH_E2E_FIRST_WARMUP", 40))
     device_count = int(os.environ.get("WEBOS_BENCH_E2E_DEVICES", 4))
     log_path = Path(tempfile.mkdtemp(prefix="webos-bench-e2e-")) / "bridge.log"
     kafka_port = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
@@ -380,9 +388,13 @@ def run(settings: Settings, out_dir) -> dict:
     missing = [name for name, process in brokers.items() if process is None]
     _say(f"bridge output goes to {log_path}" +
          (f"; no local process found for {', '.join(missing)} (not measured)" if missing else ""))
-    warm_rate, warm_seconds = KAFKA_WARMUP
-    _say(f"warming up: {warm_rate} msg/s for {warm_seconds:.0f} s through a bridge, untimed")
-    run_rate(settings, warm_rate, 1, warm_seconds, device_count, log_path, brokers)
+    if rounds < 1 or min(rates()) * seconds < 1:
+        raise ValueError("WEBOS_BENCH_E2E_ROUNDS must be at least 1 and every rate times "
+                         "WEBOS_BENCH_E2E_SECONDS at least one message")
+    if first_warmup > 0:
+        _say(f"warming up: {WARMUP_RATE} msg/s for {first_warmup:.0f} s through a bridge, untimed")
+        run_rate(settings, WARMUP_RATE, seconds=1, warmup=first_warmup, device_count=device_count,
+                 log_path=log_path, brokers=brokers)
     results = []
     for rate in rates():
         runs = []

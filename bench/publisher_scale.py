@@ -98,7 +98,8 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
     simulator = Simulator(settings, [DeviceConfig(d, interval=INTERVAL) for d in devices],
                           max_queued_messages=1000, seed=count)
     # The simulator runs inside this process, which holds what earlier benchmarks left: its
-    # memory is what RSS grows by from here.
+    # memory is what RSS grows by from here (a low bound under `make bench`, where it may reuse
+    # memory those benchmarks freed; run `python -m bench publisher_scale` alone for the figure).
     rss_before = process.memory_info().rss
     started = time.monotonic()
     simulator.start()

@@ -60,8 +60,9 @@ class BridgeOptions:
     topic_template: str = "webos.events"
     prefetch: int = 2000
     # 3 ms: at moderate rates librdkafka sends one ProduceRequest per partition per linger, so a
-    # shorter linger means a request per record and a Kafka busy with them; measured at 1,000
-    # msg/s (bench/e2e_latency.py): 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, 5 ms a p50 above 5 ms.
+    # shorter linger means a request per record and a Kafka busy with them. At 1,000 msg/s
+    # (bench/results/linger-trials-2026-11-22.md) 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, and
+    # 5 ms a p50 above 5 ms.
     linger_ms: float = 3.0
     batch_size: int = 1_000_000              # librdkafka batch.size, bytes per partition batch
     max_message_bytes: int = 1_000_000       # librdkafka message.max.bytes; bigger goes to webos.dead
