@@ -58,10 +58,13 @@ class BridgeOptions:
     queues: tuple[str, ...] = ()            # explicit queues; empty: every device queue found
     queue_pattern: str | None = None         # regex on queue names when discovering
     topic_template: str = "webos.events"
-    prefetch: int = 2000
+    # 4,000: draining a backlog it beat 2,000 in ten paired runs of ten, by 5-35 %, and 8,000 was
+    # no better (bench/results/bridge-trials-2026-11-22.md); it costs that many redeliveries
+    # after a crash, and a few MB.
+    prefetch: int = 4000
     # 3 ms: at moderate rates librdkafka sends one ProduceRequest per partition per linger, so a
     # shorter linger means a request per record and a Kafka busy with them. At 1,000 msg/s
-    # (bench/results/linger-trials-2026-11-22.md) 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, and
+    # (bench/results/bridge-trials-2026-11-22.md) 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, and
     # 5 ms a p50 above 5 ms.
     linger_ms: float = 3.0
     batch_size: int = 1_000_000              # librdkafka batch.size, bytes per partition batch

@@ -20,6 +20,7 @@ import pytest
 import requests
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bridge.forwarder import BridgeOptions
 from bridge.records import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
@@ -323,7 +324,8 @@ def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(
                            lambda got: set(seqs_of(got, device)) >= set(range(count)), 90)
     duplicates = assert_complete_and_ordered(records, device, count)
     assert standby.metric("webos_bridge_consumed_total") > 0  # the standby took over mid-stream
-    assert duplicates <= 2000  # at most the killed bridge's in-flight window (--prefetch)
+    # At most the killed bridge's in-flight window (--prefetch, default here).
+    assert duplicates <= BridgeOptions().prefetch
     print(f"kill -9 mid-stream: {count} messages, {duplicates} duplicates in Kafka")
     wait_for(lambda: queue_depth(admin_channel, queue) == 0
              and standby.metric("webos_bridge_in_flight") == 0, 30, message="queue drained")

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from bench.audit import PipelineRun
+from bridge.forwarder import BridgeOptions
 from bridge.records import (DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, NOT_JSON, NOT_OBJECT,
                             TOO_LARGE)
 from rabbitmq import topology
@@ -102,8 +103,8 @@ def test_bridge_killed_twice_mid_stream_loses_nothing(settings, tmp_path):
     assert report.ok
     assert report.figures["bridges_started"] == 3
     assert report.figures["bridge_exit_codes"] == [-signal.SIGKILL, -signal.SIGKILL, 0]
-    # Duplicates come only from the two killed bridges' in-flight windows (--prefetch 2000).
-    assert report.duplicated <= 2 * 2000
+    # Duplicates come only from the two killed bridges' in-flight windows (default --prefetch).
+    assert report.duplicated <= 2 * BridgeOptions().prefetch
 
 
 # ---------------------------------------------------------------------------------------------
