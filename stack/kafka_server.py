@@ -25,8 +25,14 @@ _QUIET.setLevel(logging.CRITICAL)
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id (16 random bytes, URL-safe base64, as kafka-storage random-uuid)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id (16 random bytes, URL-safe base64, as kafka-storage random-uuid).
+
+    Like Kafka's Uuid.randomUuid, it never starts with "-": kafka-storage's argument parser
+    would take such an id (1 draw in 64) for a flag and refuse to format."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class LocalKafka(LocalProcess):

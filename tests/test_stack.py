@@ -1,6 +1,7 @@
 """The stack against real brokers: routing, users, topology, Kafka topic, management API."""
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from urllib.parse import quote
@@ -12,6 +13,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from rabbitmq import topology
+from stack import kafka_server
 from stack.kafka_server import ensure_topic
 from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
 
@@ -175,3 +177,14 @@ def test_applying_topology_twice_is_harmless(settings, admin_channel, device_cli
         ("webos.fanout", ""), ("webos.topic", "webos.3DF92-192.*")]
     # the device user still works after its password was re-set to the same value
     assert device_client.publish(topology.mqtt_topic(DEVICE, "info"), payload(DEVICE))
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch):
+    # 0xF8 encodes to "-" as the first URL-safe base64 character: kafka-storage would read it as a flag.
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(kafka_server.uuid, "uuid4", lambda: next(draws))
+
+    cluster_id = kafka_server.new_cluster_id()
+
+    assert cluster_id == base64.urlsafe_b64encode(b"\x01" * 16).decode().rstrip("=")
+    assert len(cluster_id) == 22
