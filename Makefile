@@ -17,7 +17,7 @@ help:
 	@echo "make up       start only the brokers in the background (make stop stops them)"
 	@echo "make stop     stop brokers left running"
 	@echo "make status   show which local brokers run"
-	@echo "make clean    stop and wipe .stack/ (broker data and logs)"
+	@echo "make clean    stop the brokers and wipe .stack/ (their data and logs)"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,8 @@ stop:
 status:
 	$(PY) -m stack status
 
-clean: stop
-	rm -rf .stack
+clean:
+	$(PY) -m stack clean
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,23 +17,28 @@ from stack.process import BrokerError
 from stack.rabbitmq_server import LocalRabbitMQ
 
 LOGGER = logging.getLogger("stack")
-STACK_DIR = REPO_ROOT / ".stack"
 PROCFILE = REPO_ROOT / "Procfile"
 
 
-def brokers(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, LocalKafka]:
+def stack_dir(settings: Settings) -> Path:
+    """Where the local brokers keep their data and logs (WEBOS_STACK_DIR, default .stack/)."""
+    return REPO_ROOT / settings.stack_dir
+
+
+def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
     """The local RabbitMQ and Kafka processes for `settings` (not started)."""
     port = settings.kafka_bootstrap.rpartition(":")[2]
-    rabbitmq = LocalRabbitMQ(stack_dir / "rabbitmq", settings)
-    kafka = LocalKafka(stack_dir / "kafka", port=int(port), controller_port=int(port) + 1)
+    rabbitmq = LocalRabbitMQ(stack_dir(settings) / "rabbitmq", settings,
+                             node_name=settings.rabbitmq_node)
+    kafka = LocalKafka(stack_dir(settings) / "kafka", port=int(port), controller_port=int(port) + 1)
     return rabbitmq, kafka
 
 
-def up(settings: Settings, stack_dir: Path = STACK_DIR) -> tuple[LocalRabbitMQ, LocalKafka]:
+def up(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
     """Start whatever broker is not running yet, wait for both, apply topology and topic."""
     from rabbitmq import topology
 
-    rabbitmq, kafka = brokers(settings, stack_dir)
+    rabbitmq, kafka = brokers(settings)
     started = time.monotonic()
     for broker in (rabbitmq, kafka):
         if broker.pid() is None:
@@ -67,9 +73,9 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
     return 1
 
 
-def down(settings: Settings, stack_dir: Path = STACK_DIR, running=None) -> None:
+def down(settings: Settings, running=None) -> None:
     """Stop both local brokers (data is kept); `running` are the handles `up` returned."""
-    for broker in running or brokers(settings, stack_dir):
+    for broker in running or brokers(settings):
         broker.stop()
 
 
@@ -94,31 +100,44 @@ def run_apps(settings: Settings) -> int:
     """Run publisher, bridge and consumer under honcho in the foreground until a signal."""
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `-e /dev/null`: honcho would read .env itself and let it override the environment, where
+    # the settings (the environment's WEBOS_* over .env) already are.
     honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(PROCFILE),
-                               "-d", str(REPO_ROOT)], env=env)
+                               "-d", str(REPO_ROOT), "-e", os.devnull], env=env)
+
+    asked_to_stop = False
 
     def on_terminate(signum, frame):
+        nonlocal asked_to_stop
+        asked_to_stop = True
         honcho.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_terminate)
     while True:
         try:
-            return honcho.wait()
+            code = honcho.wait()
+            break
         except KeyboardInterrupt:
             # The terminal sent SIGINT to honcho too; it is stopping its processes.
-            continue
+            asked_to_stop = True
+    # A stop that was asked for is a success (honcho says 130 after Ctrl-C); an app that died on
+    # its own is not.
+    return 0 if asked_to_stop else code
 
 
 def main(argv=None) -> int:
     """Command line of the local stack."""
     parser = argparse.ArgumentParser(
         prog="python -m stack",
-        description="Local RabbitMQ + Kafka for the webos pipeline (data and logs under .stack/).")
+        description="Local RabbitMQ + Kafka for the webos pipeline. Their data and logs are under "
+                    "WEBOS_STACK_DIR (default .stack/); ports, passwords and the RabbitMQ node name "
+                    "(WEBOS_RABBITMQ_NODE) come from WEBOS_* variables and .env.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start brokers, apply topology, run the three apps; Ctrl-C stops all")
     sub.add_parser("up", help="start the brokers in the background and apply the topology")
     sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
     sub.add_parser("status", help="show which brokers run")
+    sub.add_parser("clean", help="stop the brokers and delete their data and logs")
     sub.add_parser("setup", help="apply topology, users and Kafka topic to the brokers the "
                                  "environment names (docker compose runs this once)")
     args = parser.parse_args(argv)
@@ -138,8 +157,13 @@ def main(argv=None) -> int:
         return 0
     if args.command == "setup":
         return setup(settings)
-    if args.command == "down":
+    if args.command in ("down", "clean"):
         down(settings)
+        if args.command == "clean":
+            # Only what the brokers wrote: WEBOS_STACK_DIR may name a directory with other things.
+            for broker in brokers(settings):
+                shutil.rmtree(broker.base_dir, ignore_errors=True)
+                LOGGER.info("deleted %s", broker.base_dir)
         return 0
     try:
         running = up(settings)

@@ -39,6 +39,10 @@ class Settings:
     bridge_metrics_port: int = 9108
     # Where the web pages and /metrics listen; docker compose sets 0.0.0.0 inside containers.
     bind_host: str = "127.0.0.1"
+    # The local brokers of `make run`: their data and logs (relative to the repository), and the
+    # Erlang node name of RabbitMQ. Another pair lets a second stack run next to the first.
+    stack_dir: str = ".stack"
+    rabbitmq_node: str = "webos"
 
     @property
     def management_url(self) -> str:
