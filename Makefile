@@ -17,7 +17,7 @@ help:
 	@echo "make up       start only the brokers in the background (make stop stops them)"
 	@echo "make stop     stop brokers left running"
 	@echo "make status   show which local brokers run"
-	@echo "make clean    stop the brokers and wipe .stack/ (their data and logs)"
+	@echo "make clean    stop the brokers and delete their data and logs (.stack/)"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -4,18 +4,16 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import re
 import signal
 import sys
 import threading
 
-from dotenv import dotenv_values
 
 from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.records import TemplateError, check_template
-from stack.config import DOTENV_PATH, Settings, load_settings
+from stack.config import Settings, environment, load_settings
 
 LOGGER = logging.getLogger("bridge")
 DEFAULTS = BridgeOptions()
@@ -160,8 +158,7 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code."""
     settings = load_settings()
-    env = {**{k: v for k, v in (dotenv_values(DOTENV_PATH) if DOTENV_PATH.exists() else {}).items()
-              if v is not None}, **os.environ}
+    env = environment()
     args = build_parser(settings, env).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Flask, abort, jsonify, render_template, request
@@ -13,7 +12,7 @@ from publisher.admin_link import AdminLink, BrokerUnavailable
 from publisher.devices import (DEFAULT_DEVICES_FILE, STATUSES, DeviceConfig, DuplicateDevice,
                                Simulator, UnknownDevice, load_devices)
 from rabbitmq import topology
-from stack.config import load_settings
+from stack.config import environment, load_settings
 
 LOGGER = logging.getLogger(__name__)
 MAX_TEXT = 1000  # characters in an operator or broadcast message
@@ -38,7 +37,7 @@ def create_app(config=None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(
         MAX_CONTENT_LENGTH=64 * 1024,
-        API_TOKEN=os.environ.get("PUBLISHER_API_TOKEN") or None,
+        API_TOKEN=environment().get("PUBLISHER_API_TOKEN") or None,  # .env counts too
         SETTINGS=None,            # stack.config.Settings; default load_settings()
         DEVICES=None,             # list of DeviceConfig; default from DEVICES_FILE
         DEVICES_FILE=str(DEFAULT_DEVICES_FILE),

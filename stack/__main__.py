@@ -22,15 +22,26 @@ PROCFILE = REPO_ROOT / "Procfile"
 
 def stack_dir(settings: Settings) -> Path:
     """Where the local brokers keep their data and logs (WEBOS_STACK_DIR, default .stack/)."""
-    return REPO_ROOT / settings.stack_dir
+    path = (REPO_ROOT / Path(settings.stack_dir).expanduser()).resolve()
+    if path == REPO_ROOT or path in REPO_ROOT.parents:
+        # Its rabbitmq/ and kafka/ would be the repository's own (and `clean` would delete them).
+        raise SystemExit(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
+                         "use a directory of its own (default .stack)")
+    return path
 
 
 def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
     """The local RabbitMQ and Kafka processes for `settings` (not started)."""
-    port = settings.kafka_bootstrap.rpartition(":")[2]
+    port = int(settings.kafka_bootstrap.rpartition(":")[2])
+    # RabbitMQ's Erlang distribution listens on the AMQP port + 20000, Kafka's controller on the
+    # Kafka port + 1.
+    if settings.amqp_port + 20000 > 65535 or port + 1 > 65535:
+        raise SystemExit(f"WEBOS_AMQP_PORT={settings.amqp_port} must be at most 45535 and the "
+                         f"Kafka port ({port}) at most 65534: the local brokers also listen on "
+                         "AMQP + 20000 and Kafka + 1")
     rabbitmq = LocalRabbitMQ(stack_dir(settings) / "rabbitmq", settings,
                              node_name=settings.rabbitmq_node)
-    kafka = LocalKafka(stack_dir(settings) / "kafka", port=int(port), controller_port=int(port) + 1)
+    kafka = LocalKafka(stack_dir(settings) / "kafka", port=port, controller_port=port + 1)
     return rabbitmq, kafka
 
 
@@ -97,32 +108,39 @@ def banner(settings: Settings) -> str:
 
 
 def run_apps(settings: Settings) -> int:
-    """Run publisher, bridge and consumer under honcho in the foreground until a signal."""
+    """Run publisher, bridge and consumer under honcho in the foreground until Ctrl-C or SIGTERM
+    (then 0), or until an app exits on its own (then honcho's exit code)."""
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # `-e /dev/null`: honcho would read .env itself and let it override the environment, where
     # the settings (the environment's WEBOS_* over .env) already are.
     honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(PROCFILE),
                                "-d", str(REPO_ROOT), "-e", os.devnull], env=env)
-
-    asked_to_stop = False
-
-    def on_terminate(signum, frame):
-        nonlocal asked_to_stop
-        asked_to_stop = True
-        honcho.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_terminate)
+    try:
+        return honcho.wait()
+    except KeyboardInterrupt:
+        pass
+    # A terminal's Ctrl-C reaches honcho too, a SIGINT or SIGTERM sent to this process alone
+    # does not; honcho stops its processes once, whatever it gets again.
+    honcho.send_signal(signal.SIGINT)
     while True:
         try:
-            code = honcho.wait()
-            break
+            honcho.wait()
+            return 0
         except KeyboardInterrupt:
-            # The terminal sent SIGINT to honcho too; it is stopping its processes.
-            asked_to_stop = True
-    # A stop that was asked for is a success (honcho says 130 after Ctrl-C); an app that died on
-    # its own is not.
-    return 0 if asked_to_stop else code
+            continue
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_brokers(settings: Settings, running=None) -> None:
+    """`down`, deaf to more Ctrl-C or SIGTERM: half-stopped brokers would be worse."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    LOGGER.info("stopping brokers")
+    down(settings, running=running)
 
 
 def main(argv=None) -> int:
@@ -145,6 +163,8 @@ def main(argv=None) -> int:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
     if args.command in ("run", "up"):
+        # SIGTERM stops as Ctrl-C does, also while the brokers start.
+        signal.signal(signal.SIGTERM, _interrupt)
         added = ensure_credentials()
         if added:
             LOGGER.info("generated %s into %s", ", ".join(added), DOTENV_PATH)
@@ -162,8 +182,9 @@ def main(argv=None) -> int:
         if args.command == "clean":
             # Only what the brokers wrote: WEBOS_STACK_DIR may name a directory with other things.
             for broker in brokers(settings):
-                shutil.rmtree(broker.base_dir, ignore_errors=True)
-                LOGGER.info("deleted %s", broker.base_dir)
+                if broker.base_dir.exists():
+                    shutil.rmtree(broker.base_dir)
+                    LOGGER.info("deleted %s", broker.base_dir)
         return 0
     try:
         running = up(settings)
@@ -171,15 +192,17 @@ def main(argv=None) -> int:
         LOGGER.error("%s", error)
         down(settings)
         return 1
+    except KeyboardInterrupt:
+        LOGGER.info("interrupted while starting")
+        stop_brokers(settings)
+        return 130
     print(banner(settings), flush=True)
     if args.command == "up":
         return 0
     try:
         return run_apps(settings)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        LOGGER.info("stopping brokers")
-        down(settings, running=running)
+        stop_brokers(settings, running)
 
 
 if __name__ == "__main__":

@@ -68,13 +68,20 @@ def _coerce(field: dataclasses.Field, raw: str):
     return raw
 
 
-def load_settings(env: Mapping[str, str] | None = None, dotenv_path: Path | None = DOTENV_PATH,
-                  **overrides) -> Settings:
-    """Settings from `.env`, then the environment (which wins), then explicit overrides."""
+def environment(env: Mapping[str, str] | None = None,
+                dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
+    """`.env`'s variables under the environment (`env`, default os.environ), which wins."""
     merged: dict[str, str] = {}
     if dotenv_path is not None and dotenv_path.exists():
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ if env is None else env)
+    return merged
+
+
+def load_settings(env: Mapping[str, str] | None = None, dotenv_path: Path | None = DOTENV_PATH,
+                  **overrides) -> Settings:
+    """Settings from `.env`, then the environment (which wins), then explicit overrides."""
+    merged = environment(env, dotenv_path)
     values = {}
     for field in dataclasses.fields(Settings):
         raw = merged.get(f"WEBOS_{field.name.upper()}")

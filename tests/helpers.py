@@ -6,6 +6,7 @@ import time
 import uuid
 
 import paho.mqtt.client as mqtt
+import requests
 from confluent_kafka import Consumer
 
 from stack.config import Settings
@@ -21,6 +22,14 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def answers(url: str, auth=None) -> bool:
+    """True when `url` answers 200 now."""
+    try:
+        return requests.get(url, auth=auth, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 class MqttDevice:

@@ -7,12 +7,11 @@ import time
 import uuid
 
 import pytest
-import requests
 
 from rabbitmq import topology
 from stack.config import REPO_ROOT
 from stack.process import free_port
-from tests.helpers import wait_for
+from tests.helpers import answers, wait_for
 from tests.test_consumer import LiveView, consumer_env, device_record, new_topic, produce
 
 pytestmark = pytest.mark.browser
@@ -109,13 +108,6 @@ class Process:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait(10)
-
-
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(

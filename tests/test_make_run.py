@@ -10,12 +10,14 @@ import secrets
 import signal
 import subprocess
 import sys
+from urllib.parse import quote
 
-import requests
+import psutil
 
+from rabbitmq import topology
 from stack.config import REPO_ROOT, load_settings
 from stack.process import free_port, port_open
-from tests.helpers import consume, kafka_consumer, wait_for
+from tests.helpers import answers, consume, kafka_consumer, wait_for
 
 
 def free_port_with_neighbour(offset: int) -> int:
@@ -25,13 +27,6 @@ def free_port_with_neighbour(offset: int) -> int:
         port = free_port()
         if port + offset <= 65535 and not port_open(port + offset):
             return port
-
-
-def answers(url: str, auth=None) -> bool:
-    try:
-        return requests.get(url, auth=auth, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c(tmp_path):
@@ -50,7 +45,7 @@ def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c
               ("WEBOS_ADMIN_PASSWORD", "WEBOS_DEVICE_PASSWORD", "WEBOS_BRIDGE_PASSWORD")}}
     env.pop("MAKEFLAGS", None)
     env.pop("MAKELEVEL", None)
-    settings = load_settings(env=env, dotenv_path=None)
+    settings = load_settings(env=env)  # as make run reads them: .env under the environment
     log_path = tmp_path / "make-run.log"
     with open(log_path, "wb") as log:
         # Its own process group, as a terminal gives a foreground job.
@@ -60,11 +55,13 @@ def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c
              f"http://127.0.0.1:{settings.consumer_port}/",
              f"http://127.0.0.1:{settings.bridge_metrics_port}/healthz"]
     admin = (settings.admin_user, settings.admin_password)
+    device_queue = (f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
+                    f"{topology.device_queue(settings.devices[0])}")
 
     def everything_answers() -> bool:
         assert make.poll() is None, f"make run exited early:\n{log_path.read_text()[-3000:]}"
         return (all(answers(page) for page in pages)
-                and answers(f"{settings.management_url}/api/queues/%2F/webos.3DF92-192", admin))
+                and answers(device_queue, admin))
 
     try:
         wait_for(everything_answers, timeout=240, interval=0.5, message="every page of make run")
@@ -80,7 +77,12 @@ def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c
         code = make.wait(120)
     finally:
         if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
+            # honcho starts each app in a session of its own: the group's SIGKILL would miss them.
+            for process in [psutil.Process(make.pid), *psutil.Process(make.pid).children(recursive=True)]:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
             make.wait()
         subprocess.run([sys.executable, "-m", "stack", "down"], env=env,
                        cwd=REPO_ROOT, capture_output=True, timeout=180)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import uuid
 from urllib.parse import quote
 
@@ -13,7 +14,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from rabbitmq import topology
-from stack import kafka_server
+from stack import __main__ as stack_main
+from stack import config, kafka_server
 from stack.kafka_server import ensure_topic
 from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
 
@@ -188,3 +190,44 @@ def test_cluster_id_never_starts_with_a_dash(monkeypatch):
 
     assert cluster_id == base64.urlsafe_b64encode(b"\x01" * 16).decode().rstrip("=")
     assert len(cluster_id) == 22
+
+
+def test_environment_wins_over_dotenv_and_dotenv_fills_the_rest(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WEBOS_AMQP_PORT=5999\nPUBLISHER_API_TOKEN=from-dotenv\nWEBOS_MQTT_PORT=1999\n")
+    env = {"WEBOS_AMQP_PORT": "6111"}
+
+    merged = config.environment(env, dotenv)
+    settings = config.load_settings(env, dotenv)
+
+    assert merged["PUBLISHER_API_TOKEN"] == "from-dotenv"  # what the publisher's token is read from
+    assert (settings.amqp_port, settings.mqtt_port) == (6111, 1999)
+
+
+class FakeHoncho:
+    """Stands in for honcho's process: `wait` is interrupted `interrupts` times, then returns `code`."""
+
+    def __init__(self, code: int, interrupts: int):
+        self.code, self.interrupts, self.signals = code, interrupts, []
+
+    def wait(self):
+        if self.interrupts:
+            self.interrupts -= 1
+            raise KeyboardInterrupt
+        return self.code
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+
+@pytest.mark.parametrize("interrupts, honcho_code, expected, forwarded", [
+    (0, 2, 2, []),                            # an app died on its own: its failure shows
+    (1, 130, 0, [signal.SIGINT]),             # Ctrl-C or SIGTERM: a requested stop succeeds
+    (2, 130, 0, [signal.SIGINT]),             # impatient second Ctrl-C: still one stop
+])
+def test_run_apps_exit_code(monkeypatch, interrupts, honcho_code, expected, forwarded):
+    honcho = FakeHoncho(honcho_code, interrupts)
+    monkeypatch.setattr(stack_main.subprocess, "Popen", lambda *args, **kwargs: honcho)
+
+    assert stack_main.run_apps(config.Settings()) == expected
+    assert honcho.signals == forwarded
