@@ -185,6 +185,10 @@ def main(argv=None) -> int:
                 if broker.base_dir.exists():
                     shutil.rmtree(broker.base_dir)
                     LOGGER.info("deleted %s", broker.base_dir)
+            try:
+                stack_dir(settings).rmdir()
+            except OSError:
+                pass  # missing, or holds other things
         return 0
     try:
         running = up(settings)

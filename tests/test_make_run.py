@@ -1,4 +1,5 @@
-"""`make run` as a newcomer types it: every page answers, devices reach Kafka, Ctrl-C stops it all.
+"""`make run` as a newcomer types it: every page answers, devices reach Kafka, Ctrl-C stops it all,
+`make clean` deletes its data.
 
 It runs its own stack (data dir, node name and ports from WEBOS_* variables), so it never touches
 a `make run` stack already running on the default ports.
@@ -29,7 +30,7 @@ def free_port_with_neighbour(offset: int) -> int:
             return port
 
 
-def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c(tmp_path):
+def test_make_run_serves_every_page_forwards_devices_stops_on_ctrl_c_and_make_clean_wipes(tmp_path):
     kafka_port = free_port_with_neighbour(1)
     env = {**os.environ,
            "WEBOS_STACK_DIR": str(tmp_path / "stack"),
@@ -96,3 +97,8 @@ def test_make_run_serves_every_page_forwards_devices_and_stops_cleanly_on_ctrl_c
     for port in (settings.amqp_port, settings.mqtt_port, kafka_port, settings.publisher_port):
         assert not port_open(port), f"port {port} still open after Ctrl-C"
     assert not list((tmp_path / "stack").glob("*/*.pid")), "a broker's pid file is left"
+
+    cleaned = subprocess.run(["make", "--no-print-directory", "clean"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert not (tmp_path / "stack").exists(), "make clean left the brokers' data"
