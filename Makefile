@@ -60,8 +60,9 @@ status:
 clean:
 	$(PY) -m stack clean
 
+# COLUMNS: without a terminal pytest assumes 80 and cuts the reason off each failure's summary line.
 test: install-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	COLUMNS=$${COLUMNS:-200} $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench
