@@ -17,7 +17,8 @@ help:
 	@echo "make up       start only the brokers in the background (make stop stops them)"
 	@echo "make stop     stop brokers left running"
 	@echo "make status   show which local brokers run"
-	@echo "make clean    stop the brokers and delete their data and logs (.stack/)"
+	@echo "make clean    stop the brokers and delete their data and logs (.stack/; .env stays)"
+	@echo "make bench    every benchmark on fresh brokers (~15 min), results in bench/results/"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 kafka/lib/.installed: kafka/pom.xml
-	mvn --quiet --batch-mode -f kafka/pom.xml dependency:copy-dependencies
+	@echo "fetching Apache Kafka's jars from Maven Central into kafka/lib/"
+	mvn --quiet --batch-mode -Dstyle.color=never -f kafka/pom.xml dependency:copy-dependencies
 	touch $@
 
 # Debian packages, installed only when missing (apt-get update once, first).
@@ -40,7 +42,7 @@ endef
 
 install: $(VENV)/.installed
 	$(call apt_ensure,$(RUN_PACKAGES))
-	@$(MAKE) --no-print-directory kafka/lib/.installed
+	@$(MAKE) --no-print-directory --silent kafka/lib/.installed
 
 install-test: install
 	$(call apt_ensure,$(TEST_PACKAGES))

@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
+    # A channel the broker closes (a passive declare of a deleted queue) is reported by the bridge.
+    logging.getLogger("pika.channel").setLevel(logging.ERROR)
     # It logs a traceback for a refused login that the bridge reports as a configuration error.
     logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
     options = BridgeOptions(

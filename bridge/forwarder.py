@@ -314,6 +314,7 @@ class Forwarder:
         for queue, consumer_tag in list(self.consumers.items()):
             if consumer_tag == tag:
                 del self.consumers[queue]
+                self.missing_warned.add(queue)  # discovery may list it a while yet: no warning
                 LOGGER.info("broker cancelled the consumer of %s (queue deleted?)", queue)
         self.stats.queues = len(self.consumers)
 

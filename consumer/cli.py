@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"from joining the group (status 1 if it cannot join within "
                         f"{JOIN_TIMEOUT_SECONDS:.0f} s)")
     parser.add_argument("--dedupe", action="store_true",
-                        help="drop records whose msg_id was already seen (payload msg_id, else "
-                        "the msg_id header) among the last --dedupe-window ids")
+                        help="drop records whose device already had their msg_id (payload "
+                        "msg_id, else the msg_id header) among the last --dedupe-window ids")
     parser.add_argument("--dedupe-window", type=_positive_int, default=DEFAULT_DEDUPE_WINDOW,
                         metavar="N", help=f"ids remembered by --dedupe (default {DEFAULT_DEDUPE_WINDOW})")
     parser.add_argument("--lag", action="store_true",
@@ -202,7 +202,9 @@ class StreamPrinter:
             summary.filtered += 1
             return
         msg_id = record.msg_id
-        if self.dedupe is not None and msg_id is not None and self.dedupe.seen(msg_id):
+        # Per device: a broadcast's copies (one per device queue) share their msg_id.
+        if self.dedupe is not None and msg_id is not None \
+                and self.dedupe.seen((record.device, msg_id)):
             summary.duplicates += 1
             LOGGER.debug("duplicate msg_id %s at %s[%d]@%d dropped", msg_id, record.topic,
                          record.partition, record.offset)

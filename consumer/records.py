@@ -9,7 +9,7 @@ import datetime
 import json
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable
 
 from rabbitmq import topology
 
@@ -147,9 +147,9 @@ class DedupeWindow:
         if size < 1:
             raise ValueError("dedupe window must hold at least one id")
         self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[Hashable, None] = OrderedDict()
 
-    def seen(self, msg_id: str) -> bool:
+    def seen(self, msg_id: Hashable) -> bool:
         """Remember `msg_id`; True when it was already among the last `size` ids."""
         if msg_id in self._ids:
             self._ids.move_to_end(msg_id)

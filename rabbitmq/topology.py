@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("devices", nargs="*", help="device ids (default: WEBOS_DEVICES)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
     settings = load_settings()
     apply(settings, args.devices or None)
     return 0

@@ -90,21 +90,20 @@ def down(settings: Settings, running=None) -> None:
         broker.stop()
 
 
-def banner(settings: Settings) -> str:
-    """What a user can open once the stack is up."""
-    return "\n".join([
-        "",
-        "webos pipeline is up:",
-        f"  publisher (devices)     http://127.0.0.1:{settings.publisher_port}/",
-        f"  consumer live view      http://127.0.0.1:{settings.consumer_port}/",
-        f"  RabbitMQ management UI  {settings.management_url}/  (user {settings.admin_user})",
-        f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics",
-        f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
-        f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
-        "  read Kafka              .venv/bin/python -m consumer --from-beginning",
-        "Ctrl-C stops everything.",
-        "",
-    ])
+def banner(settings: Settings, apps: bool = True) -> str:
+    """What a user can open once the stack is up (`apps`: with publisher, bridge and consumer)."""
+    lines = ["", "webos pipeline is up:" if apps else "webos brokers are up (no apps: `make run` runs them):"]
+    if apps:
+        lines += [f"  publisher (devices)     http://127.0.0.1:{settings.publisher_port}/",
+                  f"  consumer live view      http://127.0.0.1:{settings.consumer_port}/"]
+    lines.append(f"  RabbitMQ management UI  {settings.management_url}/  (user {settings.admin_user})")
+    if apps:
+        lines.append(f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics")
+    lines += [f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
+              f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
+              "  read Kafka              .venv/bin/python -m consumer --from-beginning",
+              "Ctrl-C stops everything." if apps else "`make stop` stops them.", ""]
+    return "\n".join(lines)
 
 
 def run_apps(settings: Settings) -> int:
@@ -117,7 +116,10 @@ def run_apps(settings: Settings) -> int:
     honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(PROCFILE),
                                "-d", str(REPO_ROOT), "-e", os.devnull], env=env)
     try:
-        return honcho.wait()
+        code = honcho.wait()
+        # 130 and 143: honcho itself got SIGINT or SIGTERM (from a terminal, say, while this
+        # process ignored them), a stop someone asked for. Any other code is an app's own failure.
+        return 0 if code in (130, 143) else code
     except KeyboardInterrupt:
         pass
     # A terminal's Ctrl-C reaches honcho too, a SIGINT or SIGTERM sent to this process alone
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
         LOGGER.info("interrupted while starting")
         stop_brokers(settings)
         return 130
-    print(banner(settings), flush=True)
+    print(banner(settings, apps=args.command == "run"), flush=True)
     if args.command == "up":
         return 0
     try:

@@ -1,4 +1,5 @@
 """The consumer's pure logic, no broker: decoding, filters, de-duplication, seq gaps, formats, fan-out."""
+import io
 import json
 
 import pytest
@@ -82,6 +83,18 @@ def test_dedupe_window_drops_repeats_and_forgets_the_oldest():
     # "a" was seen again after "b", so "b" is the oldest and was evicted by "d"
     assert window.seen("b") is False
     assert window.seen("d") is True
+
+
+def test_dedupe_is_per_device_so_every_copy_of_a_broadcast_is_kept():
+    printer = cli.StreamPrinter(None, io.StringIO(), RecordFilter.of(), output_format="json",
+                                dedupe=DedupeWindow())
+    copies = [record(payload(msg_id="b1", device=device), key=device)
+              for device in ("3DF92-192", "4HHC2-392")]
+
+    for each in [*copies, copies[0]]:
+        printer.handle(each)
+
+    assert (printer.summary.records, printer.summary.duplicates) == (2, 1)
 
 
 def test_dedupe_window_must_hold_something():

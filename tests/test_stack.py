@@ -222,6 +222,7 @@ class FakeHoncho:
 
 @pytest.mark.parametrize("interrupts, honcho_code, expected, forwarded", [
     (0, 2, 2, []),                            # an app died on its own: its failure shows
+    (0, 130, 0, []),                          # only honcho got the Ctrl-C: still a requested stop
     (1, 130, 0, [signal.SIGINT]),             # Ctrl-C or SIGTERM: a requested stop succeeds
     (2, 130, 0, [signal.SIGINT]),             # impatient second Ctrl-C: still one stop
 ])
