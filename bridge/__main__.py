@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 
-
 from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.records import TemplateError, check_template

@@ -32,16 +32,14 @@ def stack_dir(settings: Settings) -> Path:
 
 def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
     """The local RabbitMQ and Kafka processes for `settings` (not started)."""
+    base = stack_dir(settings)
     port = int(settings.kafka_bootstrap.rpartition(":")[2])
-    # RabbitMQ's Erlang distribution listens on the AMQP port + 20000, Kafka's controller on the
-    # Kafka port + 1.
-    if settings.amqp_port + 20000 > 65535 or port + 1 > 65535:
-        raise SystemExit(f"WEBOS_AMQP_PORT={settings.amqp_port} must be at most 45535 and the "
-                         f"Kafka port ({port}) at most 65534: the local brokers also listen on "
-                         "AMQP + 20000 and Kafka + 1")
-    rabbitmq = LocalRabbitMQ(stack_dir(settings) / "rabbitmq", settings,
-                             node_name=settings.rabbitmq_node)
-    kafka = LocalKafka(stack_dir(settings) / "kafka", port=port, controller_port=port + 1)
+    rabbitmq = LocalRabbitMQ(base / "rabbitmq", settings, node_name=settings.rabbitmq_node)
+    kafka = LocalKafka(base / "kafka", port=port, controller_port=port + 1)
+    if rabbitmq.dist_port > 65535 or kafka.controller_port > 65535:
+        raise SystemExit(f"WEBOS_AMQP_PORT={settings.amqp_port} or the Kafka port ({port}) is too "
+                         f"high: the local brokers also listen on {rabbitmq.dist_port} (Erlang "
+                         f"distribution) and {kafka.controller_port} (Kafka's controller)")
     return rabbitmq, kafka
 
 
