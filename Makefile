@@ -1,11 +1,12 @@
 # webos device pipeline. `make run` starts everything, `make test` runs the suite.
-# Both install what is missing first: a venv in .venv, Debian packages, Kafka's jars.
+# Both install what is missing first: a venv in .venv, Debian packages, Kafka's jars, and the
+# RabbitMQ 4 runtime (built once per machine into ~/.cache/webos-pipeline; make clean keeps it).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-RUN_PACKAGES := rabbitmq-server default-jre-headless $(if $(shell command -v mvn),,maven)
+RUN_PACKAGES := mmdebstrap default-jre-headless $(if $(shell command -v mvn),,maven)
 TEST_PACKAGES := chromium docker-compose
 PYTEST_ARGS ?=
 
@@ -43,6 +44,7 @@ endef
 install: $(VENV)/.installed
 	$(call apt_ensure,$(RUN_PACKAGES))
 	@$(MAKE) --no-print-directory --silent kafka/lib/.installed
+	@$(PY) -m stack.rabbitmq_runtime
 
 install-test: install
 	$(call apt_ensure,$(TEST_PACKAGES))

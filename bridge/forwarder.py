@@ -25,7 +25,7 @@ from bridge.discovery import QueueDiscovery
 from bridge.metrics import BridgeStats
 from bridge.records import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
                             DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED,
-                            AckTracker, Route, RouteCache, inspect_body)
+                            AckTracker, Route, RouteCache, inspect_body, message_headers)
 from rabbitmq import topology
 from stack.config import Settings
 
@@ -381,19 +381,18 @@ class Forwarder:
                 self._park(tag, body, reason, detail, queue, routing_key, method.exchange,
                            properties.headers)
                 continue
+            headers = [*route.headers, ("msg_id", msg_id)] if msg_id else [*route.headers]
+            if properties.headers or properties.content_type:  # an MQTT 5 device's properties
+                headers += message_headers(properties.headers, properties.content_type)
             try:
-                produce(route.topic, body, route.key,
-                        headers=[*route.headers, ("msg_id", msg_id)] if msg_id else [*route.headers],
+                produce(route.topic, body, route.key, headers=headers,
                         on_delivery=partial(on_delivery, generation, tag, route))
             except (BufferError, KafkaException):
-                self._produce(tag, route, body, msg_id, properties.headers, method.exchange)
+                self._produce(tag, route, body, headers, properties.headers, method.exchange)
 
-    def _produce(self, tag: int, route: Route, body: bytes, msg_id: str, amqp_headers=None,
+    def _produce(self, tag: int, route: Route, body: bytes, headers: list, amqp_headers=None,
                  exchange: str = "", alone: bool = False) -> None:
         """Produce one record, waiting while librdkafka's queue is full; park what it refuses."""
-        headers = list(route.headers)
-        if msg_id:
-            headers.append(("msg_id", msg_id))
         callback = partial(self.on_delivery, self._generation, tag, route,
                            alone=True) if alone else partial(self.on_delivery, self._generation,
                                                              tag, route)
@@ -422,7 +421,7 @@ class Forwarder:
             # Only a record refused when sent alone is parked.
             detail = f"{error.name()}: {error.str()}"
             (self._to_park if alone else self._to_isolate).append(
-                (tag, route, record.value(), detail))
+                (tag, route, record.value(), record.headers() or [], detail))
         else:
             LOGGER.warning("Kafka did not take a record from %s (%s); requeueing it",
                            route.queue, error.str())
@@ -452,15 +451,15 @@ class Forwarder:
             self._to_nack.clear()
         if self._to_isolate:
             isolated, self._to_isolate = self._to_isolate, []
-            for tag, route, value, detail in isolated:
+            for tag, route, value, headers, detail in isolated:
                 LOGGER.info("Kafka refused a batch with a record from %s (%s); sending it alone",
                             route.queue, detail)
-                self._produce(tag, route, value, inspect_body(value, len(value))[2], alone=True)
+                self._produce(tag, route, value, headers, alone=True)
                 # Rare path: flushing is what makes the next batch hold this one record.
                 self.producer.flush(self.options.flush_timeout)
         if self._to_park:
             parked, self._to_park = self._to_park, []
-            for tag, route, value, detail in parked:
+            for tag, route, value, _, detail in parked:
                 self._park(tag, value, KAFKA_REJECTED, detail, route.queue, route.routing_key,
                            "", None)
         last, count = tracker.take_ackable()

@@ -73,6 +73,26 @@ def route_for(template: str, queue: str, routing_key: str) -> Route:
     return Route(topic, device.encode(), headers, queue, routing_key)
 
 
+# An MQTT 5 device's user properties (which RabbitMQ hands on as AMQP headers of the same names)
+# reach Kafka as headers USER_HEADER_PREFIX + name; its content type as CONTENT_TYPE_HEADER. The
+# prefix keeps them apart from the bridge's own headers above, whatever a device names them.
+USER_HEADER_PREFIX = "user."
+CONTENT_TYPE_HEADER = "content_type"
+
+
+def message_headers(amqp_headers: dict | None, content_type: str | None) -> list[tuple[str, bytes]]:
+    """The Kafka headers a delivery's own properties give: content type, then each AMQP header."""
+    headers = [(CONTENT_TYPE_HEADER, content_type.encode())] if content_type else []
+    for name, value in (amqp_headers or {}).items():
+        if isinstance(value, str):
+            value = value.encode()
+        elif not isinstance(value, bytes):
+            # An AMQP client may send numbers, booleans or nested tables: JSON says which it was.
+            value = json.dumps(value, default=str).encode()
+        headers.append((USER_HEADER_PREFIX + name, value))
+    return headers
+
+
 class RouteCache:
     """route_for() memoised per (queue, routing key); bounded so odd routing keys cannot grow it."""
 

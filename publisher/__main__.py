@@ -8,7 +8,7 @@ import threading
 
 from werkzeug.serving import make_server
 
-from publisher.devices import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
+from publisher.devices import DEFAULT_DEVICES_FILE, MQTT_VERSIONS, DeviceConfig, parse_interval
 from stack.config import load_settings
 
 LOGGER = logging.getLogger("publisher")
@@ -36,6 +36,9 @@ def parse_args(argv, settings):
     parser.add_argument("--max-queued", type=int, default=1000,
                         help="messages a device keeps while RabbitMQ is unreachable before it "
                              "drops (and logs) new ones (default %(default)s)")
+    parser.add_argument("--mqtt-version", choices=MQTT_VERSIONS, default=MQTT_VERSIONS[0],
+                        help="MQTT version the devices speak (default %(default)s; with 5 each "
+                             "message carries its content type, a Kafka header downstream)")
     parser.add_argument("--no-declare", action="store_true",
                         help="do not declare the devices' queues at start (they exist already)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
     from publisher.app import create_app
 
     config = {"SETTINGS": settings, "DEVICES_FILE": args.devices_file,
-              "MAX_QUEUED_MESSAGES": args.max_queued, "DECLARE_QUEUES": not args.no_declare}
+              "MAX_QUEUED_MESSAGES": args.max_queued, "DECLARE_QUEUES": not args.no_declare,
+              "MQTT_VERSION": args.mqtt_version}
     try:
         interval = parse_interval(args.interval) if args.interval else None
         if args.devices:

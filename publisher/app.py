@@ -9,7 +9,8 @@ from flask import Flask, abort, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from publisher.admin_link import AdminLink, BrokerUnavailable
-from publisher.devices import (DEFAULT_DEVICES_FILE, STATUSES, DeviceConfig, DuplicateDevice,
+from publisher.devices import (DEFAULT_DEVICES_FILE, MQTT_VERSIONS, STATUSES, DeviceConfig,
+                               DuplicateDevice,
                                Simulator, UnknownDevice, load_devices)
 from rabbitmq import topology
 from stack.config import environment, load_settings
@@ -43,6 +44,7 @@ def create_app(config=None) -> Flask:
         DEVICES_FILE=str(DEFAULT_DEVICES_FILE),
         INTERVAL=None,            # (min, max) seconds overriding the file's intervals
         MAX_QUEUED_MESSAGES=1000,  # per device, while RabbitMQ is unreachable
+        MQTT_VERSION=MQTT_VERSIONS[0],
         CONSUMER_URL=None,        # link to the consumer's live view
         DECLARE_QUEUES=True,      # declare the configured devices' queues at start
     )
@@ -62,7 +64,8 @@ def create_app(config=None) -> Flask:
         except Exception:
             admin.close()
             raise
-    simulator = Simulator(settings, devices, max_queued_messages=app.config["MAX_QUEUED_MESSAGES"])
+    simulator = Simulator(settings, devices, max_queued_messages=app.config["MAX_QUEUED_MESSAGES"],
+                          mqtt_version=app.config["MQTT_VERSION"])
     simulator.start()
     publisher = Publisher(simulator, admin)
     app.extensions["publisher"] = publisher

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from rabbitmq import topology
 from stack.config import Settings
@@ -40,6 +42,11 @@ MAX_ROUTE_LENGTH = 10_000
 LATE_MS = 100  # a message published more than this after its due time counts as late
 MISC_PERIOD = 5.0  # paho's loop_misc (keepalive pings, timeouts) per client, seconds
 RECONNECT_MIN, RECONNECT_MAX = 1.0, 30.0
+# MQTT versions a device can speak, the default first. With MQTT 5 each message says its content
+# type, which reaches Kafka as the record header content_type.
+MQTT_VERSIONS = ("5", "3.1.1")
+_PAHO_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+CONTENT_TYPE = "application/json"
 
 
 class UnknownDevice(KeyError):
@@ -164,6 +171,7 @@ class DeviceState:
         self.published = 0
         self.acked = 0
         self.dropped = 0
+        self.refused = 0  # acknowledged with an MQTT 5 reason code other than Success
         self.last_message_ts: int | None = None
         self.connected = False
         self.removed = False
@@ -204,6 +212,7 @@ class DeviceState:
         x, y = self.position()
         return {"id": self.id, "status": self.status, "connected": self.connected,
                 "messages": self.published, "acked": self.acked, "dropped": self.dropped,
+                "refused": self.refused,
                 "seq": self.seq, "last_message_ts": self.last_message_ts, "position": [x, y],
                 "interval": list(self.config.interval), "route_length": len(self.config.route)}
 
@@ -276,8 +285,16 @@ class Simulator:
     """Runs devices: one scheduler thread, one paho client per device, one selector for all."""
 
     def __init__(self, settings: Settings, devices: list[DeviceConfig], *, keepalive: int = 60,
-                 max_queued_messages: int = 1000, seed: int | None = None, stagger: bool = True):
+                 max_queued_messages: int = 1000, seed: int | None = None, stagger: bool = True,
+                 mqtt_version: str = MQTT_VERSIONS[0]):
+        if mqtt_version not in _PAHO_PROTOCOLS:
+            raise ValueError(f"MQTT version {mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}")
         self.settings = settings
+        self.mqtt_version = mqtt_version
+        self._publish_properties = None
+        if mqtt_version == "5":
+            self._publish_properties = Properties(PacketTypes.PUBLISH)
+            self._publish_properties.ContentType = CONTENT_TYPE
         self.keepalive = keepalive
         self.max_queued_messages = max_queued_messages
         self.stagger = stagger
@@ -506,8 +523,12 @@ class Simulator:
         if config.id in self._devices:
             raise DuplicateDevice(config.id)
         state = DeviceState(config, random.Random(self.rng.random()))
+        # A clean session each time (MQTT 5: clean start, no session expiry): a device publishes
+        # only, and paho resends its unacknowledged messages after a reconnect either way.
+        protocol = _PAHO_PROTOCOLS[self.mqtt_version]
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{config.id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
+                             protocol=protocol,
+                             clean_session=True if protocol == mqtt.MQTTv311 else None)
         entry = _Device(state, client,
                         topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES})
         client.user_data_set(entry)
@@ -581,7 +602,7 @@ class Simulator:
             self._dropped(state, payload["seq"])
             return
         if state.connected and not entry.backlog:
-            info = entry.client.publish(topic, body, qos=1)
+            info = entry.client.publish(topic, body, qos=1, properties=self._publish_properties)
             self._watch_writes(entry)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 self._dropped(state, payload["seq"])
@@ -604,7 +625,7 @@ class Simulator:
         client = entry.client
         while entry.backlog and entry.state.connected and client.socket() is not None:
             topic, body = entry.backlog[0]
-            info = client.publish(topic, body, qos=1)
+            info = client.publish(topic, body, qos=1, properties=self._publish_properties)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 break  # paho is full after all: the rest waits for acknowledgements, in order
             entry.backlog.popleft()
@@ -618,8 +639,9 @@ class Simulator:
                 if entry.client.host:
                     entry.client.reconnect()
                 else:
+                    clean_start = {} if self.mqtt_version == "3.1.1" else {"clean_start": True}
                     entry.client.connect(self.settings.rabbitmq_host, self.settings.mqtt_port,
-                                         keepalive=self.keepalive)
+                                         keepalive=self.keepalive, **clean_start)
                 self._watch_writes(entry)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s",
@@ -663,6 +685,13 @@ class Simulator:
 
     def on_publish(self, client, entry, mid, reason_code, properties):
         entry.state.acked += 1
+        if reason_code != 0:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
+            # 16 "No matching subscribers": routed nowhere, so the topology (webos.topic's
+            # alternate exchange) is missing; 135 "Not authorized": the permissions are wrong.
+            entry.state.refused += 1
+            if entry.state.refused == 1 or entry.state.refused % 100 == 0:
+                LOGGER.warning("device %s: RabbitMQ acknowledged a message with %s (%d so far)",
+                               entry.state.id, reason_code, entry.state.refused)
 
     def on_socket_open(self, client, entry, sock):
         self._selector.register(sock, selectors.EVENT_READ, entry)

@@ -1,8 +1,9 @@
-"""RabbitMQ from Debian's package, run as a project-owned process with its own node and data."""
+"""RabbitMQ 4 (stack/rabbitmq_runtime.py), run as a project-owned process with its own node and data."""
 from __future__ import annotations
 
 import os
 import re
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import requests
 
 from stack.config import REPO_ROOT, Settings
 from stack.process import BrokerError, LocalProcess, port_open
+from stack.rabbitmq_runtime import SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 
 RABBITMQ_DIR = REPO_ROOT / "rabbitmq"
-SERVER_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+LOGGER = logging.getLogger(__name__)
 # Keys the local stack sets itself: listeners on 127.0.0.1 and this instance's ports.
 _LOCAL_KEYS = re.compile(r"^\s*(listeners\.tcp\.|management\.tcp\.|mqtt\.listeners\.tcp\.)")
 
@@ -29,6 +31,17 @@ class LocalRabbitMQ(LocalProcess):
         self.settings = settings
         self.node_name = f"{node_name}@localhost"
         self.dist_port = dist_port or settings.amqp_port + 20000
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The RabbitMQ 4 this node runs on, built on first use if the machine has none yet."""
+        if self._runtime is None:
+            try:
+                self._runtime = ensure_runtime(progress=lambda line: LOGGER.info("%s", line))
+            except RuntimeMissing as error:
+                raise BrokerError(str(error)) from error
+        return self._runtime
 
     def render_config(self) -> str:
         """rabbitmq/rabbitmq.conf with listeners on 127.0.0.1 and the first-boot administrator."""
@@ -54,36 +67,37 @@ class LocalRabbitMQ(LocalProcess):
         return "\n".join(lines) + "\n"
 
     def prepare(self) -> None:
-        if not SERVER_SCRIPT.exists():
-            raise SystemExit(f"{SERVER_SCRIPT} is missing: install Debian's rabbitmq-server "
-                             "(make install does it: apt-get install rabbitmq-server)")
+        self.runtime  # noqa: B018  (built now, before the log says "started")
         config = self.base_dir / "rabbitmq.conf"
         config.write_text(self.render_config())
         config.chmod(0o600)
         shutil.copyfile(RABBITMQ_DIR / "enabled_plugins", self.base_dir / "enabled_plugins")
 
     def environment(self) -> dict[str, str]:
+        data = self.runtime.data_path(self.base_dir)  # base_dir as the broker sees it
         env = dict(os.environ)
         env.update({
-            "RABBITMQ_CONFIG_FILE": str(self.base_dir / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base_dir / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(self.base_dir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base_dir / "log"),
+            "RABBITMQ_CONFIG_FILE": f"{data}/rabbitmq.conf",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{data}/enabled_plugins",
+            "RABBITMQ_MNESIA_BASE": f"{data}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{data}/log",
             "RABBITMQ_NODENAME": self.node_name,
             "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_PID_FILE": str(self.base_dir / "beam.pid"),
+            "RABBITMQ_PID_FILE": f"{data}/beam.pid",
             # The script then execs the Erlang VM, so our child is the broker itself and
             # SIGTERM reaches it directly (a clean shutdown).
             "RUNNING_UNDER_SYSTEMD": "1",
             # Erlang cookie in the data dir, distribution and epmd on loopback only.
-            "HOME": str(self.base_dir),
+            "HOME": data,
+            # The Debian 13 root has no locales; C.UTF-8 is built into its glibc.
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         })
         return env
 
     def command(self) -> list[str]:
-        return [str(SERVER_SCRIPT)]
+        return self.runtime.command([SERVER_SCRIPT], self.base_dir)
 
     def probe(self) -> bool:
         """Management API answers, AMQP accepts the administrator, MQTT listens."""

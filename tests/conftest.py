@@ -41,6 +41,13 @@ def _docker_answers() -> bool:
         return False
 
 
+def compose_image(service: str) -> str:
+    """The image docker-compose.yml runs for `service`: the containers here use the same one."""
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][service]["image"]
+
+
 def _test_credentials() -> dict[str, str]:
     return {name: secrets.token_urlsafe(12)
             for name in ("admin_password", "device_password", "bridge_password")}
@@ -69,7 +76,7 @@ class _Brokers:
         from testcontainers.kafka import KafkaContainer
 
         credentials = _test_credentials()
-        rabbit = (DockerContainer("rabbitmq:3.13-management")
+        rabbit = (DockerContainer(compose_image("rabbitmq"))
                   .with_env("RABBITMQ_DEFAULT_USER", "webos-admin")
                   .with_env("RABBITMQ_DEFAULT_PASS", credentials["admin_password"])
                   .with_volume_mapping(str(REPO_ROOT / "rabbitmq" / "rabbitmq.conf"),

@@ -33,16 +33,19 @@ def answers(url: str, auth=None) -> bool:
 
 
 class MqttDevice:
-    """A paho 2.x client connected to RabbitMQ's MQTT listener; records the CONNACK it got."""
+    """A paho 2.x client connected to RabbitMQ's MQTT listener (MQTT 3.1.1 unless `protocol`
+    says otherwise); records the CONNACK and each PUBACK's reason code."""
 
     def __init__(self, settings: Settings, user: str | None = None, password: str | None = None,
-                 client_id: str | None = None):
+                 client_id: str | None = None, protocol: int = mqtt.MQTTv311):
         self.connected = threading.Event()
         self.disconnected = threading.Event()
         self.reason_code = None
+        self.puback_reasons: dict[int, mqtt.ReasonCode] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=protocol)
+        self.client.on_publish = self.on_publish
         if user is not None:
             self.client.username_pw_set(user, password)
         self.client.on_connect = self.on_connect
@@ -57,11 +60,20 @@ class MqttDevice:
     def on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.disconnected.set()
 
-    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+    def on_publish(self, client, userdata, mid, reason_code, properties):
+        self.puback_reasons[mid] = reason_code
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, properties=None) -> bool:
         """Publish with QoS 1; True when the broker acknowledged it within `timeout`."""
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, properties=properties)
         info.wait_for_publish(timeout)
+        self.last_mid = info.mid
         return info.is_published()
+
+    @property
+    def last_puback_reason(self) -> mqtt.ReasonCode:
+        """The reason code of the last publish's PUBACK (MQTT 3.1.1 has none: always Success)."""
+        return self.puback_reasons[self.last_mid]
 
     def close(self) -> None:
         self.client.disconnect()

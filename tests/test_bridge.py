@@ -14,11 +14,14 @@ import threading
 import time
 import uuid
 
+import paho.mqtt.client as mqtt
 import pika
 import psutil
 import pytest
 import requests
 from confluent_kafka.admin import AdminClient, NewTopic
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.forwarder import BridgeOptions
 from bridge.records import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
@@ -191,6 +194,33 @@ def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
     assert "bridge stopped: consumed=120 produced=120 acked=120" in bridge.output
     for device in devices:  # acked, not merely delivered: nothing came back when it disconnected
         assert queue_depth(admin_channel, topology.device_queue(device)) == 0
+
+
+def test_mqtt5_content_type_and_user_properties_reach_kafka_as_headers(
+        settings, new_device, bridges, kafka_topic):
+    device = new_device("M")
+    bridge = bridges("--queues", topology.device_queue(device), "--topic-template", kafka_topic)
+    bridge.wait_consuming(1)
+    client = MqttDevice(settings, settings.device_user, settings.device_password,
+                        client_id=f"webos-{device}", protocol=mqtt.MQTTv5)
+    assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ContentType = "application/json"
+    # A user property named like one of the bridge's headers cannot pose as it.
+    properties.UserProperty = [("site", "hall 3"), ("device", "someone-else")]
+    try:
+        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 1), properties=properties)
+        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 2))
+    finally:
+        client.close()
+
+    first, second = read_records(settings, kafka_topic, lambda got: len(got) >= 2)
+    headers = dict((name, value.decode()) for name, value in first.headers())
+    assert headers["device"] == device
+    assert (headers["content_type"], headers["user.site"], headers["user.device"]) == (
+        "application/json", "hall 3", "someone-else")
+    assert not any(name.startswith("user.") or name == "content_type"
+                   for name, _ in second.headers())  # a message without properties adds none
 
 
 def test_new_device_queue_is_consumed_within_5_s(settings, new_device, bridges, kafka_topic):

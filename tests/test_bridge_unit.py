@@ -13,6 +13,7 @@ from bridge.__main__ import build_parser
 from bridge.discovery import select_queues
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector
 from bridge.records import (NOT_JSON, NOT_OBJECT, TOO_LARGE, AckTracker, RouteCache, TemplateError,
+                            message_headers,
                             check_template, inspect_body, route_for)
 from stack.config import Settings
 
@@ -25,6 +26,20 @@ def test_route_carries_device_key_and_headers():
                                    "mqtt_topic": b"webos/3DF92-192/warning",
                                    "device": b"3DF92-192", "type": b"warning",
                                    "queue": b"webos.3DF92-192"}
+
+
+def test_mqtt5_properties_become_prefixed_headers_that_cannot_pose_as_the_bridges():
+    amqp_headers = {"device": "spoof", "site": "hall 3", "x-reply-to-topic": "webos.A.reply",
+                    "count": 3, "raw": b"\xff\x00"}
+
+    headers = message_headers(amqp_headers, "application/json")
+
+    assert headers == [("content_type", b"application/json"), ("user.device", b"spoof"),
+                       ("user.site", b"hall 3"), ("user.x-reply-to-topic", b"webos.A.reply"),
+                       ("user.count", b"3"), ("user.raw", b"\xff\x00")]
+    route = RouteCache("webos.events").get("webos.A", "webos.A.info")
+    assert not {name for name, _ in headers} & {name for name, _ in route.headers}
+    assert message_headers(None, None) == []  # MQTT 3.1.1: nothing added
 
 
 def test_route_template_placeholders():

@@ -64,3 +64,13 @@ def test_compose_names_only_files_that_exist(resolved_compose):
         if line.startswith("COPY "):
             source = line.split()[1]
             assert (REPO_ROOT / source).exists(), line
+
+
+def test_compose_runs_rabbitmq_4_0_with_the_local_config(resolved_compose):
+    config, copy = resolved_compose
+    rabbitmq = config["services"]["rabbitmq"]
+    assert rabbitmq["image"] == "rabbitmq:4.0-management"  # the series the local runtime runs
+    sources = [volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+               for volume in rabbitmq["volumes"]]
+    mounted = {str(Path(source).relative_to(copy)) for source in sources if source.startswith("/")}
+    assert {"rabbitmq/rabbitmq.conf", "rabbitmq/enabled_plugins"} <= mounted

@@ -251,6 +251,43 @@ def test_broadcast_reaches_every_device_queue(client, publisher, amqp, new_devic
         assert (payload["command"], payload["message"]) == ("emergency", "evacuate hall 3")
 
 
+def mqtt_connection(settings, client_id: str) -> dict | None:
+    """The management API's view of the MQTT connection with `client_id`, if there is one."""
+    connections = requests.get(f"{settings.management_url}/api/connections",
+                               auth=(settings.admin_user, settings.admin_password), timeout=5).json()
+    for connection in connections:
+        # RabbitMQ 4 reports an MQTT client id under client_properties (3.x: variable_map).
+        if (connection.get("client_properties") or {}).get("client_id") == client_id:
+            return connection
+    return None
+
+
+@pytest.mark.parametrize("version, protocol, content_type", [
+    ("5", "MQTT 5-0", "application/json"),   # the default
+    ("3.1.1", "MQTT 3-1-1", None),           # a 3.1.1 message has no properties
+])
+def test_devices_speak_the_configured_mqtt_version(settings, amqp, version, protocol, content_type):
+    device = unique("PV")
+    config = {"SETTINGS": settings, "DEVICES": [DeviceConfig(device, DEFAULT_ROUTE, FAST)],
+              "TESTING": True}
+    if version != "5":
+        config["MQTT_VERSION"] = version
+    app = create_app(config)
+    try:
+        connection = wait_for(lambda: mqtt_connection(settings, f"webos-{device}"), 15,
+                              interval=0.5, message="the device's MQTT connection")
+        assert connection["protocol"] == protocol
+        method, properties, body = wait_for(
+            lambda: (lambda got: got if got[0] else None)(
+                amqp.basic_get(topology.device_queue(device), auto_ack=True)),
+            10, message="a message from the device")
+        assert json.loads(body)["id"] == device
+        assert properties.content_type == content_type
+    finally:
+        app.extensions["publisher"].close()
+        amqp.queue_delete(topology.device_queue(device))
+
+
 def test_device_reconnects_after_the_broker_drops_its_connection(publisher, settings, amqp):
     device = publisher.device_ids[1]
     simulator = publisher.extensions["publisher"].simulator
@@ -259,12 +296,8 @@ def test_device_reconnects_after_the_broker_drops_its_connection(publisher, sett
     api = f"{settings.management_url}/api"
     auth = (settings.admin_user, settings.admin_password)
 
-    def connection_name():
-        for connection in requests.get(f"{api}/connections", auth=auth, timeout=5).json():
-            if (connection.get("variable_map") or {}).get("client_id") == f"webos-{device}":
-                return connection["name"]
-        return None
-    name = wait_for(connection_name, 15, interval=0.5, message="the device's MQTT connection")
+    name = wait_for(lambda: mqtt_connection(settings, f"webos-{device}"), 15, interval=0.5,
+                    message="the device's MQTT connection")["name"]
     requests.delete(f"{api}/connections/{quote(name, safe='')}", auth=auth, timeout=5).raise_for_status()
     wait_for(lambda: not simulator.device(device)["connected"], 5, message="the drop noticed")
     wait_for(lambda: simulator.device(device)["connected"], 15, message="the device reconnected")
