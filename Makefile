@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-RUN_PACKAGES := mmdebstrap default-jre-headless $(if $(shell command -v mvn),,maven)
+# uidmap: mmdebstrap builds the RabbitMQ 4 root without root through it (newuidmap).
+RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven)
 TEST_PACKAGES := chromium docker-compose
 PYTEST_ARGS ?=
 
