@@ -18,7 +18,7 @@ help:
 	@echo "make test     the whole test suite against real brokers (its own, on free ports)"
 	@echo "make up       start only the brokers in the background (make stop stops them)"
 	@echo "make stop     stop brokers left running"
-	@echo "make status   show which local brokers run"
+	@echo "make status   show which local brokers run, and each app's state under make run"
 	@echo "make clean    stop the brokers and delete their data and logs (.stack/; .env stays)"
 	@echo "make bench    every benchmark on fresh brokers (~15 min), results in bench/results/"
 

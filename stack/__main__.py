@@ -3,31 +3,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from stack.config import DOTENV_PATH, REPO_ROOT, Settings, ensure_credentials, load_settings
+from stack.apps import app_status, apps_running, run_apps
+from stack.config import DOTENV_PATH, Settings, ensure_credentials, load_settings, stack_dir
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import BrokerError
 from stack.rabbitmq_server import LocalRabbitMQ
 
 LOGGER = logging.getLogger("stack")
-PROCFILE = REPO_ROOT / "Procfile"
-
-
-def stack_dir(settings: Settings) -> Path:
-    """Where the local brokers keep their data and logs (WEBOS_STACK_DIR, default .stack/)."""
-    path = (REPO_ROOT / Path(settings.stack_dir).expanduser()).resolve()
-    if path == REPO_ROOT or path in REPO_ROOT.parents:
-        # Its rabbitmq/ and kafka/ would be the repository's own (and `clean` would delete them).
-        raise SystemExit(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
-                         "use a directory of its own (default .stack)")
-    return path
 
 
 def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
@@ -99,36 +85,11 @@ def banner(settings: Settings, apps: bool = True) -> str:
         lines.append(f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics")
     lines += [f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
               f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
-              "  read Kafka              .venv/bin/python -m consumer --from-beginning",
-              "Ctrl-C stops everything." if apps else "`make stop` stops them.", ""]
+              "  read Kafka              .venv/bin/python -m consumer --from-beginning"]
+    if apps:
+        lines.append("  state of each app       make status  (an app that exits is started again)")
+    lines += ["Ctrl-C stops everything." if apps else "`make stop` stops them.", ""]
     return "\n".join(lines)
-
-
-def run_apps(settings: Settings) -> int:
-    """Run publisher, bridge and consumer under honcho in the foreground until Ctrl-C or SIGTERM
-    (then 0), or until an app exits on its own (then honcho's exit code)."""
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # `-e /dev/null`: honcho would read .env itself and let it override the environment, where
-    # the settings (the environment's WEBOS_* over .env) already are.
-    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(PROCFILE),
-                               "-d", str(REPO_ROOT), "-e", os.devnull], env=env)
-    try:
-        code = honcho.wait()
-        # 130 and 143: honcho itself got SIGINT or SIGTERM (from a terminal, say, while this
-        # process ignored them), a stop someone asked for. Any other code is an app's own failure.
-        return 0 if code in (130, 143) else code
-    except KeyboardInterrupt:
-        pass
-    # A terminal's Ctrl-C reaches honcho too, a SIGINT or SIGTERM sent to this process alone
-    # does not; honcho stops its processes once, whatever it gets again.
-    honcho.send_signal(signal.SIGINT)
-    while True:
-        try:
-            honcho.wait()
-            return 0
-        except KeyboardInterrupt:
-            continue
 
 
 def _interrupt(signum, frame):
@@ -154,7 +115,8 @@ def main(argv=None) -> int:
     sub.add_parser("run", help="start brokers, apply topology, run the three apps; Ctrl-C stops all")
     sub.add_parser("up", help="start the brokers in the background and apply the topology")
     sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
-    sub.add_parser("status", help="show which brokers run")
+    sub.add_parser("status", help="show which brokers run and the state of each app "
+                                  "under `run` (pid and uptime)")
     sub.add_parser("clean", help="stop the brokers and delete their data and logs")
     sub.add_parser("setup", help="apply topology, users and Kafka topic to the brokers the "
                                  "environment names (docker compose runs this once)")
@@ -174,6 +136,7 @@ def main(argv=None) -> int:
         for broker in brokers(settings):
             pid = broker.pid()
             print(f"{broker.name}: {'running, pid %d' % pid if pid else 'stopped'}  (log {broker.log_path})")
+        print("\n".join(app_status(settings)))
         return 0
     if args.command == "setup":
         return setup(settings)
@@ -190,6 +153,11 @@ def main(argv=None) -> int:
             except OSError:
                 pass  # missing, or holds other things
         return 0
+    if args.command == "run" and apps_running(settings):
+        # Its brokers are in use: starting, then stopping them again would pull them from under it.
+        LOGGER.error("this stack (%s) already runs: an earlier `make run` is still running; stop "
+                     "it with Ctrl-C there, or use another WEBOS_STACK_DIR", stack_dir(settings))
+        return 1
     try:
         running = up(settings)
     except BrokerError as error:

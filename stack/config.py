@@ -60,6 +60,16 @@ class Settings:
         return env
 
 
+def stack_dir(settings: Settings) -> Path:
+    """Where the local brokers keep their data and logs (WEBOS_STACK_DIR, default .stack/)."""
+    path = (REPO_ROOT / Path(settings.stack_dir).expanduser()).resolve()
+    if path == REPO_ROOT or path in REPO_ROOT.parents:
+        # Its rabbitmq/ and kafka/ would be the repository's own (and `clean` would delete them).
+        raise SystemExit(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
+                         "use a directory of its own (default .stack)")
+    return path
+
+
 def _coerce(field: dataclasses.Field, raw: str):
     if field.type in ("int", int):
         return int(raw)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,11 +17,37 @@ class BrokerError(RuntimeError):
     """A broker did not start or did not become ready; the message says where its log is."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(offset: int = 0) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and nor on port + `offset`.
+
+    Chosen below the ephemeral range: a port from it (what binding port 0 gives) can be taken as
+    the source port of any outgoing connection between now and the moment a broker binds it.
+    """
+    low, high = 10000, ephemeral_ports()[0] - 1 - offset
+    if high <= low:
+        low, high = 1024, 65535 - offset
+    while True:
+        port = random.randint(low, high)
+        if all(_bindable(candidate) for candidate in {port, port + offset}):
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

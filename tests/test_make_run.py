@@ -1,12 +1,15 @@
 """`make run` as a newcomer types it: every page answers, devices reach Kafka, Ctrl-C stops it all,
-a second `make run` keeps the data, `make clean` deletes it.
+a second `make run` keeps the data, `make clean` deletes it; an app that dies is started again, one
+that keeps failing is reported.
 
 It runs its own stack (data dir, node name and ports from WEBOS_* variables), so it never touches
 a `make run` stack already running on the default ports.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -16,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psutil
+import requests
 
 from rabbitmq import topology
 from stack.config import REPO_ROOT, load_settings
@@ -23,24 +27,15 @@ from stack.process import free_port, port_open
 from tests.helpers import answers, consume, kafka_consumer, wait_for
 
 
-def free_port_with_neighbour(offset: int) -> int:
-    """A free port whose port + `offset` is free too (RabbitMQ's distribution port, Kafka's
-    controller port)."""
-    while True:
-        port = free_port()
-        if port + offset <= 65535 and not port_open(port + offset):
-            return port
-
-
 def stack_environment(tmp_path) -> dict[str, str]:
     """The environment of a stack of its own: data dir, node name, free ports, fresh passwords."""
     env = {**os.environ,
            "WEBOS_STACK_DIR": str(tmp_path / "stack"),
            "WEBOS_RABBITMQ_NODE": f"webos-make-run-{os.getpid()}",
-           "WEBOS_AMQP_PORT": str(free_port_with_neighbour(20000)),
+           "WEBOS_AMQP_PORT": str(free_port(offset=20000)),  # + Erlang distribution
            "WEBOS_MQTT_PORT": str(free_port()),
            "WEBOS_MANAGEMENT_PORT": str(free_port()),
-           "WEBOS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port_with_neighbour(1)}",
+           "WEBOS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port(offset=1)}",  # + controller
            "WEBOS_PUBLISHER_PORT": str(free_port()),
            "WEBOS_CONSUMER_PORT": str(free_port()),
            "WEBOS_BRIDGE_METRICS_PORT": str(free_port()),
@@ -51,78 +46,123 @@ def stack_environment(tmp_path) -> dict[str, str]:
     return env
 
 
+APPS = ("publisher", "bridge", "consumer")
+
+
 def identity(record) -> tuple:
     return record.partition(), record.offset(), record.value()
 
 
-def make_run_until_ctrl_c(env: dict[str, str], log_path, enough) -> list:
-    """`make run`; once every page answers, read the topic from the start until `enough(records)`,
-    press Ctrl-C, check everything stopped cleanly. Returns the records."""
-    settings = load_settings(env=env)  # as make run reads them: .env under the environment
-    with open(log_path, "wb") as log:
-        # Its own process group, as a terminal gives a foreground job.
-        make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pages = [f"http://127.0.0.1:{settings.publisher_port}/",
-             f"http://127.0.0.1:{settings.consumer_port}/",
-             f"http://127.0.0.1:{settings.bridge_metrics_port}/healthz"]
-    admin = (settings.admin_user, settings.admin_password)
-    device_queue = (f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
-                    f"{topology.device_queue(settings.devices[0])}")
+class MakeRun:
+    """`make run` in a process group of its own, as a terminal runs a foreground job; leaving the
+    `with` block kills whatever is left and stops the brokers (after a failed test)."""
 
-    def everything_answers() -> bool:
-        assert make.poll() is None, f"make run exited early:\n{log_path.read_text()[-3000:]}"
-        return all(answers(page) for page in pages) and answers(device_queue, admin)
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.settings = load_settings(env=env)  # as make run reads them: .env under the environment
+        self.pages = {"publisher": f"http://127.0.0.1:{self.settings.publisher_port}/",
+                      "consumer": f"http://127.0.0.1:{self.settings.consumer_port}/",
+                      "bridge": f"http://127.0.0.1:{self.settings.bridge_metrics_port}/healthz"}
+        with open(log_path, "wb") as log:
+            self.make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
-    try:
-        wait_for(everything_answers, timeout=240, interval=0.5, message="every page of make run")
-        consumer = kafka_consumer(settings, [settings.kafka_topic])
-        records = []
-        try:
-            deadline = time.monotonic() + 60
-            while not enough(records) and time.monotonic() < deadline:
-                records += consume(consumer, 1, timeout=1)
-        finally:
-            consumer.close()
-        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        code = make.wait(120)
-    finally:
-        if make.poll() is None:
-            # honcho starts each app in a session of its own: the group's SIGKILL would miss them.
-            for process in [psutil.Process(make.pid), *psutil.Process(make.pid).children(recursive=True)]:
+    def __enter__(self) -> "MakeRun":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.make.poll() is None:
+            # supervisord runs in a session of its own, each app in a process group of its own:
+            # the group's SIGKILL would miss them.
+            make = psutil.Process(self.make.pid)
+            for process in [make, *make.children(recursive=True)]:
                 try:
                     process.kill()
                 except psutil.NoSuchProcess:
                     pass
-            make.wait()
-        subprocess.run([sys.executable, "-m", "stack", "down"], env=env,
+            self.make.wait()
+        subprocess.run([sys.executable, "-m", "stack", "down"], env=self.env,
                        cwd=REPO_ROOT, capture_output=True, timeout=180)
-    output = log_path.read_text()
-    # make itself dies of the SIGINT once its recipe is done (printing "Interrupt"), as for any
-    # target: what shows a clean stop is every app's exit code and both brokers stopped.
-    assert code in (0, -signal.SIGINT), output[-3000:]
-    for app in ("publisher", "bridge", "consumer"):
-        assert f"{app}.1 stopped (rc=0)" in output, output[-3000:]
-    assert "rabbitmq stopped" in output and "kafka stopped" in output, output[-3000:]
-    kafka_port = int(settings.kafka_bootstrap.rpartition(":")[2])
-    for port in (settings.amqp_port, settings.mqtt_port, kafka_port, settings.publisher_port):
-        assert not port_open(port), f"port {port} still open after Ctrl-C"
-    assert not list(Path(env["WEBOS_STACK_DIR"]).glob("*/*.pid")), "a broker's pid file is left"
-    assert {record.key().decode() for record in records} <= set(settings.devices)
-    return records
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> str:
+        """What `python -m stack status` (`make status`) prints for this stack."""
+        return subprocess.run([sys.executable, "-m", "stack", "status"], env=self.env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    def pid(self, name: str) -> int | None:
+        """The pid `make status` shows for an app or a broker while it runs."""
+        found = re.search(rf"^{name}: running, pid (\d+)", self.status(), re.MULTILINE)
+        return int(found.group(1)) if found else None
+
+    def wait_until_up(self, apps=APPS) -> None:
+        """Until the pages of `apps` and a device queue in the management API answer."""
+        admin = (self.settings.admin_user, self.settings.admin_password)
+        device_queue = (f"{self.settings.management_url}/api/queues/{quote(self.settings.vhost, safe='')}/"
+                        f"{topology.device_queue(self.settings.devices[0])}")
+
+        def everything_answers() -> bool:
+            assert self.make.poll() is None, f"make run exited early:\n{self.output()[-3000:]}"
+            return all(answers(self.pages[app]) for app in apps) and answers(device_queue, admin)
+        wait_for(everything_answers, timeout=240, interval=0.5, message="every page of make run")
+
+    def read_kafka(self, enough, timeout: float = 60) -> list:
+        """Records of the topic from the start, until `enough(records)` or the timeout."""
+        consumer = kafka_consumer(self.settings, [self.settings.kafka_topic])
+        records = []
+        try:
+            deadline = time.monotonic() + timeout
+            while not enough(records) and time.monotonic() < deadline:
+                records += consume(consumer, 1, timeout=1)
+        finally:
+            consumer.close()
+        assert {record.key().decode() for record in records} <= set(self.settings.devices)
+        return records
+
+    def ctrl_c(self, stopped=APPS) -> str:
+        """Press Ctrl-C; check that the apps in `stopped` stopped cleanly, then both brokers, and
+        that nothing is left. Returns the output."""
+        os.killpg(self.make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = self.make.wait(120)
+        output = self.output()
+        # make itself dies of the SIGINT once its recipe is done (printing "Interrupt"), as for any
+        # target; it would print "Error" if `python -m stack run` had not exited 0.
+        assert code in (0, -signal.SIGINT), output[-3000:]
+        assert not re.search(r"^make: \*\*\*.*Error", output, re.MULTILINE), output[-3000:]
+        for app in stopped:
+            assert f"stopped: {app} (exit status 0)" in output, output[-3000:]
+        # The apps first, then the brokers.
+        assert output.rindex("stopped: ") < output.index("stopping brokers"), output[-3000:]
+        assert "rabbitmq stopped" in output and "kafka stopped" in output, output[-3000:]
+        kafka_port = int(self.settings.kafka_bootstrap.rpartition(":")[2])
+        for port in (self.settings.amqp_port, self.settings.mqtt_port, kafka_port,
+                     self.settings.publisher_port, self.settings.consumer_port,
+                     self.settings.bridge_metrics_port):
+            assert not port_open(port), f"port {port} still open after Ctrl-C"
+        assert not list(Path(self.env["WEBOS_STACK_DIR"]).glob("*/*.pid")), "a pid file is left"
+        assert "running" not in self.status(), self.status()
+        return output
 
 
 def test_make_run_twice_then_make_clean(tmp_path):
     env = stack_environment(tmp_path)
 
-    first = make_run_until_ctrl_c(env, tmp_path / "first-run.log", lambda records: len(records) >= 4)
+    with MakeRun(env, tmp_path / "first-run.log") as first_run:
+        first_run.wait_until_up()
+        first = first_run.read_kafka(lambda records: len(records) >= 4)
+        first_run.ctrl_c()
     assert len(first) >= 4, "the simulated devices' messages did not reach Kafka"
     kept = {identity(record) for record in first}
 
     # Again on the same data: Kafka still has the first run's records, new ones follow.
-    second = make_run_until_ctrl_c(
-        env, tmp_path / "second-run.log",
-        lambda records: kept <= {identity(r) for r in records} and len(records) >= len(kept) + 4)
+    with MakeRun(env, tmp_path / "second-run.log") as second_run:
+        second_run.wait_until_up()
+        second = second_run.read_kafka(
+            lambda records: kept <= {identity(r) for r in records} and len(records) >= len(kept) + 4)
+        second_run.ctrl_c()
     assert kept <= {identity(record) for record in second}, "the first run's records are gone"
     assert len(second) >= len(kept) + 4, "no new records after the second make run"
 
@@ -130,3 +170,87 @@ def test_make_run_twice_then_make_clean(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert not (tmp_path / "stack").exists(), "make clean left the brokers' data"
+
+
+def publisher_runs(records, device: str) -> list[list[int]]:
+    """One device's seqs in Kafka order, one list per publisher process (each starts at seq 1),
+    repeats of a msg_id (redelivered after the bridge was killed) dropped."""
+    seen, runs = set(), []
+    for record in records:
+        payload = json.loads(record.value())
+        if record.key() != device.encode() or payload["msg_id"] in seen:
+            continue
+        seen.add(payload["msg_id"])
+        if payload["seq"] == 1 or not runs:
+            runs.append([])
+        runs[-1].append(payload["seq"])
+    return runs
+
+
+def test_make_run_starts_a_killed_bridge_and_publisher_again(tmp_path):
+    with MakeRun(stack_environment(tmp_path), tmp_path / "run.log") as run:
+        run.wait_until_up()
+        brokers = {broker: run.pid(broker) for broker in ("rabbitmq", "kafka")}
+        consumer = wait_for(lambda: run.pid("consumer"), 30, message="consumer running")
+
+        for app in ("bridge", "publisher"):
+            killed = wait_for(lambda: run.pid(app), 30, message=f"{app} running")
+            if app == "publisher":
+                # What RabbitMQ had acknowledged to each device just before the kill.
+                devices = requests.get(run.pages["publisher"] + "devices", timeout=5).json()["devices"]
+                acked = {device["id"]: device["acked"] for device in devices}
+            os.kill(killed, signal.SIGKILL)
+            wait_for(lambda: run.pid(app) not in (None, killed), 60, interval=0.5,
+                     message=f"{app} running again with a new pid (make status)")
+            wait_for(lambda: answers(run.pages[app]), 60, interval=0.5,
+                     message=f"{app}'s page answering again")
+            assert f"exited: {app} (terminated by SIGKILL; not expected)" in run.output()
+
+        assert {broker: run.pid(broker) for broker in brokers} == brokers, "a broker was restarted"
+        assert None not in brokers.values()
+        assert run.pid("consumer") == consumer, "the consumer was restarted too"
+        # Both devices still reach Kafka: records published after both restarts.
+        restarted_ms = time.time() * 1000
+
+        def fresh_devices(records) -> set[str]:
+            return {record.key().decode() for record in records
+                    if json.loads(record.value())["ts"] > restarted_ms}
+        records = run.read_kafka(lambda records: fresh_devices(records) == set(run.settings.devices))
+        assert fresh_devices(records) == set(run.settings.devices), "no records after the restarts"
+        run.ctrl_c()
+
+    # The audit: nothing RabbitMQ acknowledged was lost, across both kills (seq counts per device
+    # from 1 in each publisher process; a repeat after the bridge's kill is not a loss).
+    for device in run.settings.devices:
+        killed_run, restarted_run = publisher_runs(records, device)
+        assert acked[device] > 0
+        assert set(range(1, acked[device] + 1)) <= set(killed_run), f"{device}: acknowledged, lost"
+        for seqs in (killed_run, restarted_run):
+            assert seqs == list(range(1, len(seqs) + 1)), f"{device}: a gap or reordering"
+
+
+def test_make_run_reports_an_app_that_keeps_failing_at_start(tmp_path):
+    # The bridge exits 2 at once (a configuration error) when a queue it is told to read is missing.
+    env = {**stack_environment(tmp_path), "WEBOS_BRIDGE_QUEUES": "webos.no-such-queue"}
+    with MakeRun(env, tmp_path / "run.log") as run:
+        run.wait_until_up(apps=("publisher", "consumer"))
+        others = {app: wait_for(lambda: run.pid(app), 30, message=f"{app} running")
+                  for app in ("publisher", "consumer")}
+
+        wait_for(lambda: "bridge: backing off" in run.status(), 60, interval=0.2,
+                 message="make status: the bridge backing off")
+        wait_for(lambda: "bridge: gave up after 6 failed starts" in run.status(), 120, interval=1,
+                 message="make status: the bridge given up")
+        wait_for(lambda: "bridge gave up: 6 failed starts in a row" in run.output(), 5,
+                 message="a line in the log saying so")
+
+        output = run.output()
+        assert re.search(r"^bridge +\| .*configuration error: .*webos\.no-such-queue", output,
+                         re.MULTILINE), output[-3000:]
+        assert "exited: bridge (exit status 2; not expected)" in output
+        for failed in range(1, 6):
+            plural = "s" if failed > 1 else ""
+            assert f"start{plural} in a row): backing off, next start in {failed} s" in output
+        assert {app: run.pid(app) for app in others} == others, "the other apps were disturbed"
+        assert run.pid("rabbitmq") and run.pid("kafka")
+        run.ctrl_c(stopped=("publisher", "consumer"))

@@ -3,18 +3,25 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import signal
+import stat
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 import pika
+import psutil
 import pytest
 import requests
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from rabbitmq import topology
-from stack import __main__ as stack_main
+from stack import apps as stack_apps
 from stack import config, kafka_server
 from stack.kafka_server import ensure_topic
 from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
@@ -204,31 +211,168 @@ def test_environment_wins_over_dotenv_and_dotenv_fills_the_rest(tmp_path):
     assert (settings.amqp_port, settings.mqtt_port) == (6111, 1999)
 
 
-class FakeHoncho:
-    """Stands in for honcho's process: `wait` is interrupted `interrupts` times, then returns `code`."""
+# `python -m stack run`'s last step on its own, with stand-in apps and no brokers.
+DRIVER = """
+import json, logging, signal, sys
+from stack import __main__ as stack_main, apps as stack_apps
+from stack.config import load_settings
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+signal.signal(signal.SIGTERM, stack_main._interrupt)  # as main() does for `run`
+apps, stack_apps.STARTSECS, stack_apps.STARTRETRIES = json.loads(sys.argv[1])
+sys.exit(stack_apps.run_apps(load_settings(), apps))
+"""
+# Stand-in apps: one that runs until SIGTERM (and shows the environment it got), one that takes
+# a second to stop, one that fails at start as a misconfigured bridge does.
+SLEEPER = ("import os, signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+           "print('up', os.environ['WEBOS_MQTT_PORT'], os.environ['PYTHONUNBUFFERED'], "
+           "os.environ['PATH'].split(os.pathsep)[0]); signal.pause()")
+SLOW_STOPPER = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: "
+                "(print('stopping'), time.sleep(1), sys.exit(0))); print('up'); signal.pause()")
+FAILER = "import sys; sys.exit('configuration error: stand-in')"
 
-    def __init__(self, code: int, interrupts: int):
-        self.code, self.interrupts, self.signals = code, interrupts, []
 
-    def wait(self):
-        if self.interrupts:
-            self.interrupts -= 1
-            raise KeyboardInterrupt
-        return self.code
+class SupervisedApps:
+    """run_apps in a process of its own (its own process group, as a terminal gives a job)."""
 
-    def send_signal(self, signum):
-        self.signals.append(signum)
+    def __init__(self, tmp_path, apps: dict[str, list[str]], startsecs=1, startretries=2):
+        # WEBOS_MQTT_PORT: the environment wins over .env, and reaches every app.
+        self.env = {**os.environ, "WEBOS_STACK_DIR": str(tmp_path / "stack"), "WEBOS_MQTT_PORT": "1999"}
+        self.settings = config.load_settings(env=self.env)
+        self.log_path = tmp_path / "run.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", DRIVER, json.dumps([apps, startsecs, startretries])],
+                cwd=config.REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> str:
+        return "\n".join(stack_apps.app_status(self.settings))
+
+    def pid(self, app: str, state: str = "running") -> int | None:
+        """The pid `make status` shows for `app` while it is in `state`."""
+        found = re.search(rf"^{app}: {state}, pid (\d+)", self.status(), re.MULTILINE)
+        return int(found.group(1)) if found else None
+
+    def supervisord(self) -> psutil.Process:
+        return wait_for(lambda: next((child for child in psutil.Process(self.process.pid).children()
+                                      if "supervisor.supervisord" in child.cmdline()), None),
+                        message="supervisord")
+
+    def close(self) -> None:
+        """Kill whatever is left (after a failed test)."""
+        if self.process.poll() is None:
+            for process in [psutil.Process(self.process.pid),
+                            *psutil.Process(self.process.pid).children(recursive=True)]:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        self.process.wait()
 
 
-@pytest.mark.parametrize("interrupts, honcho_code, expected, forwarded", [
-    (0, 2, 2, []),                            # an app died on its own: its failure shows
-    (0, 130, 0, []),                          # only honcho got the Ctrl-C: still a requested stop
-    (1, 130, 0, [signal.SIGINT]),             # Ctrl-C or SIGTERM: a requested stop succeeds
-    (2, 130, 0, [signal.SIGINT]),             # impatient second Ctrl-C: still one stop
-])
-def test_run_apps_exit_code(monkeypatch, interrupts, honcho_code, expected, forwarded):
-    honcho = FakeHoncho(honcho_code, interrupts)
-    monkeypatch.setattr(stack_main.subprocess, "Popen", lambda *args, **kwargs: honcho)
+@pytest.fixture
+def supervised(tmp_path):
+    started = []
 
-    assert stack_main.run_apps(config.Settings()) == expected
-    assert honcho.signals == forwarded
+    def start(apps, **kwargs) -> SupervisedApps:
+        started.append(SupervisedApps(tmp_path, apps, **kwargs))
+        return started[-1]
+    yield start
+    for run in started:
+        run.close()
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("stop", ["SIGINT to run_apps alone", "SIGTERM to run_apps alone",
+                                  "SIGINT to its process group", "two quick SIGINTs"])
+def test_run_apps_stops_every_app_once_and_exits_0_on_a_requested_stop(supervised, stop):
+    app = SLOW_STOPPER if stop == "two quick SIGINTs" else SLEEPER
+    run = supervised({"first": ["-c", app], "second": ["-c", app]})
+    pids = [wait_for(lambda: run.pid(name), 20, message=f"{name} running") for name in ("first", "second")]
+    # Control over a unix socket only, readable by this user alone; never a TCP port.
+    run_dir = stack_apps.supervisor_dir(run.settings)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "supervisor.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE((run_dir / "supervisord.conf").stat().st_mode) == 0o600
+    assert not [c for c in run.supervisord().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+
+    if stop == "SIGINT to its process group":
+        os.killpg(run.process.pid, signal.SIGINT)  # Ctrl-C in a terminal
+    else:
+        run.process.send_signal(signal.SIGTERM if stop.startswith("SIGTERM") else signal.SIGINT)
+    if stop == "two quick SIGINTs":
+        wait_for(lambda: "first       | stopping" in run.output(), 20, message="the first app stopping")
+        run.process.send_signal(signal.SIGINT)
+
+    assert run.process.wait(30) == 0, run.output()
+    output = run.output()
+    assert output.count("stopping the apps") == 1, output
+    for name in ("first", "second"):
+        assert f"stopped: {name} (exit status 0)" in output, output
+    assert all(gone(pid) for pid in pids)
+    assert not run_dir.exists(), "the supervisor's config and socket are left"
+
+
+def test_run_apps_restarts_an_app_killed_with_sigkill_and_passes_the_environment(supervised):
+    run = supervised({"sleeper": ["-c", SLEEPER], "other": ["-c", SLEEPER]})
+    first = wait_for(lambda: run.pid("sleeper"), 20, message="sleeper running")
+    other = wait_for(lambda: run.pid("other"), 20, message="other running")
+
+    os.kill(first, signal.SIGKILL)
+
+    second = wait_for(lambda: run.pid("sleeper") not in (None, first) and run.pid("sleeper"), 20,
+                      message="sleeper running again with a new pid")
+    assert run.pid("other") == other, "the other app was restarted too"
+    output = run.output()
+    assert "exited: sleeper (terminated by SIGKILL; not expected)" in output
+    assert f"spawned: 'sleeper' with pid {second}" in output
+    # Each line under its app's name, with the environment run_apps gives every app.
+    venv_bin = str(Path(sys.executable).parent)
+    assert output.count(f"sleeper     | up 1999 1 {venv_bin}") == 2, output
+    run.process.send_signal(signal.SIGINT)
+    assert run.process.wait(30) == 0, run.output()
+
+
+def test_run_apps_backs_off_then_gives_up_on_an_app_that_fails_at_start(supervised):
+    run = supervised({"failer": ["-c", FAILER], "sleeper": ["-c", SLEEPER]}, startretries=2)
+    sleeper = wait_for(lambda: run.pid("sleeper"), 20, message="sleeper running")
+
+    wait_for(lambda: "failer: backing off" in run.status(), 20, message="failer backing off")
+    wait_for(lambda: "failer: gave up after 3 failed starts" in run.status(), 30,
+             message="failer given up")
+    wait_for(lambda: "failer gave up: 3 failed starts in a row" in run.output(), 5,
+             message="run_apps' line saying so")
+
+    output = run.output()
+    assert "failer      | configuration error: stand-in" in output
+    assert "exited: failer (exit status 1; not expected)" in output
+    assert "(1 failed start in a row): backing off, next start in 1 s" in output
+    assert "(2 failed starts in a row): backing off, next start in 2 s" in output
+    assert run.pid("sleeper") == sleeper, "the app that works was disturbed"
+    run.process.send_signal(signal.SIGTERM)
+    assert run.process.wait(30) == 0, run.output()
+
+
+def test_run_apps_returns_supervisords_failure_and_stops_what_it_left(supervised):
+    run = supervised({"sleeper": ["-c", SLEEPER]})
+    sleeper = wait_for(lambda: run.pid("sleeper"), 20, message="sleeper running")
+
+    run.supervisord().kill()
+
+    assert run.process.wait(60) == 128 + signal.SIGKILL, run.output()
+    assert "supervisord exited with SIGKILL" in run.output()
+    assert gone(sleeper), "the app outlived its supervisor"
+    assert not stack_apps.supervisor_dir(run.settings).exists()
+
+
+def test_status_without_make_run_says_every_app_is_stopped(tmp_path):
+    lines = stack_apps.app_status(config.Settings(stack_dir=str(tmp_path / "stack")))
+
+    assert lines == [f"{app}: stopped (no `make run` supervises the apps)"
+                     for app in ("publisher", "bridge", "consumer")]
