@@ -28,6 +28,9 @@ from pathlib import Path
 LOGGER = logging.getLogger(__name__)
 
 SERVER_SCRIPT = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+# Not /usr/sbin/rabbitmqctl: as root that wrapper re-runs itself as the rabbitmq user, whose
+# cookie is not this node's.
+CTL_SCRIPT = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 # Where a broker's data directory appears inside the root.
 DATA_MOUNT = "/webos"
 SUPPORTED_MAJOR = 4

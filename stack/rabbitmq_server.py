@@ -5,6 +5,7 @@ import os
 import re
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import pika
@@ -12,7 +13,7 @@ import requests
 
 from stack.config import REPO_ROOT, Settings
 from stack.process import BrokerError, LocalProcess, port_open
-from stack.rabbitmq_runtime import SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
+from stack.rabbitmq_runtime import CTL_SCRIPT, SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 
 RABBITMQ_DIR = REPO_ROOT / "rabbitmq"
 LOGGER = logging.getLogger(__name__)
@@ -98,6 +99,12 @@ class LocalRabbitMQ(LocalProcess):
 
     def command(self) -> list[str]:
         return self.runtime.command([SERVER_SCRIPT], self.base_dir)
+
+    def rabbitmqctl(self, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the runtime's `rabbitmqctl` against this node (its cookie, its node name)."""
+        return subprocess.run(
+            self.runtime.command([CTL_SCRIPT, "--node", self.node_name, *arguments], self.base_dir),
+            env=self.environment(), capture_output=True, text=True, timeout=timeout)
 
     def probe(self) -> bool:
         """Management API answers, AMQP accepts the administrator, MQTT listens."""

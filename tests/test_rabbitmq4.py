@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
+import pika
 import pytest
 import requests
 from paho.mqtt.packettypes import PacketTypes
@@ -108,6 +109,15 @@ def test_a_new_queue_is_answered_as_one_object_without_a_column_filter(settings,
         assert response.status_code == 200
         assert response.json()["name"] == queue
         assert queue_depth(settings, queue) == 0
+
+
+def test_deprecated_features_the_product_does_not_use_are_refused(settings):
+    # rabbitmq.conf refuses them, so the suite passing shows none is used; a transient
+    # non-exclusive queue (deprecated in 4.0) is one.
+    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker, match="transient_nonexcl_queues"):
+            connection.channel().queue_declare(f"test.transient.{uuid.uuid4().hex[:8]}",
+                                               durable=False, exclusive=False)
 
 
 # -- the runtime (pure logic; the suite's brokers show that it runs) --------------------------------
