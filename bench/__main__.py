@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.publisher_scale import broker_files_needed, device_counts, raise_file_limit
 from rabbitmq import topology
 from stack.config import Settings
 from stack.kafka_server import ensure_topic
@@ -65,10 +66,26 @@ def summary_table(results: dict) -> list[str]:
         add("end to end", f"MQTT -> Kafka, {run['rate_target']} msg/s offered "
             f"({run['rate_achieved']} achieved): p50 / p99 / max ms",
             f"{run['p50_ms']} / {run['p99_ms']} / {run['max_ms']}")
+        rounds = run.get("runs", [])
+        for number, round_ in enumerate(rounds, 1):
+            cause = f"; p99 over 20 ms: {round_['cause']}" if round_.get("cause") else ""
+            add("end to end", f"{run['rate_target']} msg/s, round {number}/{len(rounds)}: "
+                "p50 / p99 / max ms", f"{round_['p50_ms']} / {round_['p99_ms']} / "
+                f"{round_['max_ms']}{cause}")
     for run in (results.get("publisher_scale") or {}).get("results", []):
-        add("publisher scale", f"{run['devices']} devices: on time (within 100 ms), CPU % of a core, "
+        devices = run["devices"]
+        add("publisher scale", f"{devices} devices: on time (within 100 ms), CPU % of a core, "
             "RSS added MiB", f"{run['on_time_share']:.1%}, {run.get('cpu_percent_of_one_core')}, "
             f"{run.get('rss_mib_added')}")
+        add("publisher scale", f"{devices} devices: connected (s to connect), msg/s acked of "
+            "expected", f"{run.get('connected')} ({run.get('connect_seconds')} s), "
+            f"{run.get('acked_per_s')} of {run.get('expected_per_s')}")
+        add("publisher scale", f"{devices} devices: CPU µs per message, RabbitMQ per ack / "
+            "publisher per message", f"{run.get('rabbitmq_cpu_us_per_ack')} / "
+            f"{run.get('publisher_cpu_us_per_message')}")
+        add("publisher scale", f"{devices} devices: RabbitMQ memory per MQTT connection, KiB "
+            "(RSS; connection processes)", f"{run.get('rabbitmq_memory_per_connection_kib')}; "
+            f"{run.get('rabbitmq_connection_processes_per_connection_kib')}")
     memory = results.get("memory") or {}
     for name, figures in (memory.get("processes") or {}).items():
         add("memory", f"{name} with {memory.get('devices')} devices: peak RSS MB, mean CPU %",
@@ -95,6 +112,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     RESULTS.mkdir(exist_ok=True)
+    if "publisher_scale" in args.benchmarks:
+        # The brokers inherit this process's open-files limit, and RabbitMQ needs about two files
+        # per simulated device (its connection and its queue): raise it before they start.
+        raise_file_limit(broker_files_needed(max(device_counts())))
     base = Path(tempfile.mkdtemp(prefix="webos-bench-"))
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "results": {}}

@@ -16,12 +16,24 @@ CreateTime (the bridge's produce call, in whole ms, so either half may be off by
 it in two. `publish` only queues inside paho, so a load generator that cannot keep up shows as
 latency before the bridge: `generator_unacked_at_end` (published but not yet acknowledged by
 RabbitMQ when the timed loop ends) tells that case apart.
+
+Every round's p50/p99/max is printed and kept. A round whose p99 is above SLOW_MS (20 ms, the
+1,000 msg/s target) gets a short `cause`, from what was measured in that round
+(`diagnosis`): of the messages slower than SLOW_MS, which half of the trip took their time (before
+the bridge's produce call: paho, RabbitMQ, the bridge's consume; after it: the producer's linger
+and Kafka's ack, from the bridge's delivery-latency histogram, then the fetch); when in the round
+they were sent (all in the first seconds: warm-up; bursts at regular intervals: periodic, such as
+a garbage collector; one burst; spread over the round); how busy the machine was while they were
+sent, and how much of that was processes other than these four; and how long Kafka's JVM stood
+still in safepoints (its garbage collector's pauses among them) or compiled (its JIT compiler,
+busy for a minute or two after Kafka starts), both read from its hsperfdata file.
 """
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import struct
 import tempfile
 import threading
 import time
@@ -31,8 +43,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pika
 import psutil
+import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.__main__ import machine
 from bench.bridge_throughput import queue_depth, start_bridge
@@ -48,6 +62,11 @@ COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,2
            "WEBOS_BENCH_E2E_DEVICES=4)")
 SAMPLE_PERIOD = 0.5  # seconds between resource samples
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records after the publishers stop
+SLOW_MS = 20.0  # a message slower than this is slow; a round whose p99 is above it gets a cause
+EPISODE_GAP = 0.5  # seconds without a slow message that end one burst of them
+WARM_UP_SPAN = 2.0  # slow messages in the first seconds of a round point at warm-up
+SATURATED = 90.0  # % of all cores busy: the machine had no CPU to spare
+DELIVERY_HISTOGRAM = "webos_bridge_delivery_latency_seconds"  # produce -> Kafka's ack, bridge side
 
 
 def _say(text: str) -> None:
@@ -72,11 +91,69 @@ def listening_process(port: int) -> psutil.Process | None:
     return None
 
 
+def parse_perfdata(data: bytes) -> dict[str, int]:
+    """The scalar long counters of a HotSpot hsperfdata file (name -> value)."""
+    if data[:4] != b"\xca\xfe\xc0\xc0":
+        raise ValueError("not a HotSpot hsperfdata file")
+    order = "<" if data[4] == 1 else ">"
+    entry, entries = struct.unpack_from(order + "ii", data, 24)
+    counters = {}
+    for _ in range(entries):
+        length, name_at, vector_length, data_type = struct.unpack_from(order + "iiib", data, entry)
+        data_at = struct.unpack_from(order + "i", data, entry + 16)[0]
+        if length <= 0:
+            break
+        if vector_length == 0 and data_type == ord("J"):
+            name_end = data.index(b"\0", entry + name_at)
+            name = data[entry + name_at:name_end].decode("ascii", "replace")
+            counters[name] = struct.unpack_from(order + "q", data, entry + data_at)[0]
+        entry += length
+    return counters
+
+
+# hsperfdata counters (ticks of sun.os.hrt.frequency) summed into each figure, as JDK 17 names them.
+JVM_COUNTERS = {"paused": ("sun.rt.safepointTime",),
+                "compiling": ("sun.ci.standardTime", "sun.ci.osrTime")}
+
+
+def jvm_seconds(process: psutil.Process | None) -> dict[str, float] | None:
+    """Seconds a HotSpot JVM has spent, since it started, stopped in safepoints (`paused`: its
+    garbage collector's pauses among them) and in its JIT compiler (`compiling`), from its
+    hsperfdata file; None where that is not readable."""
+    if process is None:
+        return None
+    try:
+        path = Path(tempfile.gettempdir()) / f"hsperfdata_{process.username()}" / str(process.pid)
+        counters = parse_perfdata(path.read_bytes())
+        ticks = counters["sun.os.hrt.frequency"]
+        return {name: sum(counters[counter] for counter in names) / ticks
+                for name, names in JVM_COUNTERS.items()}
+    except (OSError, ValueError, KeyError, struct.error, ZeroDivisionError, psutil.Error):
+        return None
+
+
+def _jvm_delta(now: dict | None, then: dict | None) -> dict[str, float] | None:
+    if now is None or then is None:
+        return None
+    return {name: round(now[name] - then[name], 4) for name in now}
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return sum(times) - idle, sum(times)
+
+
 class ResourceSampler:
     """Samples RSS and CPU of named processes (each with its children, except those named in
-    `alone`) every SAMPLE_PERIOD s."""
+    `alone`) every SAMPLE_PERIOD s; keeps the series too (`series`: per process, `machine`:
+    % of all cores busy, `others`: % of one core used by every other process, `jvm_paused` and
+    `jvm_compiling`: seconds the JVM of the process named `jvm` stood still or compiled), each
+    point (seconds since start, value over the interval that ended then)."""
 
-    def __init__(self, processes: dict[str, psutil.Process | None], alone=()):
+    def __init__(self, processes: dict[str, psutil.Process | None], alone=(),
+                 jvm: str | None = None):
         self.processes = {name: p for name, p in processes.items() if p is not None}
         self.alone = set(alone)
         self.peak_rss = {name: 0 for name in self.processes}
@@ -84,6 +161,14 @@ class ResourceSampler:
         self.start_rss: dict[str, int] = {}
         self.cpu_start: dict[str, float] = {}
         self.cpu_end: dict[str, float] = {}
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in self.processes}
+        self.machine: list[tuple[float, float]] = []
+        # CPU of every other process on the machine, % of one core: machine minus those sampled.
+        self.others: list[tuple[float, float]] = []
+        self.cores = psutil.cpu_count() or 1
+        self.jvm = self.processes.get(jvm) if jvm else None
+        self.jvm_paused: list[tuple[float, float]] = []
+        self.jvm_compiling: list[tuple[float, float]] = []
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -109,20 +194,39 @@ class ResourceSampler:
 
     def start(self) -> None:
         self.started = time.monotonic()
+        self.machine_start = _machine_busy()
+        self.jvm_start = jvm_seconds(self.jvm)
         for name in self.processes:
             self.start_rss[name], self.cpu_start[name] = self._measure(name)
         self.thread.start()
 
     def run(self) -> None:
         last = {name: (time.monotonic(), self.cpu_start[name]) for name in self.processes}
+        machine_then, jvm_then = self.machine_start, self.jvm_start
         while not self.stop_event.wait(SAMPLE_PERIOD):
+            own = 0.0
             for name in self.processes:
                 rss, cpu = self._measure(name)
                 now = time.monotonic()
                 self.peak_rss[name] = max(self.peak_rss[name], rss)
                 then, cpu_then = last[name]
-                self.peak_cpu[name] = max(self.peak_cpu[name], (cpu - cpu_then) / (now - then) * 100)
+                percent = (cpu - cpu_then) / (now - then) * 100
+                self.peak_cpu[name] = max(self.peak_cpu[name], percent)
+                self.series[name].append((round(now - self.started, 3), round(percent, 1)))
+                own += percent
                 last[name] = (now, cpu)
+            machine_now, offset = _machine_busy(), round(time.monotonic() - self.started, 3)
+            if machine_now[1] > machine_then[1]:
+                busy = 100 * (machine_now[0] - machine_then[0]) / (machine_now[1] - machine_then[1])
+                self.machine.append((offset, round(busy, 1)))
+                self.others.append((offset, round(max(0.0, busy * self.cores - own), 1)))
+            machine_then = machine_now
+            jvm_now = jvm_seconds(self.jvm)
+            jvm = _jvm_delta(jvm_now, jvm_then)
+            if jvm is not None:
+                self.jvm_paused.append((offset, jvm["paused"]))
+                self.jvm_compiling.append((offset, jvm["compiling"]))
+            jvm_then = jvm_now
 
     def stop(self) -> dict:
         """Stop sampling; per process: RSS at start, peak and end (MB), mean and peak CPU (% of
@@ -130,6 +234,11 @@ class ResourceSampler:
         self.stop_event.set()
         self.thread.join(5)
         elapsed = time.monotonic() - self.started
+        busy, total = _machine_busy()
+        self.machine_mean = (round(100 * (busy - self.machine_start[0])
+                                   / (total - self.machine_start[1]), 1)
+                             if total > self.machine_start[1] else None)
+        self.jvm_total = _jvm_delta(jvm_seconds(self.jvm), self.jvm_start)  # seconds, or None
         figures = {}
         for name in self.processes:
             rss, cpu = self._measure(name)
@@ -158,6 +267,7 @@ class ArrivalReader:
         # MQTT publish -> bridge produce, and bridge produce -> arrival here.
         self.to_bridge_ms: list[float] = []
         self.after_bridge_ms: list[float] = []
+        self.sent_ns: list[int] = []  # when each timed record was published, in the same order
         self.warm_devices: set[str] = set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -182,6 +292,7 @@ class ArrivalReader:
                     self.latencies_ms.append((received - sent) / 1e6)
                     self.to_bridge_ms.append(produced_ms - sent / 1e6)
                     self.after_bridge_ms.append(received / 1e6 - produced_ms)
+                    self.sent_ns.append(sent)
         finally:
             self.consumer.close()
 
@@ -216,6 +327,150 @@ def percentile(values: list[float], p: float) -> float:
     return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Why a round was slow: pure functions of what the round measured
+
+def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
+    """(upper bound in s, cumulative count) of the Prometheus histogram `name` in /metrics text."""
+    return sorted((float(sample.labels["le"]), sample.value)
+                  for family in text_string_to_metric_families(text) if family.name == name
+                  for sample in family.samples if sample.name == name + "_bucket")
+
+
+def histogram_quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, float]],
+                          share: float) -> float | None:
+    """Upper bound (ms) of the bucket holding the `share` quantile of what one histogram counted
+    between two readings; None when it counted nothing."""
+    counted_before = dict(before)
+    counts = [(bound, count - counted_before.get(bound, 0.0)) for bound, count in after]
+    if not counts or counts[-1][1] <= 0:
+        return None
+    finite = [bound for bound, _ in counts if bound != float("inf")]
+    for bound, running in counts:
+        if running >= share * counts[-1][1]:
+            return round(1000 * (bound if bound != float("inf") else finite[-1]), 1)
+    return None
+
+
+def slow_split(latency_ms: list[float], to_bridge_ms: list[float],
+               slow_ms: float = SLOW_MS) -> dict:
+    """Of the messages slower than `slow_ms`: how many, and how their time splits at the bridge's
+    produce call (share before it; medians of each half)."""
+    slow = [(total, min(max(before, 0.0), total))
+            for total, before in zip(latency_ms, to_bridge_ms) if total > slow_ms]
+    if not slow:
+        return {"slow_messages": 0, "before_produce_share": None,
+                "before_produce_ms_p50": None, "after_produce_ms_p50": None}
+    return {"slow_messages": len(slow),
+            "before_produce_share": round(sum(b for _, b in slow) / sum(t for t, _ in slow), 2),
+            "before_produce_ms_p50": round(statistics.median(b for _, b in slow), 1),
+            "after_produce_ms_p50": round(statistics.median(t - b for t, b in slow), 1)}
+
+
+def bursts(offsets_s: list[float], gap_s: float = EPISODE_GAP) -> list[dict]:
+    """Runs of send times (s into the round) less than `gap_s` apart: when slow messages came."""
+    found: list[dict] = []
+    for offset in sorted(offsets_s):
+        if found and offset - found[-1]["end_s"] < gap_s:
+            found[-1]["end_s"] = offset
+            found[-1]["messages"] += 1
+        else:
+            found.append({"start_s": offset, "end_s": offset, "messages": 1})
+    return [{**burst, "start_s": round(burst["start_s"], 3), "end_s": round(burst["end_s"], 3)}
+            for burst in found]
+
+
+def timing_pattern(offsets_s: list[float], window_s: float) -> str:
+    """When in the round the slow messages were sent, in a few words."""
+    if not offsets_s:
+        return "no slow message"
+    found = bursts(offsets_s)
+    early = sum(offset < WARM_UP_SPAN for offset in offsets_s) / len(offsets_s)
+    if early >= 0.8:
+        return f"warm-up ({early:.0%} in the first {WARM_UP_SPAN:.0f} s)"
+    covered = sum(burst["end_s"] - burst["start_s"] for burst in found)
+    if covered >= 0.5 * window_s:
+        return "throughout the round" + (f" ({len(found)} bursts)" if len(found) > 1 else "")
+    if len(found) == 1:
+        burst = found[0]
+        return (f"one burst at {burst['start_s']:.1f} s "
+                f"({1000 * (burst['end_s'] - burst['start_s']):.0f} ms of sends)")
+    starts = [burst["start_s"] for burst in found]
+    intervals = [b - a for a, b in zip(starts, starts[1:])]
+    mean = statistics.mean(intervals)
+    if len(found) >= 3 and max(intervals) - min(intervals) <= 0.3 * mean:
+        return f"periodic, every {mean:.1f} s ({len(found)} bursts)"
+    if len(found) <= 4:
+        return f"{len(found)} bursts, at {', '.join(f'{start:.1f}' for start in starts)} s"
+    return f"spread over the round ({len(found)} bursts)"
+
+
+def during(series: list[tuple[float, float]], found: list[dict],
+           period: float = SAMPLE_PERIOD) -> list[float]:
+    """The values of a sampled series ((end of interval s, value) points) whose interval overlaps
+    a burst or the sample period after it (a message sent then waits into it)."""
+    return [value for at, value in series
+            if any(at - period <= burst["end_s"] + period and at >= burst["start_s"]
+                   for burst in found)]
+
+
+def diagnose(latency_ms: list[float], to_bridge_ms: list[float], offsets_s: list[float],
+             window_s: float, series: dict[str, list[tuple[float, float]]],
+             kafka_ack_p99_ms: float | None, slow_ms: float = SLOW_MS) -> dict:
+    """Where, when and beside what the slow messages of one round went: the figures and a short
+    `cause` string. `series`: sampled per process (% of one core), and `machine` (% of all cores
+    busy), `others` (% of one core), `jvm_paused` and `jvm_compiling` (seconds per sample)."""
+    split = slow_split(latency_ms, to_bridge_ms, slow_ms)
+    slow_offsets = [offset for offset, total in zip(offsets_s, latency_ms) if total > slow_ms]
+    found = bursts(slow_offsets)
+    when = timing_pattern(slow_offsets, window_s)
+    in_bursts = {name: during(points, found) for name, points in series.items()}
+    cpu = {name: values for name, values in in_bursts.items()
+           if values and not name.startswith("jvm_")}
+    mean = {name: round(statistics.mean(values), 1) for name, values in cpu.items()}
+    jvm_ms = {name: round(1000 * sum(in_bursts[f"jvm_{name}"]), 1)
+              if in_bursts.get(f"jvm_{name}") else None for name in JVM_COUNTERS}
+    figures = {**split, "slow_ms": slow_ms, "when": when, "bursts": found[:20],
+               "bursts_total": len(found), "cpu_mean_in_bursts_pct": mean,
+               "cpu_peak_in_bursts_pct": {name: max(values) for name, values in cpu.items()},
+               "kafka_ack_p99_ms": kafka_ack_p99_ms,
+               "kafka_jvm_paused_in_bursts_ms": jvm_ms["paused"],
+               "kafka_jvm_compiling_in_bursts_ms": jvm_ms["compiling"]}
+    if not split["slow_messages"]:
+        return {**figures, "cause": None}
+    share = split["before_produce_share"]
+    if share >= 0.67:
+        where = f"before the bridge's produce ({share:.0%}: paho, RabbitMQ, bridge consume)"
+    elif share <= 0.33:
+        if kafka_ack_p99_ms is not None and kafka_ack_p99_ms > slow_ms:
+            where = f"after produce, Kafka's acks (p99 <= {kafka_ack_p99_ms:.0f} ms)"
+        else:
+            where = "after Kafka's ack (fetch, reader)" if kafka_ack_p99_ms is not None \
+                else "after the bridge's produce"
+    else:
+        where = f"both halves ({share:.0%} before produce)"
+    parts = [where, when]
+    if "machine" in mean:
+        busy = mean["machine"]
+        others = f", other processes {mean['others']:.0f} % of a core" if "others" in mean else ""
+        parts.append(f"machine {'saturated' if busy >= SATURATED else 'not saturated'} "
+                     f"({busy:.0f} % busy{others})")
+    if (jvm_ms["compiling"] or 0) >= 100:
+        parts.append(f"Kafka's JIT compiler busy ({jvm_ms['compiling'] / 1000:.1f} s)")
+    if (jvm_ms["paused"] or 0) >= 10:
+        parts.append(f"Kafka's JVM paused {jvm_ms['paused']:.0f} ms")
+    return {**figures, "cause": "; ".join(parts)}
+
+
+def _delivery_histogram(metrics_url: str) -> list[tuple[float, float]]:
+    """The bridge's produce -> Kafka ack histogram now ([] if /metrics does not answer)."""
+    try:
+        return histogram_buckets(requests.get(metrics_url + "/metrics", timeout=2).text,
+                                 DELIVERY_HISTOGRAM)
+    except requests.RequestException:
+        return []
+
+
 def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
              log_path: Path, brokers: dict[str, psutil.Process | None]) -> dict:
     """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
@@ -227,8 +482,8 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         for device in devices:
             topology.declare_device(channel, device)
     ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    process, _ = start_bridge(settings, [topology.device_queue(d) for d in devices], log_path,
-                              ["--topic-template", topic])
+    process, metrics_url = start_bridge(settings, [topology.device_queue(d) for d in devices],
+                                        log_path, ["--topic-template", topic])
     reader = ArrivalReader(settings, topic)
     clients: list[mqtt.Client] = []
     warm_total, total = int(rate * warmup), int(rate * seconds)
@@ -249,7 +504,8 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
                     probes += 1
             time.sleep(0.5)  # re-send period of the warm-up probes
         sampler = ResourceSampler({"bridge": psutil.Process(process.pid), **brokers,
-                                   "bench_clients": psutil.Process()}, alone=["bench_clients"])
+                                   "bench_clients": psutil.Process()}, alone=["bench_clients"],
+                                  jvm="kafka")
         _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
              f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
         start = time.perf_counter()
@@ -257,6 +513,8 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         peak_waiting = 0
         for seq in range(warm_total + total):
             if seq == warm_total:
+                delivery_before = _delivery_histogram(metrics_url)
+                timed_start_ns = time.time_ns()
                 sampler.start()
                 peak_waiting = 0  # the timed part's own
                 timed_start = time.perf_counter()
@@ -289,6 +547,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             if process.poll() is not None:
                 raise RuntimeError(f"the bridge exited with {process.returncode}; see {log_path}")
             time.sleep(0.1)  # polling the reader's count; it has its own thread
+        delivery_after = _delivery_histogram(metrics_url)
         resources = sampler.stop()
     finally:
         reader.stop()
@@ -306,14 +565,32 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     if not latencies:
         raise RuntimeError(f"no timed record arrived at {rate} msg/s; see {log_path}")
     to_bridge, after_bridge = sorted(reader.to_bridge_ms), sorted(reader.after_bridge_ms)
+    kafka_ack = {p: histogram_quantile_ms(delivery_before, delivery_after, p / 100)
+                 for p in (50, 99)}
+    diagnosis = diagnose(reader.latencies_ms, reader.to_bridge_ms,
+                         [(sent - timed_start_ns) / 1e9 for sent in reader.sent_ns], seconds,
+                         {**sampler.series, "machine": sampler.machine, "others": sampler.others,
+                          "jvm_paused": sampler.jvm_paused, "jvm_compiling": sampler.jvm_compiling},
+                         kafka_ack[99])
+    p99 = percentile(latencies, 99)
     return {"rate_target": rate, "rate_achieved": round(achieved), "devices": device_count,
             "warmup_messages": warm_total, "messages": total, "received": len(latencies),
             "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
-            "p99_ms": percentile(latencies, 99), "p999_ms": percentile(latencies, 99.9),
+            "p99_ms": p99, "p999_ms": percentile(latencies, 99.9),
             "max_ms": round(latencies[-1], 2),
-            # Where the time goes, cut at the bridge's produce call (CreateTime, 1 ms resolution).
+            # Where the time goes, cut at the bridge's produce call (CreateTime, 1 ms resolution);
+            # produce -> Kafka's ack is the bridge's delivery-report histogram (bucket bounds).
             "publish_to_produce_ms": {p: percentile(to_bridge, p) for p in (50, 99)},
             "produce_to_consume_ms": {p: percentile(after_bridge, p) for p in (50, 99)},
+            "produce_to_kafka_ack_ms_at_most": kafka_ack,
+            "machine_busy_pct_mean": sampler.machine_mean,
+            # Kafka's JVM over the round: stopped in safepoints (GC pauses among them), compiling.
+            "kafka_jvm_paused_ms": (round(1000 * sampler.jvm_total["paused"], 1)
+                                    if sampler.jvm_total else None),
+            "kafka_jvm_compiling_ms": (round(1000 * sampler.jvm_total["compiling"], 1)
+                                       if sampler.jvm_total else None),
+            "cause": diagnosis["cause"] if p99 > SLOW_MS else None,
+            "diagnosis": diagnosis,
             "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked,
             "bridge_exit_code": process.returncode,
             "resources": resources}
@@ -333,6 +610,8 @@ def combine_rounds(runs: list[dict]) -> dict:
             "max_ms": max(run_["max_ms"] for run_ in runs),
             "p50_ms_per_round": [run_["p50_ms"] for run_ in runs],
             "p99_ms_per_round": [run_["p99_ms"] for run_ in runs],
+            "max_ms_per_round": [run_["max_ms"] for run_ in runs],
+            "cause_per_round": [run_.get("cause") for run_ in runs],
             "generator_unacked_at_end": max(run_["generator_unacked_at_end"] for run_ in runs),
             "resources": typical["resources"], "runs": runs}
 
@@ -349,6 +628,10 @@ def plot(results: list[dict], path: Path) -> None:
     for key, label, style in (("p50_ms", "p50", "o-"), ("p99_ms", "p99", "s-"),
                               ("max_ms", "max", "^--")):
         left.plot(x, [r[key] for r in results], style, label=label)
+    left.plot([r["rate_achieved"] for r in results for _ in r["p99_ms_per_round"]],
+              [p99 for r in results for p99 in r["p99_ms_per_round"]], "x", color="grey",
+              label="p99 of each round")
+    left.axhline(SLOW_MS, color="grey", linestyle=":", linewidth=1)
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("achieved rate, msg/s (log)")
@@ -407,8 +690,27 @@ def run(settings: Settings, out_dir) -> dict:
             _say(f"{rate} msg/s: achieved {result['rate_achieved']}, received "
                  f"{result['received']}/{result['messages']}, p50 {result['p50_ms']} ms, p99 "
                  f"{result['p99_ms']} ms, max {result['max_ms']} ms, not yet acknowledged by "
-                 f"RabbitMQ at the end {result['generator_unacked_at_end']}; {resources}")
-        results.append(combine_rounds(runs))
+                 f"RabbitMQ at the end {result['generator_unacked_at_end']}; {resources}; machine "
+                 f"{result['machine_busy_pct_mean']}% busy; Kafka's JVM paused "
+                 f"{result['kafka_jvm_paused_ms']} ms, compiled "
+                 f"{result['kafka_jvm_compiling_ms']} ms")
+            diagnosis = result["diagnosis"]
+            _say(f"  split at the bridge's produce: p50 {result['publish_to_produce_ms'][50]} + "
+                 f"{result['produce_to_consume_ms'][50]} ms, p99 "
+                 f"{result['publish_to_produce_ms'][99]} + {result['produce_to_consume_ms'][99]} ms"
+                 f" (produce -> Kafka's ack: p50 <= {result['produce_to_kafka_ack_ms_at_most'][50]}"
+                 f", p99 <= {result['produce_to_kafka_ack_ms_at_most'][99]} ms); "
+                 f"{diagnosis['slow_messages']} messages over {SLOW_MS:.0f} ms")
+            if result["cause"]:
+                _say(f"  p99 above {SLOW_MS:.0f} ms, likely cause: {result['cause']}")
+        combined = combine_rounds(runs)
+        _say(f"{rate} msg/s, every round (p50 / p99 / max ms): " + "; ".join(
+            f"{p50} / {p99} / {worst}" + (f" ({cause})" if cause else "")
+            for p50, p99, worst, cause in zip(combined["p50_ms_per_round"],
+                                              combined["p99_ms_per_round"],
+                                              combined["max_ms_per_round"],
+                                              combined["cause_per_round"])))
+        results.append(combined)
     image = out_dir / "e2e_latency.png"
     plot(results, image)
     summary = {"seconds_per_rate": seconds, "warmup_seconds_per_rate": warmup, "rounds": rounds,

@@ -1,10 +1,25 @@
 """Publisher scale: N simulated devices (one MQTT client each) in one process, at their 1-2 s cadence.
 
-For each N (100 / 1,000 / 5,000; `WEBOS_BENCH_DEVICES=100,1000` for a quick run) the simulator
+For each N (1,000 / 5,000 / 10,000; `WEBOS_BENCH_DEVICES=100,1000` for a quick run) the simulator
 runs for `WEBOS_BENCH_SECONDS` (default 25) after every device has connected and a short warm-up.
 Reported: the share of scheduled messages published within 100 ms of their due time (and p50/p99/
 max lateness), messages/s published and acknowledged by RabbitMQ against the expected N/1.5 per s,
-the publisher process's CPU (% of one core) and memory (RSS), and the machine's CPU.
+the publisher process's CPU (% of one core, and per published message) and memory (RSS), the
+machine's CPU, and RabbitMQ's side: its CPU per acknowledged message over the same window and its
+memory per MQTT connection.
+
+Memory per connection: RabbitMQ's memory is read after the queues exist and before any device
+connects, and again once all are connected: the broker process's RSS from the OS, and its memory
+breakdown (GET /api/nodes/<node>/memory, computed when asked). What RabbitMQ 4.0.5 answers there:
+an MQTT connection is one Erlang process counted in `connection_other` (`connection_readers`/
+`_writers`/`_channels` are AMQP 0-9-1's and stay 0): a few KB while idle, tens of KB once it
+publishes; `binary` (and so the `erlang`/`allocated` totals) grows by about 3.8 MiB per connection
+that RSS does not show (reserved, not touched); `total.rss` is the RSS, which the node's memory
+alarm compares with its watermark (strategy `rss`; `mem_used` in /api/nodes is the same figure,
+refreshed only every few seconds). So the headline is the RSS growth per connection (from the OS,
+which answers even when the broker is too busy for its API); the other two are kept beside it.
+The devices already publish while the last ones connect, so the RSS growth includes those first
+messages.
 """
 from __future__ import annotations
 
@@ -17,31 +32,47 @@ from pathlib import Path
 import pika
 import pika.exceptions
 import psutil
+import requests
 
 from publisher.devices import DeviceConfig, Simulator
 from rabbitmq import topology
 from stack.config import Settings
 
 LOGGER = logging.getLogger("bench.publisher_scale")
-DEFAULT_COUNTS = (100, 1000, 5000)
+DEFAULT_COUNTS = (1000, 5000, 10000)
 INTERVAL = (1.0, 2.0)
 WARM_UP = 3.0
+PROGRESS_PERIOD = 5.0  # seconds between "connected so far" lines while devices connect
+CONNECT_STALL = 60.0  # stop waiting for the rest when no device connected for this long
 
 
 def device_counts() -> list[int]:
-    """The device counts to run, from WEBOS_BENCH_DEVICES (default 100,1000,5000)."""
+    """The device counts to run, from WEBOS_BENCH_DEVICES (default 1000,5000,10000)."""
     raw = os.environ.get("WEBOS_BENCH_DEVICES")
     return [int(part) for part in raw.split(",") if part.strip()] if raw else list(DEFAULT_COUNTS)
 
 
 def raise_file_limit(needed: int) -> int:
-    """Raise the soft open-files limit towards the hard one; return the soft limit now."""
+    """Raise the soft open-files limit to `needed`, the hard one too where that is allowed (root),
+    else as far as the hard one; return the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return needed
+        except (ValueError, OSError):
+            pass  # not allowed (or above fs.nr_open): the hard limit is as far as it goes
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def broker_files_needed(devices: int) -> int:
+    """Open files RabbitMQ needs for `devices` MQTT devices with a queue each: a socket and a
+    queue file per device (a 300-device trial had 643 open), and some to spare."""
+    return 2 * devices + 1024
 
 
 def broker_process(settings: Settings) -> psutil.Process | None:
@@ -54,6 +85,71 @@ def broker_process(settings: Settings) -> psutil.Process | None:
     except (psutil.AccessDenied, psutil.NoSuchProcess):
         pass
     return None
+
+
+def broker_memory(settings: Settings, broker: psutil.Process | None) -> dict:
+    """RabbitMQ's memory now: `rss` (bytes, from the OS) and `breakdown` (bytes per category and
+    `total` rss/erlang/allocated, from the management API); None for what cannot be read."""
+    rss = None
+    if broker is not None:
+        try:
+            rss = broker.memory_info().rss
+        except psutil.Error:
+            pass
+    auth = (settings.admin_user, settings.admin_password)
+    try:
+        node = requests.get(f"{settings.management_url}/api/overview", auth=auth,
+                            timeout=30).json()["node"]
+        response = requests.get(f"{settings.management_url}/api/nodes/{node}/memory", auth=auth,
+                                timeout=30)
+        response.raise_for_status()
+        breakdown = response.json()["memory"]
+    except (requests.RequestException, ValueError, KeyError, TypeError) as error:
+        LOGGER.warning("could not read RabbitMQ's memory breakdown: %r", error)
+        breakdown = None
+    return {"rss": rss, "breakdown": breakdown}
+
+
+def memory_per_connection(before: dict, after: dict, connections: int) -> dict:
+    """KiB per connection that RabbitMQ grew by between two broker_memory readings: its RSS, its
+    connection processes (every `connection_*` category) and what Erlang allocated."""
+
+    def per_connection(value_before, value_after) -> float | None:
+        if value_before is None or value_after is None or connections <= 0:
+            return None
+        return round((value_after - value_before) / connections / 1024, 1)
+
+    def category(reading: dict, pick):
+        return pick(reading["breakdown"]) if reading.get("breakdown") else None
+
+    def connection_processes(breakdown: dict) -> int:
+        return sum(value for name, value in breakdown.items()
+                   if name.startswith("connection_") and isinstance(value, int))
+
+    def allocated(breakdown: dict) -> int:
+        return breakdown["total"]["allocated"]
+
+    return {"rss_kib": per_connection(before.get("rss"), after.get("rss")),
+            "connection_processes_kib": per_connection(category(before, connection_processes),
+                                                       category(after, connection_processes)),
+            "erlang_allocated_kib": per_connection(category(before, allocated),
+                                                   category(after, allocated))}
+
+
+def cpu_us_per_message(cpu_seconds: float, messages: int) -> float | None:
+    """CPU microseconds per message, or None when no message was counted."""
+    return round(cpu_seconds / messages * 1e6, 1) if messages > 0 else None
+
+
+def open_files(process: psutil.Process | None) -> tuple[int | None, int | None]:
+    """(files open now, soft open-files limit) of a process: RabbitMQ needs one per connection,
+    and its classic queues open their own files too."""
+    if process is None:
+        return None, None
+    try:
+        return process.num_fds(), process.rlimit(psutil.RLIMIT_NOFILE)[0]
+    except (psutil.Error, AttributeError, OSError):
+        return None, None
 
 
 def _cpu_seconds(process: psutil.Process | None) -> float:
@@ -80,13 +176,19 @@ def _declare_queues(settings: Settings, devices: list[str], delete: bool = False
     # A broker still busy with thousands of closing connections answers slowly: be patient.
     parameters = topology.admin_parameters(settings, stack_timeout=120, socket_timeout=30,
                                            connection_attempts=5, retry_delay=2)
+    started = time.monotonic()
+    next_progress = started + PROGRESS_PERIOD
     with pika.BlockingConnection(parameters) as connection:
         channel = connection.channel()
-        for device in devices:
+        for done, device in enumerate(devices, 1):
             if delete:
                 topology.delete_device(channel, device)
             else:
                 topology.declare_device(channel, device)
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_PERIOD
+                LOGGER.info("%d devices: %s %d queues after %.0f s", len(devices),
+                            "deleted" if delete else "declared", done, time.monotonic() - started)
 
 
 def run_one(settings: Settings, count: int, seconds: float) -> dict:
@@ -95,6 +197,11 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
     LOGGER.info("%d devices: declaring queues", count)
     _declare_queues(settings, devices)
     process = psutil.Process()
+    broker = broker_process(settings)
+    if broker is None:
+        LOGGER.warning("%d devices: RabbitMQ's process is not visible here; its CPU and RSS are "
+                       "not measured", count)
+    memory_before = broker_memory(settings, broker)
     simulator = Simulator(settings, [DeviceConfig(d, interval=INTERVAL) for d in devices],
                           max_queued_messages=1000, seed=count)
     # The simulator runs inside this process, which holds what earlier benchmarks left: its
@@ -105,17 +212,35 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
     simulator.start()
     try:
         deadline = started + max(60.0, count / 20)
+        next_progress = started + PROGRESS_PERIOD
+        last_count, last_change = 0, started
         while simulator.stats()["connected"] < count and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.2)  # polling the simulator's count; it connects on its own thread
+            connected_now = simulator.stats()["connected"]
+            if connected_now != last_count:
+                last_count, last_change = connected_now, time.monotonic()
+            elif connected_now and time.monotonic() - last_change > CONNECT_STALL:
+                LOGGER.warning("%d devices: no more connected in %.0f s; measuring %d", count,
+                               CONNECT_STALL, connected_now)
+                break
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_PERIOD
+                # The scheduler opens every socket before it reads the first CONNACK: "added"
+                # moves first, then "connected".
+                stats = simulator.stats()
+                files, file_limit = open_files(broker)
+                LOGGER.info("%d devices: %d added, %d connected after %.0f s (RabbitMQ has %s of "
+                            "%s files open)", count, stats["devices"], stats["connected"],
+                            time.monotonic() - started, files, file_limit)
         connect_seconds = time.monotonic() - started
         connected = simulator.stats()["connected"]
         LOGGER.info("%d devices: %d connected in %.1f s", count, connected, connect_seconds)
+        memory_connected = broker_memory(settings, broker)
         time.sleep(WARM_UP)  # let the start-up burst settle before measuring
 
         simulator.call(simulator.lateness.reset).result(10)
         before = simulator.stats()
         cpu_before = process.cpu_times()
-        broker = broker_process(settings)
         broker_before = _cpu_seconds(broker)
         scheduler_thread = simulator._thread.native_id
         sched_before = _schedstat(scheduler_thread)
@@ -134,12 +259,18 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
         broker_cpu = _cpu_seconds(broker) - broker_before
         sched_after = _schedstat(scheduler_thread)
         lateness = after["lateness"]
+        broker_files, broker_file_limit = open_files(broker)
     finally:
         simulator.close()
 
     cpu_seconds = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
     published = after["published"] - before["published"]
     acked = after["acked"] - before["acked"]
+    per_connection = memory_per_connection(memory_before, memory_connected, connected)
+
+    def rss_mib(reading: dict) -> float | None:
+        return round(reading["rss"] / 2**20, 1) if reading["rss"] is not None else None
+
     figures = {
         "devices": count,
         "connected": connected,
@@ -161,11 +292,32 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
         "rss_mib_max": round(max(rss) / 2**20, 1),
         "rss_mib_added": round((max(rss) - rss_before) / 2**20, 1),
         "rabbitmq_cpu_percent_of_one_core": round(100 * broker_cpu / window, 1) if broker else None,
+        # Where the CPU goes: RabbitMQ per message it acknowledged, this process per message it
+        # handed to paho, over the same window.
+        "rabbitmq_cpu_us_per_ack": cpu_us_per_message(broker_cpu, acked) if broker else None,
+        "publisher_cpu_us_per_message": cpu_us_per_message(cpu_seconds, published),
+        "rabbitmq_memory_per_connection_kib": per_connection["rss_kib"],
+        "rabbitmq_connection_processes_per_connection_kib":
+            per_connection["connection_processes_kib"],
+        "rabbitmq_erlang_allocated_per_connection_kib": per_connection["erlang_allocated_kib"],
+        "rabbitmq_rss_mib_before_connect": rss_mib(memory_before),
+        "rabbitmq_rss_mib_connected": rss_mib(memory_connected),
+        "rabbitmq_open_files": broker_files,
+        "rabbitmq_open_files_limit": broker_file_limit,
         "machine_cpu_percent": round(sum(machine_cpu) / len(machine_cpu), 1),
         "threads": threads,
         "load_average_1min": round(load_average, 1),
     }
     LOGGER.info("%d devices: %s", count, figures)
+    LOGGER.info("%d devices: %.1f %% on time (target 99 %%), p99 late %.0f ms; acked %.0f/s of "
+                "%.0f/s expected; CPU per message: RabbitMQ %s µs per ack, publisher %s µs; "
+                "RabbitMQ memory per MQTT connection %s KiB (RSS), %s KiB (connection processes)",
+                count,
+                100 * figures["on_time_share"], figures["lateness_p99_ms"], figures["acked_per_s"],
+                figures["expected_per_s"], figures["rabbitmq_cpu_us_per_ack"],
+                figures["publisher_cpu_us_per_message"],
+                figures["rabbitmq_memory_per_connection_kib"],
+                figures["rabbitmq_connection_processes_per_connection_kib"])
     LOGGER.info("%d devices: deleting queues", count)
     try:
         _declare_queues(settings, devices, delete=True)
@@ -184,8 +336,8 @@ def plot(results: list[dict], path: Path) -> None:
     counts = [r["devices"] for r in results]
     labels = [str(c) for c in counts]
     slots = list(range(len(counts)))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for axis in (axes[0], axes[2]):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    for axis in (axes[0], axes[2], axes[3]):
         axis.set_xticks(slots, labels)
     axes[0].bar(slots, [100 * r["on_time_share"] for r in results], color="#1a7f37")
     axes[0].set(title="published within 100 ms of schedule", ylabel="%", ylim=(0, 105),
@@ -206,6 +358,21 @@ def plot(results: list[dict], path: Path) -> None:
               label="RSS added, MiB")
     axes[2].set(title="publisher process", xlabel="devices", ylabel="CPU % of one core")
     twin.set_ylabel("RSS added by the simulator, MiB")
+    width = 0.4
+    axes[3].bar([i - width / 2 for i in slots],
+                [r.get("rabbitmq_cpu_us_per_ack") or 0 for r in results], width,
+                color="#ff8c00", label="RabbitMQ, per ack")
+    axes[3].bar([i + width / 2 for i in slots],
+                [r.get("publisher_cpu_us_per_message") or 0 for r in results], width,
+                color="#4472c4", label="publisher, per message")
+    for i, r in enumerate(results):
+        if r.get("rabbitmq_memory_per_connection_kib") is not None:
+            axes[3].annotate(f"{r['rabbitmq_memory_per_connection_kib']:.0f} KiB/conn.",
+                             (i, r.get("rabbitmq_cpu_us_per_ack") or 0), ha="center",
+                             va="bottom", fontsize=8)
+    axes[3].set(xlabel="devices", ylabel="CPU µs per message")
+    axes[3].set_title("CPU per message; RabbitMQ RSS per connection", fontsize=10)
+    axes[3].legend(fontsize=8)
     fig.suptitle("publisher scale: one process, one scheduler thread, one MQTT client per device")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -219,9 +386,16 @@ def run(settings: Settings, out_dir) -> dict:
     counts = device_counts()
     seconds = float(os.environ.get("WEBOS_BENCH_SECONDS", "25"))
     file_limit = raise_file_limit(max(counts) + 1024)
+    _, broker_file_limit = open_files(broker_process(settings))
+    if broker_file_limit is not None and broker_file_limit < broker_files_needed(max(counts)):
+        LOGGER.warning("RabbitMQ may open only %d files and %d devices need about %d: expect "
+                       "refused connections or failing queues near the end. `python -m bench` "
+                       "raises the limit before it starts the brokers as far as the hard limit "
+                       "(ulimit -Hn) allows; raise that to run this size", broker_file_limit,
+                       max(counts), broker_files_needed(max(counts)))
     logging.getLogger("publisher.devices").setLevel(logging.WARNING)  # no line per device
     results = [run_one(settings, count, seconds) for count in counts]
     image = out_dir / "publisher_scale.png"
     plot(results, image)
     return {"interval_s": list(INTERVAL), "late_threshold_ms": 100, "open_files_limit": file_limit,
-            "results": results, "plot": str(image)}
+            "rabbitmq_open_files_limit": broker_file_limit, "results": results, "plot": str(image)}
