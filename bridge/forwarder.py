@@ -5,7 +5,9 @@ collects the deliveries of one `process_data_events` turn; the loop then produce
 (so librdkafka batches a whole socket read into one request, where per-delivery produce calls
 spread over the read would be cut into many small ones by linger.ms). Delivery reports (called by
 `poll`/`flush` on that same thread) only record what happened; the loop then acks, nacks and parks
-between `process_data_events` calls.
+between `process_data_events` calls. What lives and dies with the channels (delivery tags, the
+consumers, what waits to be acked, nacked or parked) is one `_Session`, built by each connect; a
+delivery report bound to an older session is ignored: its tag died with that channel.
 """
 from __future__ import annotations
 
@@ -74,18 +76,47 @@ class BridgeOptions:
     max_backoff: float = 30.0
     kafka_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
-    def producer_config(self, settings: Settings) -> dict:
-        """librdkafka configuration: durable (acks=all, idempotent) and batched."""
+    def producer_config(self, settings: Settings, max_message_bytes: int | None = None) -> dict:
+        """librdkafka configuration: durable (acks=all, idempotent), batched, records and batches
+        at most `max_message_bytes` (default: the option), whatever --kafka-config says."""
+        limit = max_message_bytes or self.max_message_bytes
         config = {"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
                   "enable.idempotence": True, "linger.ms": self.linger_ms,
-                  "batch.size": self.batch_size, "message.max.bytes": self.max_message_bytes,
-                  "client.id": "webos-bridge"}
-        config.update(dict(self.kafka_config))
+                  "batch.size": self.batch_size, "client.id": "webos-bridge",
+                  **dict(self.kafka_config)}
+        config["message.max.bytes"] = limit
+        config["batch.size"] = min(int(config["batch.size"]), limit)
         return config
 
 
-class _ChannelGone(Exception):
-    """The consuming channel closed under us; reconnect."""
+class _ParkingRefused(Exception):
+    """webos.dead did not take a parked copy (unroutable or nacked); reconnect and try again."""
+
+
+class _Session:
+    """What lives and dies with one connection's channels: their delivery tags and consumers, and
+    the deliveries of this turn, with what Kafka's reports asked for them (confirmed, to nack, to
+    park, to send alone)."""
+
+    __slots__ = ("channel", "dead_channel", "probe_channel", "consumers", "was_consuming",
+                 "tracker", "deliveries", "confirmed", "to_nack", "to_park", "to_isolate")
+
+    def __init__(self, channel, dead_channel, probe_channel, tracker: AckTracker):
+        self.channel = channel
+        self.dead_channel = dead_channel
+        self.probe_channel = probe_channel
+        self.consumers: dict[str, str] = {}      # queue -> consumer tag
+        self.was_consuming = False               # a basic_consume went through
+        self.tracker = tracker
+        self.deliveries: list[tuple] = []        # (queue, method, properties, body) of this turn
+        self.confirmed: list[tuple[int, float | None]] = []  # (tag, latency) Kafka confirmed
+        self.to_nack: list[int] = []
+        self.to_park: list[tuple[int, Route, bytes, list, str]] = []
+        self.to_isolate: list[tuple[int, Route, bytes, list, str]] = []
+
+    def on_message(self, queue: str, channel, method, properties, body: bytes) -> None:
+        """One delivery: noted for `_forward`, which the loop calls after this turn's events."""
+        self.deliveries.append((queue, method, properties, body))
 
 
 class Forwarder:
@@ -103,32 +134,21 @@ class Forwarder:
         self.max_message_bytes = options.max_message_bytes
         self.discovery: QueueDiscovery | None = None
         self.connection: pika.BlockingConnection | None = None
-        self.channel = None
-        self.dead_channel = None
-        self.probe_channel = None
-        self.tracker = AckTracker(0)
-        self.consumers: dict[str, str] = {}      # queue -> consumer tag
+        self.session: _Session | None = None     # None while not connected
         self.missing_warned: set[str] = set()
-        self._deliveries: list[tuple] = []   # (queue, method, properties, body) of this turn
-        self._confirmed: list[tuple[int, float | None]] = []  # (tag, latency) Kafka confirmed
-        self._to_nack: list[int] = []
-        self._to_park: list[tuple[int, Route, bytes, str]] = []
-        self._to_isolate: list[tuple[int, Route, bytes, str]] = []
         self._fatal: str | None = None
-        self._generation = 0
-        self._ack_tag = 0        # highest confirmed tag not yet acked
-        self._ack_count = 0      # confirmed deliveries waiting for that ack
-        self._ack_since = 0.0
-        self._ack_batch = max(1, options.prefetch // 4)
 
     # ---- start and stop -------------------------------------------------------------------
 
     def run(self) -> int:
         """Forward until `stop` is set; 0 after a clean stop. Raises ConfigurationError."""
-        self._check_kafka()
-        config = self.options.producer_config(self.settings)
-        config["message.max.bytes"] = self.max_message_bytes
-        config["batch.size"] = min(int(config["batch.size"]), self.max_message_bytes)
+        topic_limit = self._check_kafka()
+        if topic_limit is not None and topic_limit < self.max_message_bytes:
+            LOGGER.info("topic %s takes at most %d bytes per batch: payloads above %d go to %s",
+                        self.options.topic_template, topic_limit, topic_limit - RECORD_OVERHEAD,
+                        topology.DEAD_QUEUE)
+            self.max_message_bytes = topic_limit - RECORD_OVERHEAD
+        config = self.options.producer_config(self.settings, self.max_message_bytes)
         self.producer = Producer({**config, "error_cb": self.on_kafka_error,
                                   "logger": logging.getLogger("bridge.kafka")})
         if not self.options.queues:
@@ -141,7 +161,6 @@ class Forwarder:
                 try:
                     self._connect(first)
                     first = False
-                    backoff = 1.0
                     self._consume_loop()
                 except AUTH_ERRORS as error:
                     raise ConfigurationError(
@@ -155,17 +174,19 @@ class Forwarder:
                             f"RabbitMQ refused {self.settings.bridge_user!r} something it needs: "
                             f"{error.reply_text}. Check its permissions (python -m "
                             "rabbitmq.topology sets them) and --queues/--queue-pattern") from None
-                    LOGGER.warning("RabbitMQ closed the channel (%r); reconnecting in %.0f s",
-                                   error, backoff)
-                except (amqp_errors.AMQPError, _ChannelGone, OSError) as error:
-                    LOGGER.warning("RabbitMQ connection lost (%r); reconnecting in %.0f s",
-                                   error, backoff)
+                    what, lost = "RabbitMQ closed the channel", error
+                except (amqp_errors.AMQPError, _ParkingRefused, OSError) as error:
+                    what, lost = "RabbitMQ connection lost", error
                 finally:
+                    was_consuming = self.session is not None and self.session.was_consuming
                     self._close_connection()
                 if self._fatal:
                     raise RuntimeError(self._fatal)
                 if self.stop.is_set():
                     break
+                if was_consuming:
+                    backoff = 1.0  # only once consuming worked (pika's ReconnectingExampleConsumer)
+                LOGGER.warning("%s (%r); reconnecting in %.0f s", what, lost, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, self.options.max_backoff)
         finally:
@@ -175,11 +196,11 @@ class Forwarder:
             LOGGER.info("bridge stopped: %s", self.stats.summary())
         return 0
 
-    def _check_kafka(self) -> None:
-        """Stop now when the fixed topic is missing; only warn when Kafka does not answer yet.
+    def _check_kafka(self) -> int | None:
+        """The fixed topic's max.message.bytes (None if unknown); stop now when it is missing.
 
-        A fixed topic's max.message.bytes also caps what the bridge sends: Kafka refuses a whole
-        batch that is bigger, good records with it.
+        Only warns when Kafka does not answer yet. The limit caps what the bridge sends: Kafka
+        refuses a whole batch that is bigger, good records with it.
         """
         template = self.options.topic_template
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap,
@@ -189,9 +210,9 @@ class Forwarder:
         except KafkaException as error:
             LOGGER.warning("Kafka at %s does not answer yet (%s); messages wait in RabbitMQ",
                            self.settings.kafka_bootstrap, error)
-            return
+            return None
         if "{" in template:
-            return
+            return None
         if template not in metadata.topics:
             raise ConfigurationError(
                 f"Kafka topic {template!r} does not exist at {self.settings.kafka_bootstrap} and "
@@ -200,14 +221,10 @@ class Forwarder:
         try:
             resource = ConfigResource(ConfigResource.Type.TOPIC, template)
             configs = admin.describe_configs([resource])[resource].result(10)
-            limit = int(configs["max.message.bytes"].value)
+            return int(configs["max.message.bytes"].value)
         except (KafkaException, KeyError, ValueError) as error:
             LOGGER.warning("cannot read max.message.bytes of %s (%s)", template, error)
-            return
-        if limit < self.max_message_bytes:
-            LOGGER.info("topic %s takes at most %d bytes per batch: payloads above %d go to %s",
-                        template, limit, limit - RECORD_OVERHEAD, topology.DEAD_QUEUE)
-            self.max_message_bytes = limit - RECORD_OVERHEAD
+            return None
 
     def _connect(self, first: bool) -> None:
         parameters = topology.amqp_parameters(
@@ -217,23 +234,18 @@ class Forwarder:
         self.connection = pika.BlockingConnection(parameters)
         if not first:
             self.stats.reconnects += 1
-        self._generation += 1
-        self.tracker = AckTracker(self._generation)
-        self._ack_count = 0  # those tags died with the old channel
-        self._deliveries = []
-        self._confirmed = []
-        self._to_nack.clear()
-        self._to_park.clear()
-        self._to_isolate.clear()
-        self.consumers = {}
-        self.dead_channel = self.connection.channel()
-        self.dead_channel.confirm_delivery()
-        self.probe_channel = self.connection.channel()
-        self._check_dead_queue()
-        self.channel = self.connection.channel()
+        dead_channel = self.connection.channel()
+        dead_channel.confirm_delivery()
+        probe_channel = self.connection.channel()
+        self._check_dead_queue(probe_channel)
+        channel = self.connection.channel()
         # global_qos: one window for the whole channel, however many device queues it consumes.
-        self.channel.basic_qos(prefetch_count=self.options.prefetch, global_qos=True)
-        self.channel.add_on_cancel_callback(self.on_consumer_cancelled)
+        channel.basic_qos(prefetch_count=self.options.prefetch, global_qos=True)
+        channel.add_on_cancel_callback(self.on_consumer_cancelled)
+        # Confirmed tags are acked together: one basic.ack (multiple) per ACK_INTERVAL or per
+        # quarter window, not one per loop turn.
+        tracker = AckTracker(max(1, self.options.prefetch // 4), ACK_INTERVAL)
+        self.session = _Session(channel, dead_channel, probe_channel, tracker)
         if self.options.queues:
             self._sync_queues(self.options.queues, strict=first)
         elif self.discovery.queues is None:
@@ -248,9 +260,9 @@ class Forwarder:
                     self.settings.bridge_user, self.options.prefetch,
                     self.settings.kafka_bootstrap, self.options.topic_template)
 
-    def _check_dead_queue(self) -> None:
+    def _check_dead_queue(self, probe_channel) -> None:
         try:
-            self.probe_channel.queue_declare(topology.DEAD_QUEUE, passive=True)
+            probe_channel.queue_declare(topology.DEAD_QUEUE, passive=True)
         except amqp_errors.ChannelClosedByBroker as error:
             raise ConfigurationError(
                 f"queue {topology.DEAD_QUEUE} is missing ({error.reply_text}): apply the "
@@ -260,12 +272,12 @@ class Forwarder:
         self.stats.connected = False
         self.stats.queues = 0
         connection, self.connection = self.connection, None
+        self.session = None  # its delivery tags die with its channels
         if connection is not None and connection.is_open:
             try:
                 connection.close()
             except amqp_errors.AMQPError as error:
                 LOGGER.debug("closing the connection: %r", error)
-        self.channel = self.dead_channel = self.probe_channel = None
 
     def _flush_producer(self) -> None:
         # The deliveries are settled by now (acked in _drain, or requeued with their channel):
@@ -281,21 +293,24 @@ class Forwarder:
 
     def _sync_queues(self, wanted, strict: bool = False) -> None:
         """Consume every queue in `wanted` not yet consumed (queues only come, cancels remove)."""
-        for queue in sorted(set(wanted) - self.consumers.keys()):
+        session = self.session
+        for queue in sorted(set(wanted) - session.consumers.keys()):
             if not self._queue_exists(queue, strict):
                 continue
-            self.consumers[queue] = self.channel.basic_consume(
-                queue, partial(self.on_message, queue), auto_ack=False)
+            session.consumers[queue] = session.channel.basic_consume(
+                queue, partial(session.on_message, queue), auto_ack=False)
+            session.was_consuming = True
             self.missing_warned.discard(queue)
             LOGGER.info("consuming %s", queue)
-        self.stats.queues = len(self.consumers)
+        self.stats.queues = len(session.consumers)
 
     def _queue_exists(self, queue: str, strict: bool) -> bool:
         # A passive declare of a missing queue closes its channel: use the throwaway probe channel.
-        if self.probe_channel is None or not self.probe_channel.is_open:
-            self.probe_channel = self.connection.channel()
+        session = self.session
+        if not session.probe_channel.is_open:
+            session.probe_channel = self.connection.channel()
         try:
-            self.probe_channel.queue_declare(queue, passive=True)
+            session.probe_channel.queue_declare(queue, passive=True)
             return True
         except amqp_errors.ChannelClosedByBroker as error:
             if strict:
@@ -311,29 +326,31 @@ class Forwarder:
     def on_consumer_cancelled(self, method_frame) -> None:
         """The broker cancelled a consumer (its queue was deleted): forget it; discovery re-adds."""
         tag = method_frame.method.consumer_tag
-        for queue, consumer_tag in list(self.consumers.items()):
+        consumers = self.session.consumers
+        for queue, consumer_tag in list(consumers.items()):
             if consumer_tag == tag:
-                del self.consumers[queue]
+                del consumers[queue]
                 self.missing_warned.add(queue)  # discovery may list it a while yet: no warning
                 LOGGER.info("broker cancelled the consumer of %s (queue deleted?)", queue)
-        self.stats.queues = len(self.consumers)
+        self.stats.queues = len(consumers)
 
     # ---- the loop -------------------------------------------------------------------------
 
     def _consume_loop(self) -> None:
-        connection, producer, tracker = self.connection, self.producer, self.tracker
+        connection, producer, session = self.connection, self.producer, self.session
+        tracker = session.tracker
         next_sync = 0.0
         prefetch = self.options.prefetch
         burst = max(1, prefetch // 2)
         stats = self.stats
         wait = BUSY_WAIT
         while not self.stop.is_set() and self._fatal is None:
-            in_flight = tracker.in_flight + self._ack_count
+            in_flight = tracker.in_flight
             consumed = stats.consumed
             if in_flight >= prefetch:
                 # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
                 connection.process_data_events(time_limit=0)
-                if self._deliveries:
+                if session.deliveries:
                     self._forward()
                 served = producer.poll(SATURATED_WAIT)
             else:
@@ -344,10 +361,10 @@ class Forwarder:
                 # 240 deliveries, per event): take what already waits in the socket too, so Kafka
                 # gets fewer, bigger batches (its broker's CPU is per request). Never waits.
                 collected = 0
-                while collected < len(self._deliveries) < burst:
-                    collected = len(self._deliveries)
+                while collected < len(session.deliveries) < burst:
+                    collected = len(session.deliveries)
                     connection.process_data_events(time_limit=0)
-                if self._deliveries:
+                if session.deliveries:
                     self._forward()
                 served = producer.poll(0)
             wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
@@ -359,16 +376,13 @@ class Forwarder:
                 self._sync_queues(wanted)
         self._drain()
 
-    def on_message(self, queue: str, channel, method, properties, body: bytes) -> None:
-        """One delivery: noted for `_forward`, which the loop calls after this turn's events."""
-        self._deliveries.append((queue, method, properties, body))
-
     def _forward(self) -> None:
         """Produce this turn's deliveries (their delivery reports settle them) or park them."""
-        deliveries, self._deliveries = self._deliveries, []
+        session = self.session
+        deliveries, session.deliveries = session.deliveries, []
         self.stats.consumed += len(deliveries)
         # Once per delivery: locals, the route from a dict, no Python call but inspect_body.
-        add, max_bytes, generation = self.tracker.add, self.max_message_bytes, self._generation
+        add, max_bytes = session.tracker.add, self.max_message_bytes
         cached, route_for_queue = self.routes.cached, self.routes.get
         produce, on_delivery = self.producer.produce, self.on_delivery
         for queue, method, properties, body in deliveries:
@@ -386,16 +400,14 @@ class Forwarder:
                 headers += message_headers(properties.headers, properties.content_type)
             try:
                 produce(route.topic, body, route.key, headers=headers,
-                        on_delivery=partial(on_delivery, generation, tag, route))
+                        on_delivery=partial(on_delivery, session, tag, route))
             except (BufferError, KafkaException):
                 self._produce(tag, route, body, headers, properties.headers, method.exchange)
 
     def _produce(self, tag: int, route: Route, body: bytes, headers: list, amqp_headers=None,
                  exchange: str = "", alone: bool = False) -> None:
         """Produce one record, waiting while librdkafka's queue is full; park what it refuses."""
-        callback = partial(self.on_delivery, self._generation, tag, route,
-                           alone=True) if alone else partial(self.on_delivery, self._generation,
-                                                             tag, route)
+        callback = partial(self.on_delivery, self.session, tag, route, alone=alone)
         while True:
             try:
                 self.producer.produce(route.topic, body, route.key, headers=headers,
@@ -409,23 +421,23 @@ class Forwarder:
                            route.routing_key, exchange, amqp_headers)
                 return
 
-    def on_delivery(self, generation: int, tag: int, route: Route, error, record,
+    def on_delivery(self, session: _Session, tag: int, route: Route, error, record,
                     alone: bool = False) -> None:
         """Kafka's delivery report: note it; acks, nacks and counters are the loop's job."""
-        if error is None and generation == self._generation:
-            self._confirmed.append((tag, record.latency()))
-        elif generation != self._generation:
+        if session is not self.session:
             self.stats.forgotten += 1  # its delivery tag died with the old channel
+        elif error is None:
+            session.confirmed.append((tag, record.latency()))
         elif error.code() in REJECTED_BY_KAFKA:
             # Kafka refuses whole batches: a good record batched with a bad one fails with it.
             # Only a record refused when sent alone is parked.
             detail = f"{error.name()}: {error.str()}"
-            (self._to_park if alone else self._to_isolate).append(
+            (session.to_park if alone else session.to_isolate).append(
                 (tag, route, record.value(), record.headers() or [], detail))
         else:
             LOGGER.warning("Kafka did not take a record from %s (%s); requeueing it",
                            route.queue, error.str())
-            self._to_nack.append(tag)
+            session.to_nack.append(tag)
 
     def on_kafka_error(self, error) -> None:
         """librdkafka's error callback: most are transient (it retries); fatal ones stop us."""
@@ -437,46 +449,37 @@ class Forwarder:
 
     def _settle(self, force: bool = False) -> None:
         """Send the nacks, parks and acks the delivery reports asked for (`force`: ack now)."""
-        channel, tracker = self.channel, self.tracker
-        if self._confirmed:
-            confirmed, self._confirmed = self._confirmed, []
+        session = self.session
+        channel, tracker = session.channel, session.tracker
+        if session.confirmed:
+            confirmed, session.confirmed = session.confirmed, []
             tracker.confirm_all(confirmed)
             self.stats.produced += len(confirmed)
             self.stats.latency.observe_all(latency for _, latency in confirmed)
-        if self._to_nack:
-            for tag in self._to_nack:
+        if session.to_nack:
+            for tag in session.to_nack:
                 channel.basic_nack(tag, requeue=True)
                 tracker.nacked(tag)
                 self.stats.requeued += 1
-            self._to_nack.clear()
-        if self._to_isolate:
-            isolated, self._to_isolate = self._to_isolate, []
+            session.to_nack.clear()
+        if session.to_isolate:
+            isolated, session.to_isolate = session.to_isolate, []
             for tag, route, value, headers, detail in isolated:
                 LOGGER.info("Kafka refused a batch with a record from %s (%s); sending it alone",
                             route.queue, detail)
                 self._produce(tag, route, value, headers, alone=True)
                 # Rare path: flushing is what makes the next batch hold this one record.
                 self.producer.flush(self.options.flush_timeout)
-        if self._to_park:
-            parked, self._to_park = self._to_park, []
+        if session.to_park:
+            parked, session.to_park = session.to_park, []
             for tag, route, value, _, detail in parked:
                 self._park(tag, value, KAFKA_REJECTED, detail, route.queue, route.routing_key,
                            "", None)
-        last, count = tracker.take_ackable()
-        now = time.monotonic()
+        last, count = tracker.ack_due(time.monotonic(), force)
         if last:
-            # Confirmed tags are acked together: one basic.ack (multiple) per ACK_INTERVAL or per
-            # quarter window, not one per loop turn (each ack costs the loop a socket write).
-            if not self._ack_count:
-                self._ack_since = now
-            self._ack_tag = last
-            self._ack_count += count
-        if self._ack_count and (force or self._ack_count >= self._ack_batch
-                                or now - self._ack_since >= ACK_INTERVAL):
-            channel.basic_ack(self._ack_tag, multiple=True)
-            self.stats.acked += self._ack_count
-            self._ack_count = 0
-        self.stats.in_flight = tracker.in_flight + self._ack_count
+            channel.basic_ack(last, multiple=True)
+            self.stats.acked += count
+        self.stats.in_flight = tracker.in_flight
 
     def _park(self, tag: int, body: bytes, reason: str, detail: str, queue: str,
               routing_key: str, exchange: str, original_headers) -> None:
@@ -489,31 +492,33 @@ class Forwarder:
                         DEAD_EXCHANGE_HEADER: exchange})
         try:
             # confirm_delivery is on: this returns once RabbitMQ has the copy.
-            self.dead_channel.basic_publish(
+            self.session.dead_channel.basic_publish(
                 "", topology.DEAD_QUEUE, body, mandatory=True,
                 properties=pika.BasicProperties(delivery_mode=2, headers=headers))
         except (amqp_errors.UnroutableError, amqp_errors.NackError) as error:
-            raise _ChannelGone(f"{topology.DEAD_QUEUE} did not take a parked message: {error!r}")
-        self.tracker.confirm(tag)
+            raise _ParkingRefused(
+                f"{topology.DEAD_QUEUE} did not take a parked message: {error!r}") from None
+        self.session.tracker.confirm(tag)
         self.stats.dead_lettered[reason] += 1
 
     def _drain(self) -> None:
         """Stop consuming, let Kafka confirm what is in flight, ack that, leave the rest unacked."""
         if self._fatal is not None:
             return
+        session = self.session
         LOGGER.info("stopping: cancelling %d consumers, flushing Kafka (up to %.0f s)",
-                    len(self.consumers), self.options.flush_timeout)
-        for consumer_tag in list(self.consumers.values()):
-            self.channel.basic_cancel(consumer_tag)
-        self.consumers = {}
+                    len(session.consumers), self.options.flush_timeout)
+        for consumer_tag in list(session.consumers.values()):
+            session.channel.basic_cancel(consumer_tag)
+        session.consumers = {}
         deadline = time.monotonic() + self.options.flush_timeout
-        while (self.tracker.in_flight or self._deliveries) and time.monotonic() < deadline:
-            if self._deliveries:
+        while (session.tracker.in_flight or session.deliveries) and time.monotonic() < deadline:
+            if session.deliveries:
                 self._forward()  # delivered before the cancel took effect
             self.producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
             self._settle(force=True)
             self.connection.process_data_events(time_limit=0)
         self._settle(force=True)
-        if self.tracker.in_flight:
+        if session.tracker.in_flight:
             LOGGER.warning("%d deliveries not confirmed by Kafka in time: left unacked, RabbitMQ "
-                           "delivers them again", self.tracker.in_flight)
+                           "delivers them again", session.tracker.in_flight)

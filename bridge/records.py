@@ -145,13 +145,18 @@ class AckTracker:
     record, or webos.dead its parked copy. `nacked(tag)`: it was requeued. `take_ackable()` returns
     the highest tag below which every tag is settled: one `basic_ack(tag, multiple=True)` then
     acks exactly the confirmed ones (nacked ones are no longer outstanding on the broker, so
-    `multiple` skips them).
+    `multiple` skips them). `ack_due(now)` batches those acks: one per `batch` confirmed tags or
+    per `interval` seconds, since each ack costs the loop a socket write.
     """
 
-    def __init__(self, generation: int):
-        self.generation = generation
+    def __init__(self, batch: int = 1, interval: float = 0.0):
+        self.batch = batch
+        self.interval = interval
         self._outstanding: deque[int] = deque()
         self._settled: set[int] = set()
+        self._ack_tag = 0        # highest confirmed tag taken and not yet acked
+        self._ack_count = 0      # confirmed deliveries that ack will settle
+        self._ack_since = 0.0    # when the oldest of them was taken
         # Called once per message: bound builtins, no Python frame.
         self.add = self._outstanding.append
         self.confirm = self._settled.add
@@ -161,8 +166,8 @@ class AckTracker:
 
     @property
     def in_flight(self) -> int:
-        """Tags delivered and not yet acked or nacked."""
-        return len(self._outstanding)
+        """Tags delivered and not yet acked or nacked (confirmed ones waiting for their ack too)."""
+        return len(self._outstanding) + self._ack_count
 
     def confirm_all(self, confirmed) -> None:
         """`confirm` for each (tag, anything) pair."""
@@ -189,3 +194,22 @@ class AckTracker:
                 break
             outstanding.popleft()
         return last, acked
+
+    def ack_due(self, now: float, force: bool = False) -> tuple[int, int]:
+        """(tag to ack with multiple=True, how many it acks) when a batch is due, else (0, 0).
+
+        Due when `batch` confirmed tags wait, when the oldest has waited `interval` seconds, or
+        at once with `force`. The caller must send that ack: the tracker counts them as acked.
+        """
+        last, count = self.take_ackable()
+        if last:
+            if not self._ack_count:
+                self._ack_since = now
+            self._ack_tag = last
+            self._ack_count += count
+        if self._ack_count and (force or self._ack_count >= self.batch
+                                or now - self._ack_since >= self.interval):
+            due = self._ack_tag, self._ack_count
+            self._ack_count = 0
+            return due
+        return 0, 0

@@ -113,7 +113,7 @@ def test_fast_path_agrees_with_json_loads(document, suffix):
 
 
 def test_acks_wait_for_the_oldest_unconfirmed_tag():
-    tracker = AckTracker(1)
+    tracker = AckTracker()
     for tag in range(1, 6):
         tracker.add(tag)
     tracker.confirm(2)
@@ -130,7 +130,7 @@ def test_acks_wait_for_the_oldest_unconfirmed_tag():
 
 
 def test_nacked_tags_are_skipped_not_acked():
-    tracker = AckTracker(1)
+    tracker = AckTracker()
     for tag in (1, 2, 3):
         tracker.add(tag)
     tracker.confirm(1)
@@ -141,13 +141,99 @@ def test_nacked_tags_are_skipped_not_acked():
 
 
 def test_nack_at_the_end_acks_only_confirmed():
-    tracker = AckTracker(1)
+    tracker = AckTracker()
     for tag in (1, 2):
         tracker.add(tag)
     tracker.confirm(1)
     tracker.nacked(2)
     assert tracker.take_ackable() == (1, 1)
     assert tracker.in_flight == 0
+
+
+def test_acks_wait_for_a_full_batch():
+    tracker = AckTracker(batch=3, interval=10.0)
+    for tag in range(1, 5):
+        tracker.add(tag)
+    tracker.confirm(1)
+    tracker.confirm(2)
+    assert tracker.ack_due(now=0.0) == (0, 0)
+    assert tracker.in_flight == 4  # confirmed, but not acked yet
+    tracker.confirm(3)
+    assert tracker.ack_due(now=0.1) == (3, 3)
+    assert tracker.in_flight == 1
+    assert tracker.ack_due(now=0.2) == (0, 0)  # nothing new: no second ack of the same tags
+
+
+def test_acks_wait_at_most_the_interval_from_the_oldest_confirmed_tag():
+    tracker = AckTracker(batch=100, interval=0.02)
+    for tag in range(1, 4):
+        tracker.add(tag)
+    tracker.confirm(1)
+    assert tracker.ack_due(now=10.0) == (0, 0)
+    tracker.confirm(2)
+    assert tracker.ack_due(now=10.015) == (0, 0)  # a newer tag does not restart the clock
+    assert tracker.ack_due(now=10.021) == (2, 2)
+    tracker.confirm(3)
+    assert tracker.ack_due(now=10.03) == (0, 0)  # the clock starts again with the next batch
+    assert tracker.ack_due(now=10.05) == (3, 1)
+
+
+def test_forced_ack_sends_what_is_confirmed_and_only_that():
+    tracker = AckTracker(batch=100, interval=10.0)
+    assert tracker.ack_due(now=0.0, force=True) == (0, 0)
+    for tag in range(1, 5):
+        tracker.add(tag)
+    tracker.confirm(1)
+    tracker.confirm(3)  # 2 is still with Kafka
+    assert tracker.ack_due(now=0.0) == (0, 0)
+    assert tracker.ack_due(now=0.0, force=True) == (1, 1)
+    assert tracker.in_flight == 3
+
+
+def test_a_nack_inside_a_batch_is_not_counted_as_acked():
+    tracker = AckTracker(batch=100, interval=10.0)
+    for tag in (1, 2, 3):
+        tracker.add(tag)
+    tracker.confirm(1)
+    assert tracker.ack_due(now=0.0) == (0, 0)
+    tracker.nacked(2)
+    tracker.confirm(3)
+    assert tracker.ack_due(now=0.0, force=True) == (3, 2)
+    assert tracker.in_flight == 0
+
+
+@given(st.permutations(range(1, 31)), st.lists(st.booleans(), min_size=30, max_size=30),
+       st.lists(st.sampled_from([0.0, 0.005, 0.03]), min_size=30, max_size=30),
+       st.integers(1, 8))
+def test_batched_acks_ack_exactly_the_confirmed_tags(order, nacks, steps, batch):
+    tracker = AckTracker(batch=batch, interval=0.02)
+    unacked_on_broker = set(range(1, 31))
+    for tag in sorted(unacked_on_broker):
+        tracker.add(tag)
+    confirmed, acked, now = set(), [], 0.0
+
+    def send_ack(tag, count):  # what basic_ack(tag, multiple=True) does on the broker
+        covered = {t for t in unacked_on_broker if t <= tag}
+        assert covered <= confirmed and len(covered) == count and tag in covered
+        unacked_on_broker.difference_update(covered)
+        acked.extend(covered)
+
+    for tag, nack, step in zip(order, nacks, steps):
+        if nack:
+            unacked_on_broker.discard(tag)  # the nack goes out at once
+            tracker.nacked(tag)
+        else:
+            confirmed.add(tag)
+            tracker.confirm(tag)
+        now += step
+        due = tracker.ack_due(now)
+        if due != (0, 0):
+            send_ack(*due)
+    due = tracker.ack_due(now, force=True)
+    if due != (0, 0):
+        send_ack(*due)
+    assert sorted(acked) == sorted(confirmed)
+    assert unacked_on_broker == set() and tracker.in_flight == 0
 
 
 def test_select_queues_keeps_device_queues_only():
