@@ -4,7 +4,8 @@ from __future__ import annotations
 from flask import Flask
 
 from publisher.admin_link import AdminLink
-from publisher.devices import DEFAULT_DEVICES_FILE, MQTT_VERSIONS, Simulator, load_devices
+from publisher.device_config import DEFAULT_DEVICES_FILE, load_devices
+from publisher.simulator import MQTT_VERSIONS, Simulator
 from publisher.views import api
 from stack.config import environment, load_settings
 

@@ -9,7 +9,8 @@ from flask import Blueprint, abort, current_app, jsonify, render_template, reque
 from werkzeug.exceptions import HTTPException
 
 from publisher.admin_link import BrokerUnavailable
-from publisher.devices import STATUSES, DeviceConfig, DuplicateDevice, UnknownDevice
+from publisher.device_config import STATUSES, DeviceConfig
+from publisher.simulator import DuplicateDevice, UnknownDevice
 from rabbitmq import topology
 
 LOGGER = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from publisher.app import create_app
-from publisher.devices import DEFAULT_ROUTE, DeviceConfig
+from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
 from stack.process import free_port
@@ -431,7 +431,7 @@ def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
     import secrets
 
     from stack.rabbitmq_server import LocalRabbitMQ
-    from publisher.devices import Simulator
+    from publisher.simulator import Simulator
 
     settings = dataclasses.replace(
         Settings(), amqp_port=free_port(), mqtt_port=free_port(), management_port=free_port(),
@@ -559,7 +559,8 @@ def test_messages_published_before_the_connack_wait_behind_the_outage_backlog(se
     """Regression: paho writes at once after CONNECT but resends the backlog only on CONNACK."""
     import dataclasses
 
-    from publisher.devices import INACTIVE, Simulator
+    from publisher.device_config import INACTIVE
+    from publisher.simulator import Simulator
 
     device = new_device("PO")
     proxy = HoldingProxy((settings.rabbitmq_host, settings.mqtt_port))

@@ -8,7 +8,8 @@ from concurrent.futures import Future
 import pytest
 
 from publisher.app import create_app
-from publisher.devices import ACTIVE, DEFAULT_ROUTE, DeviceConfig, DuplicateDevice, UnknownDevice
+from publisher.device_config import ACTIVE, DEFAULT_ROUTE, DeviceConfig
+from publisher.simulator import DuplicateDevice, UnknownDevice
 from stack.config import Settings
 
 DEVICE = "UA-1"
