@@ -35,7 +35,8 @@ import pika.exceptions
 import psutil
 import requests
 
-from publisher.devices import DeviceConfig, Simulator
+from publisher.device_config import DeviceConfig
+from publisher.simulator import Simulator
 from rabbitmq import topology
 from stack.config import Settings
 
@@ -399,7 +400,7 @@ def run(settings: Settings, out_dir) -> dict:
                        "raises the limit before it starts the brokers as far as the hard limit "
                        "(ulimit -Hn) allows; raise that to run this size", broker_file_limit,
                        max(counts), broker_files_needed(max(counts)))
-    logging.getLogger("publisher.devices").setLevel(logging.WARNING)  # no line per device
+    logging.getLogger("publisher.simulator").setLevel(logging.WARNING)  # no line per device
     results = [run_one(settings, count, seconds) for count in counts]
     image = out_dir / "publisher_scale.png"
     plot(results, image)

@@ -8,7 +8,8 @@ import threading
 
 from werkzeug.serving import make_server
 
-from publisher.devices import DEFAULT_DEVICES_FILE, MQTT_VERSIONS, DeviceConfig, parse_interval
+from publisher.device_config import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
+from publisher.simulator import MQTT_VERSIONS
 from stack.config import load_settings
 
 LOGGER = logging.getLogger("publisher")

@@ -16,9 +16,9 @@ from concurrent.futures import Future
 import pika
 import pika.exceptions
 
+from publisher.simulator import now_ms
 from rabbitmq import topology
 from stack.config import Settings
-from publisher.devices import now_ms
 
 LOGGER = logging.getLogger(__name__)
 

@@ -181,7 +181,7 @@ def test_rabbitmq_restart_mid_stream_loses_nothing_it_accepted(own_rabbitmq, tmp
     assert report.unexpected == 0 and report.foreign == 0
     assert report.figures["bridges_started"] == 1 and report.figures["bridge_exit_codes"] == [0]
     # Each device's order holds across the reconnect too: what it published while the CONNACK
-    # was on its way waited behind the outage's backlog (publisher/devices.py, _publish).
+    # was on its way waited behind the outage's backlog (publisher/simulator.py, _publish).
     assert report.out_of_order == 0, report.summary()
     assert report.ok
 

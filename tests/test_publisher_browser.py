@@ -10,7 +10,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from publisher.app import create_app
-from publisher.devices import DeviceConfig
+from publisher.device_config import DeviceConfig
 from rabbitmq import topology
 from tests.helpers import wait_for
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from publisher.app import create_app
-from publisher.devices import DEFAULT_ROUTE, DeviceConfig
+from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
 from tests.helpers import wait_for
 

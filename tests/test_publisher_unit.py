@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from publisher.devices import (ACTIVE, DEFAULT_DEVICES_FILE, INACTIVE, DeviceConfig, DeviceState,
-                               Lateness, load_devices, parse_interval, parse_route)
+from publisher.device_config import (ACTIVE, DEFAULT_DEVICES_FILE, INACTIVE, DeviceConfig, load_devices,
+                                     parse_interval, parse_route)
+from publisher.simulator import DeviceState, Lateness
 
 ROUTE = ((0, 0), (1, 1), (2, 4))
 
