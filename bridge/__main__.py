@@ -12,7 +12,7 @@ import threading
 from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.records import TemplateError, check_template
-from stack.config import Settings, environment, load_settings
+from stack.config import Settings, environment, load_settings, positive_int
 
 LOGGER = logging.getLogger("bridge")
 DEFAULTS = BridgeOptions()
@@ -33,13 +33,6 @@ acked); 2 on a configuration error (wrong password, missing queue or topic, bad 
 message that says what to fix; 1 on an unexpected failure.
 endpoints: GET /metrics (Prometheus text), GET /healthz (200 while connected to RabbitMQ).
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -108,7 +101,7 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
         "[WEBOS_BRIDGE_TOPIC_TEMPLATE, else WEBOS_KAFKA_TOPIC; default: %(default)s]. "
         "Topics are not created automatically")
     parser.add_argument(
-        "--prefetch", type=_positive_int, default=int(default("PREFETCH", DEFAULTS.prefetch)),
+        "--prefetch", type=positive_int, default=int(default("PREFETCH", DEFAULTS.prefetch)),
         help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what is "
         "redelivered after a crash; the rest waits in RabbitMQ [WEBOS_BRIDGE_PREFETCH; "
         "default: %(default)s]")
@@ -119,12 +112,12 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
         "means fewer, bigger Kafka requests, and up to that much more latency "
         "[WEBOS_BRIDGE_LINGER_MS; default: %(default)s]")
     parser.add_argument(
-        "--batch-size", type=_positive_int,
+        "--batch-size", type=positive_int,
         default=int(default("BATCH_SIZE", DEFAULTS.batch_size)),
         help="largest Kafka batch in bytes per partition (librdkafka batch.size) "
         "[WEBOS_BRIDGE_BATCH_SIZE; default: %(default)s]")
     parser.add_argument(
-        "--max-message-bytes", type=_positive_int,
+        "--max-message-bytes", type=positive_int,
         default=int(default("MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes)),
         help="payloads bigger than this go to webos.dead with reason too-large; keep it at or "
         "below the topic's max.message.bytes (librdkafka message.max.bytes) "

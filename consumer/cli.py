@@ -12,11 +12,11 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumer.kafka_group import (LIVE_VIEW_GROUP, consumer_config, default_group,
-                                  format_lag_table, lag_for_group)
+from consumer.kafka_group import (LIVE_VIEW_GROUP, commit_and_close, consumer_config,
+                                  default_group, format_lag_table, lag_for_group)
 from consumer.records import (DEFAULT_DEDUPE_WINDOW, DedupeWindow, Record, RecordFilter, Summary,
                               format_json, format_pretty)
-from stack.config import load_settings
+from stack.config import load_settings, positive_int
 
 LOGGER = logging.getLogger("consumer")
 POLL_SECONDS = 0.2
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour pretty output: auto = when stdout is a terminal and "
                         "NO_COLOR is unset")
-    parser.add_argument("--count", type=_positive_int, metavar="N",
+    parser.add_argument("--count", type=positive_int, metavar="N",
                         help="exit (status 0) after printing N records")
     parser.add_argument("--timeout", type=_positive_float, metavar="S",
                         help="exit (status 0) after S seconds with no record to print, counted "
@@ -86,20 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dedupe", action="store_true",
                         help="drop records whose device already had their msg_id (payload "
                         "msg_id, else the msg_id header) among the last --dedupe-window ids")
-    parser.add_argument("--dedupe-window", type=_positive_int, default=DEFAULT_DEDUPE_WINDOW,
+    parser.add_argument("--dedupe-window", type=positive_int, default=DEFAULT_DEDUPE_WINDOW,
                         metavar="N", help=f"ids remembered by --dedupe (default {DEFAULT_DEDUPE_WINDOW})")
     parser.add_argument("--lag", action="store_true",
                         help="print the group's lag per partition (committed offset vs end of "
                         "log) and exit")
     parser.add_argument("--quiet", action="store_true", help="no summary line, only warnings")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -232,17 +225,6 @@ def _use_colour(choice: str, stream) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _close(consumer: Consumer) -> None:
-    """Commit what was stored, then leave the group."""
-    try:
-        consumer.commit(asynchronous=False)
-    except KafkaException as error:
-        if error.args[0].code() != KafkaError._NO_OFFSET:
-            LOGGER.warning("final commit failed: %s", error)
-    finally:
-        consumer.close()
-
-
 def run_lag(args, settings) -> int:
     """`--lag`: print the lag table (or one JSON object) and exit."""
     group = args.group or LIVE_VIEW_GROUP
@@ -299,7 +281,7 @@ def main(argv=None) -> int:
         # The reader went away (`| head`): stop quietly; offsets of printed records are kept.
         sys.stdout = open(os.devnull, "w")
     finally:
-        _close(consumer)
+        commit_and_close(consumer)
         if not args.quiet:
             sys.stderr.write(printer.summary.line() + "\n")
     return status

@@ -5,7 +5,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 LOGGER = logging.getLogger(__name__)
 LIVE_VIEW_GROUP = "webos-live-view"
@@ -21,6 +21,17 @@ def offset_tail(count: int) -> int:
 def default_group() -> str:
     """A fresh group for a one-off CLI run (nothing to resume, nobody else's offsets)."""
     return f"webos-cli-{uuid.uuid4().hex[:8]}"
+
+
+def commit_and_close(consumer: Consumer) -> None:
+    """Commit the offsets stored so far, then leave the group (nothing stored: nothing to say)."""
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError._NO_OFFSET:
+            LOGGER.warning("final commit failed: %s", error)
+    finally:
+        consumer.close()
 
 
 def consumer_config(bootstrap: str, group: str, from_beginning: bool = False, **extra) -> dict:

@@ -19,7 +19,8 @@ from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from consumer.kafka_group import LIVE_VIEW_GROUP, consumer_config, group_lag, offset_tail
+from consumer.kafka_group import (LIVE_VIEW_GROUP, commit_and_close, consumer_config, group_lag,
+                                  offset_tail)
 from consumer.records import Record, SeqTracker
 
 LOGGER = logging.getLogger(__name__)
@@ -224,12 +225,7 @@ class LiveFeed:
             with self.lock:
                 self._publish("stats", self._stats())
         finally:
-            try:
-                consumer.commit(asynchronous=False)
-            except KafkaException as error:
-                if error.args[0].code() != KafkaError._NO_OFFSET:
-                    LOGGER.warning("final commit failed: %s", error)
-            consumer.close()
+            commit_and_close(consumer)
             lag_reader.close()
 
     def handle(self, record: Record) -> None:

@@ -1,6 +1,7 @@
 """Settings for every component: the one table of defaults, read from the environment and `.env`."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import secrets
@@ -68,6 +69,17 @@ def stack_dir(settings: Settings) -> Path:
         raise SystemExit(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
                          "use a directory of its own (default .stack)")
     return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1, or a message saying what is wrong."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _coerce(field: dataclasses.Field, raw: str):
