@@ -39,6 +39,7 @@ import pika
 import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from bridge.metrics import parse_samples
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
@@ -455,10 +456,7 @@ class PipelineRun:
             text = self._http.get(self.bridge.metrics_url, timeout=2).text
         except requests.RequestException:
             return None
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        return parse_samples(text).get(name)
 
     def wait_bridge_consuming(self, timeout: float = 60.0) -> None:
         """Until the current bridge consumes every queue of the run (its webos_bridge_queues)."""

@@ -26,6 +26,7 @@ from confluent_kafka import Producer
 
 from bench.__main__ import machine
 from bridge.forwarder import BridgeOptions
+from bridge.metrics import parse_samples
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
 from stack.process import free_port
@@ -203,10 +204,7 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
 
 
 def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return parse_samples(text).get(name, 0.0)
 
 
 def start_bridge(settings: Settings, queues: list[str], log_path: Path,

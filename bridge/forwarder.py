@@ -25,10 +25,10 @@ from pika import exceptions as amqp_errors
 
 from bridge.discovery import QueueDiscovery
 from bridge.metrics import BridgeStats
-from bridge.records import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
-                            DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED,
-                            AckTracker, Route, RouteCache, inspect_body, message_headers)
+from bridge.records import AckTracker, Route, RouteCache, inspect_body, message_headers
 from rabbitmq import topology
+from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
+                               DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED)
 from stack.config import Settings
 
 LOGGER = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from socketserver import ThreadingMixIn
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 LOGGER = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -168,3 +169,14 @@ class MetricsServer:
         """Stop serving and close the socket."""
         self.server.shutdown()
         self.server.server_close()
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """/metrics text as {sample: value}; a labelled sample's key carries its labels, as
+    `name{le="0.01"}`. For the tests and benchmarks that read the bridge from outside."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

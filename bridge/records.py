@@ -12,19 +12,9 @@ from dataclasses import dataclass
 import orjson
 
 from rabbitmq import topology
+from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
 
 TEMPLATE_FIELDS = ("device", "type", "queue", "routing_key")
-DEAD_REASON_HEADER = "x-webos-dead-reason"
-DEAD_DETAIL_HEADER = "x-webos-dead-detail"
-DEAD_QUEUE_HEADER = "x-webos-queue"
-DEAD_ROUTING_KEY_HEADER = "x-webos-routing-key"
-DEAD_EXCHANGE_HEADER = "x-webos-exchange"
-
-# Reasons a message is parked in webos.dead (the value of the x-webos-dead-reason header).
-NOT_JSON = "not-json"
-NOT_OBJECT = "not-a-json-object"
-TOO_LARGE = "too-large"
-KAFKA_REJECTED = "kafka-rejected"
 UNKNOWN_TYPE = "unknown"
 
 

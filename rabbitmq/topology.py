@@ -27,6 +27,18 @@ DEVICE_QUEUE_PREFIX = "webos."
 # Fixed from a queue's first declaration: RabbitMQ refuses to redeclare with other arguments.
 DEVICE_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-single-active-consumer": True}
 QUEUE_ARGUMENTS = {"x-queue-type": "classic"}
+# What a message parked in webos.dead carries: why (and in detail), and where it came from.
+DEAD_REASON_HEADER = "x-webos-dead-reason"
+DEAD_DETAIL_HEADER = "x-webos-dead-detail"
+DEAD_QUEUE_HEADER = "x-webos-queue"
+DEAD_ROUTING_KEY_HEADER = "x-webos-routing-key"
+DEAD_EXCHANGE_HEADER = "x-webos-exchange"
+
+# Reasons a message is parked in webos.dead (the value of the x-webos-dead-reason header).
+NOT_JSON = "not-json"
+NOT_OBJECT = "not-a-json-object"
+TOO_LARGE = "too-large"
+KAFKA_REJECTED = "kafka-rejected"
 
 
 def is_valid_device_id(device: str) -> bool:

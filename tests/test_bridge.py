@@ -24,8 +24,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge.forwarder import BridgeOptions
-from bridge.records import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
+from bridge.metrics import parse_samples
 from rabbitmq import topology
+from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from stack.config import REPO_ROOT, Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import free_port
@@ -55,12 +56,7 @@ class BridgeProcess:
             text = requests.get(self.url + "/metrics", timeout=2).text
         except requests.RequestException:
             return {}
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
+        return parse_samples(text)
 
     def metric(self, name: str) -> float:
         return self.metrics().get(name, 0.0)

@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.__main__ import build_parser
 from bridge.discovery import select_queues
-from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector
-from bridge.records import (NOT_JSON, NOT_OBJECT, TOO_LARGE, AckTracker, RouteCache, TemplateError,
-                            message_headers,
-                            check_template, inspect_body, route_for)
+from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
+from bridge.records import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
+                            message_headers, route_for)
+from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
 from stack.config import Settings
 
 
@@ -259,6 +259,10 @@ def test_metrics_text_has_every_counter():
                  'webos_bridge_delivery_latency_seconds_bucket{le="+Inf"} 2.0',
                  "webos_bridge_delivery_latency_seconds_count 2.0"):
         assert line in text, line
+    samples = parse_samples(text)  # what tests and benchmarks read the text back as
+    assert (samples["webos_bridge_acked_total"], samples["webos_bridge_in_flight"]) == (3, 2)
+    assert samples['webos_bridge_dead_lettered_total{reason="not-json"}'] == 1
+    assert samples['webos_bridge_delivery_latency_seconds_bucket{le="+Inf"}'] == 2
 
 
 def test_histogram_counts_a_value_on_a_bound_in_that_bucket():
