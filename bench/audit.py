@@ -25,9 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -41,9 +38,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from bridge.metrics import parse_samples
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings
+from stack.config import Settings
 from stack.kafka_server import ensure_topic
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 
 LOGGER = logging.getLogger(__name__)
 POLL_INTERVAL = 0.1  # s between reads of the publisher's GET /devices while streaming
@@ -310,30 +307,16 @@ class KafkaTally:
 # ---------------------------------------------------------------------------------------------
 # The processes
 
-class ChildProcess:
-    """One `python -m <package>` child, its output in a file."""
+class ChildProcess(AppProcess):
+    """One `python -m <package>` child of the run, its output in a file."""
 
     def __init__(self, name: str, args: list[str], settings: Settings, log_path: Path):
-        self.name = name
-        self.log_path = log_path
+        super().__init__(args, {**os.environ, **settings.to_env()}, log_path, name)
         self.metrics_url = ""  # a bridge's /metrics
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
-                                            env={**os.environ, **settings.to_env()},
-                                            stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-        LOGGER.info("%s started (pid %d), log %s", name, self.process.pid, log_path)
+        LOGGER.info("%s started (pid %d), log %s", name, self.pid, log_path)
 
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def output(self, lines: int = 30) -> str:
-        """The last lines of its output."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+    def output(self, lines: int | None = 30) -> str:
+        return super().output(lines)
 
     def check_running(self) -> None:
         if not self.running:
@@ -341,20 +324,7 @@ class ChildProcess:
                              f"output ends:\n{self.output()}")
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
-        if self.running:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                LOGGER.warning("%s did not stop within %.0f s: killing it", self.name, timeout)
-        return self.kill()
-
-    def kill(self) -> int:
-        """SIGKILL (kill -9) and reap it."""
-        if self.running:
-            self.process.kill()
-        return self.process.wait(10)
+        return super().stop(timeout)
 
 
 class PipelineRun:

@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from bridge.forwarder import BridgeOptions
 from bridge.metrics import parse_samples
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 
 DEFAULT_MESSAGES = 200_000
 COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS " \
@@ -211,14 +210,9 @@ def start_bridge(settings: Settings, queues: list[str], log_path: Path,
                  extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     """`python -m bridge` with its defaults, consuming `queues`; returns (process, metrics URL)."""
     port = free_port()
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "--queues", ",".join(queues), "--metrics-port", str(port),
-         *extra],
-        env={**os.environ, **settings.to_env()}, cwd=REPO_ROOT, stdout=log,
-        stderr=subprocess.STDOUT)
-    log.close()
-    return process, f"http://127.0.0.1:{port}"
+    bridge = AppProcess(["bridge", "--queues", ",".join(queues), "--metrics-port", str(port),
+                         *extra], {**os.environ, **settings.to_env()}, log_path)
+    return bridge.process, f"http://127.0.0.1:{port}"
 
 
 def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) -> dict:

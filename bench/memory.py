@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -26,9 +25,9 @@ from bench.__main__ import machine
 from bench.bridge_throughput import _metric, start_bridge
 from bench.e2e_latency import ResourceSampler, listening_process
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings
+from stack.config import Settings
 from stack.kafka_server import ensure_topic
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 
 COMMAND = (".venv/bin/python -m bench memory  (WEBOS_BENCH_MEMORY_DEVICES=1000, "
            "WEBOS_BENCH_MEMORY_SECONDS=30)")
@@ -40,9 +39,7 @@ def _say(text: str) -> None:
 
 
 def _child(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **settings.to_env()})
+    return AppProcess(args, {**os.environ, **settings.to_env()}, log_path).process
 
 
 def _wait(condition, timeout: float, what: str, processes) -> None:

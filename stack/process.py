@@ -7,8 +7,11 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+from stack.config import REPO_ROOT
 
 LOGGER = logging.getLogger(__name__)
 
@@ -177,3 +180,48 @@ class LocalProcess:
                     return True
             time.sleep(0.1)
         return False
+
+
+class AppProcess:
+    """`python -m <package> ARGS` as a child of this process, as a user runs an app: its output
+    (stdout and stderr) in `log_path`, stopped with a signal. For the tests and benchmarks."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, name: str = ""):
+        self.name = name or args[0]
+        self.log_path = Path(log_path)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self, lines: int | None = None) -> str:
+        """What it printed so far (the last `lines` lines only, if given)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text if lines is None else "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
+        """Send `signum` and wait; SIGKILL if it has not exited after `timeout`. Its exit code."""
+        if self.running:
+            self.process.send_signal(signum)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("%s did not stop within %.0f s: killing it", self.name, timeout)
+        return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL (kill -9) and reap it; its exit code."""
+        if self.running:
+            self.process.kill()
+        return self.process.wait(10)

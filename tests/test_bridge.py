@@ -8,8 +8,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,9 +25,9 @@ from bridge.forwarder import BridgeOptions
 from bridge.metrics import parse_samples
 from rabbitmq import topology
 from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
-from stack.config import REPO_ROOT, Settings
+from stack.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 from tests.helpers import MqttDevice, kafka_consumer, wait_for
 
 
@@ -40,15 +38,13 @@ class BridgeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"bridge-{uuid.uuid4().hex[:6]}.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "--metrics-port", str(self.port), *flags],
-                env={**os.environ, **settings.to_env(), **(env or {})}, cwd=REPO_ROOT,
-                stdout=log, stderr=subprocess.STDOUT)
+        self.app = AppProcess(["bridge", "--metrics-port", str(self.port), *flags],
+                              {**os.environ, **settings.to_env(), **(env or {})}, self.log_path)
+        self.process = self.app.process
 
     @property
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.app.output()
 
     def metrics(self) -> dict[str, float]:
         """The Prometheus samples by name (labels kept in the name)."""
@@ -75,9 +71,7 @@ class BridgeProcess:
         return self.process.wait(timeout)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        self.app.kill()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 
 from stack.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 from tests.helpers import wait_for
 
 DEVICES = ("3DF92-192", "4HHC2-392", "T-consumer-3")
@@ -132,14 +132,13 @@ class LiveView:
         self.group = f"test-live-{uuid.uuid4().hex[:8]}"
         # a file, not a pipe nobody reads: a full pipe would block the server's logging
         self.log = tempfile.NamedTemporaryFile(prefix="live-view-", suffix=".log")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "serve", "--port", str(self.port), "--topic", topic,
-             "--group", self.group], cwd=REPO_ROOT, env=consumer_env(settings),
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.app = AppProcess(["consumer", "serve", "--port", str(self.port), "--topic", topic,
+                               "--group", self.group], consumer_env(settings), Path(self.log.name))
+        self.process = self.app.process
         wait_for(self._healthy, 30, message="the live view to answer /healthz")
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        return self.app.output()
 
     def _healthy(self) -> bool:
         assert self.process.poll() is None, self.output()
@@ -150,14 +149,9 @@ class LiveView:
 
     def stop(self) -> int:
         """SIGTERM; the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(15)
+            return self.app.stop(15)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
             self.log.close()
 
 

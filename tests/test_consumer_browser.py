@@ -1,16 +1,12 @@
 """The live page in headless Chromium: records produced to Kafka appear, status changes show on the map."""
 import logging
-import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
 from rabbitmq import topology
-from stack.config import REPO_ROOT
-from stack.process import free_port
+from stack.process import AppProcess, free_port
 from tests.helpers import answers, wait_for
 from tests.test_consumer import LiveView, consumer_env, device_record, new_topic, produce
 
@@ -86,28 +82,14 @@ def test_live_page_shows_records_and_turns_an_inactive_device_grey(settings, liv
     page.screenshot(path=str(screenshot), full_page=True)
 
 
-class Process:
-    """A `python -m <package>` subprocess with its output in a file; SIGTERM on stop."""
+def app_process(settings, log_path, *args: str) -> AppProcess:
+    """A `python -m <package>` app with the consumer's environment, its output in `log_path`."""
+    return AppProcess(list(args), consumer_env(settings), log_path)
 
-    def __init__(self, settings, log_path, *args: str):
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
-                                            env=consumer_env(settings), stdout=log,
-                                            stderr=subprocess.STDOUT)
 
-    def alive(self) -> bool:
-        assert self.process.poll() is None, self.log_path.read_text(errors="replace")
-        return True
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
+def alive(process: AppProcess) -> bool:
+    assert process.running, process.output()
+    return True
 
 
 def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(
@@ -117,24 +99,24 @@ def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(
     stopping, walking = f"3DF92-{suffix}1", f"4HHC2-{suffix}2"
     topic = new_topic(settings, "test.consumer.e2e")
     publisher_port = free_port()
-    publisher = Process(settings, tmp_path / "publisher.log", "publisher", "--port",
-                        str(publisher_port), "--devices", f"{stopping},{walking}",
-                        "--interval", "0.3", "0.6")
+    publisher = app_process(settings, tmp_path / "publisher.log", "publisher", "--port",
+                            str(publisher_port), "--devices", f"{stopping},{walking}",
+                            "--interval", "0.3", "0.6")
     bridge = view = None
     try:
         publisher_url = f"http://127.0.0.1:{publisher_port}/"
-        wait_for(lambda: publisher.alive() and answers(publisher_url), 30,
+        wait_for(lambda: alive(publisher) and answers(publisher_url), 30,
                  message="the publisher page")
-        bridge = Process(settings, tmp_path / "bridge.log", "bridge", "--queues",
-                         f"webos.{stopping},webos.{walking}", "--topic-template", topic,
-                         "--metrics-port", "0")
+        bridge = app_process(settings, tmp_path / "bridge.log", "bridge", "--queues",
+                             f"webos.{stopping},webos.{walking}", "--topic-template", topic,
+                             "--metrics-port", "0")
         view = LiveView(settings, topic)
 
         page.goto(view.url + "/")
         for device in (stopping, walking):
             page.wait_for_selector(f'#markers .device[data-device="{device}"][data-status="Active"]',
                                    timeout=30000)
-        assert bridge.alive()
+        assert alive(bridge)
         publisher_page = page.context.new_page()
         publisher_page.goto(publisher_url)
         publisher_page.locator(f"tr[data-device='{stopping}'] button.toggle",
