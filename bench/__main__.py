@@ -12,15 +12,14 @@ import importlib
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 
 from bench.publisher_scale import broker_files_needed, device_counts, raise_file_limit
+from bench.common import machine
 from rabbitmq import topology
 from stack.config import Settings
 from stack.kafka_server import ensure_topic
@@ -29,13 +28,6 @@ from stack.local import start_fresh_brokers
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "audit"]
 LOGGER = logging.getLogger("bench")
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "kernel": platform.release()}
 
 
 def start_brokers(base: Path) -> tuple[Settings, list]:

@@ -12,7 +12,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -23,12 +22,10 @@ import psutil
 import requests
 from confluent_kafka import Producer
 
-from bench.__main__ import machine
+from bench.common import machine, metric, start_bridge
 from bridge.forwarder import BridgeOptions
-from bridge.metrics import parse_samples
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
-from stack.process import AppProcess, free_port
 
 DEFAULT_MESSAGES = 200_000
 COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS " \
@@ -79,15 +76,6 @@ def cpu_seconds(processes) -> dict[str, float]:
 def _per_message(after: dict, before: dict, count: float) -> dict:
     """CPU microseconds per message of each broker between two cpu_seconds() readings."""
     return {name: round((after[name] - before.get(name, 0.0)) / count * 1e6, 1) for name in after}
-
-
-def queue_depth(settings: Settings, queue: str) -> int:
-    """Ready plus unacked messages of `queue`, from the management API."""
-    # Unfiltered: with ?columns= RabbitMQ answers [] for a queue that has no statistics yet.
-    response = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}",
-                            auth=(settings.admin_user, settings.admin_password), timeout=10)
-    response.raise_for_status()
-    return response.json().get("messages", 0)  # absent until the first statistics
 
 
 def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
@@ -202,19 +190,6 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
             **_split(broker_cpu)}
 
 
-def _metric(text: str, name: str) -> float:
-    return parse_samples(text).get(name, 0.0)
-
-
-def start_bridge(settings: Settings, queues: list[str], log_path: Path,
-                 extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    """`python -m bridge` with its defaults, consuming `queues`; returns (process, metrics URL)."""
-    port = free_port()
-    bridge = AppProcess(["bridge", "--queues", ",".join(queues), "--metrics-port", str(port),
-                         *extra], {**os.environ, **settings.to_env()}, log_path)
-    return bridge.process, f"http://127.0.0.1:{port}"
-
-
 def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) -> dict:
     """The bridge draining the pre-filled queue: msgs/s between first and last ack, peak RSS."""
     process, url = start_bridge(settings, [topology.device_queue(device)], log_path)
@@ -230,7 +205,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
             if process.poll() is not None:
                 raise RuntimeError(f"the bridge exited with {process.returncode}; see {log_path}")
             try:
-                acked = _metric(requests.get(url + "/metrics", timeout=2).text,
+                acked = metric(requests.get(url + "/metrics", timeout=2).text,
                                 "webos_bridge_acked_total")
             except requests.RequestException:
                 acked = 0
@@ -244,8 +219,8 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
                 cpu = rss.cpu_times()
                 broker_cpu = cpu_seconds(brokers)
                 text = requests.get(url + "/metrics", timeout=2).text
-                latency_sum = _metric(text, "webos_bridge_delivery_latency_seconds_sum")
-                latency_count = _metric(text, "webos_bridge_delivery_latency_seconds_count")
+                latency_sum = metric(text, "webos_bridge_delivery_latency_seconds_sum")
+                latency_count = metric(text, "webos_bridge_delivery_latency_seconds_count")
                 break
             time.sleep(0.05)  # sampling period of the RSS and counters, not a wait for an event
         if last is None:
@@ -253,6 +228,10 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
     finally:
         process.terminate()
         code = process.wait(60)
+    if last[1] == first[1]:
+        # Everything was acked before the first sample: nothing between two readings to time.
+        raise RuntimeError(f"the bridge acked all {count} messages within one 50 ms sample: too "
+                           "few to time, raise WEBOS_BENCH_MESSAGES (default 200,000)")
     rate = (last[1] - first[1]) / (last[0] - first[0])
     return {"msgs_per_s": rate, "peak_rss_mb": peak / 2**20, "exit_code": code,
             "cpu_us_per_msg": round((cpu.user + cpu.system - cpu_first.user - cpu_first.system)

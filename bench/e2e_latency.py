@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import struct
 import tempfile
 import threading
 import time
@@ -48,8 +47,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.__main__ import machine
-from bench.bridge_throughput import queue_depth, start_bridge
+from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process, machine,
+                          queue_depth, start_bridge)
 from rabbitmq import topology
 from stack.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
@@ -60,7 +59,8 @@ COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,2
            "WEBOS_BENCH_E2E_FIRST_WARMUP=40, WEBOS_BENCH_E2E_ROUNDS=3, WEBOS_BENCH_E2E_WARMUP=10, "
            "WEBOS_BENCH_E2E_SECONDS=12, "
            "WEBOS_BENCH_E2E_DEVICES=4)")
-SAMPLE_PERIOD = 0.5  # seconds between resource samples
+
+
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records after the publishers stop
 SLOW_MS = 20.0  # a message slower than this is slow; a round whose p99 is above it gets a cause
 EPISODE_GAP = 0.5  # seconds without a slow message that end one burst of them
@@ -77,178 +77,6 @@ def rates() -> list[int]:
     """Offered loads to run, from WEBOS_BENCH_RATES (default 100,1000,2000)."""
     raw = os.environ.get("WEBOS_BENCH_RATES")
     return [int(part) for part in raw.split(",") if part.strip()] if raw else list(DEFAULT_RATES)
-
-
-def listening_process(port: int) -> psutil.Process | None:
-    """The process that listens on TCP `port` on this machine, if visible."""
-    try:
-        for connection in psutil.net_connections(kind="tcp"):
-            if (connection.status == psutil.CONN_LISTEN and connection.laddr
-                    and connection.laddr.port == port and connection.pid):
-                return psutil.Process(connection.pid)
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        pass
-    return None
-
-
-def parse_perfdata(data: bytes) -> dict[str, int]:
-    """The scalar long counters of a HotSpot hsperfdata file (name -> value)."""
-    if data[:4] != b"\xca\xfe\xc0\xc0":
-        raise ValueError("not a HotSpot hsperfdata file")
-    order = "<" if data[4] == 1 else ">"
-    entry, entries = struct.unpack_from(order + "ii", data, 24)
-    counters = {}
-    for _ in range(entries):
-        length, name_at, vector_length, data_type = struct.unpack_from(order + "iiib", data, entry)
-        data_at = struct.unpack_from(order + "i", data, entry + 16)[0]
-        if length <= 0:
-            break
-        if vector_length == 0 and data_type == ord("J"):
-            name_end = data.index(b"\0", entry + name_at)
-            name = data[entry + name_at:name_end].decode("ascii", "replace")
-            counters[name] = struct.unpack_from(order + "q", data, entry + data_at)[0]
-        entry += length
-    return counters
-
-
-# hsperfdata counters (ticks of sun.os.hrt.frequency) summed into each figure, as JDK 17 names them.
-JVM_COUNTERS = {"paused": ("sun.rt.safepointTime",),
-                "compiling": ("sun.ci.standardTime", "sun.ci.osrTime")}
-
-
-def jvm_seconds(process: psutil.Process | None) -> dict[str, float] | None:
-    """Seconds a HotSpot JVM has spent, since it started, stopped in safepoints (`paused`: its
-    garbage collector's pauses among them) and in its JIT compiler (`compiling`), from its
-    hsperfdata file; None where that is not readable."""
-    if process is None:
-        return None
-    try:
-        path = Path(tempfile.gettempdir()) / f"hsperfdata_{process.username()}" / str(process.pid)
-        counters = parse_perfdata(path.read_bytes())
-        ticks = counters["sun.os.hrt.frequency"]
-        return {name: sum(counters[counter] for counter in names) / ticks
-                for name, names in JVM_COUNTERS.items()}
-    except (OSError, ValueError, KeyError, struct.error, ZeroDivisionError, psutil.Error):
-        return None
-
-
-def _jvm_delta(now: dict | None, then: dict | None) -> dict[str, float] | None:
-    if now is None or then is None:
-        return None
-    return {name: round(now[name] - then[name], 4) for name in now}
-
-
-def _machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return sum(times) - idle, sum(times)
-
-
-class ResourceSampler:
-    """Samples RSS and CPU of named processes (each with its children, except those named in
-    `alone`) every SAMPLE_PERIOD s; keeps the series too (`series`: per process, `machine`:
-    % of all cores busy, `others`: % of one core used by every other process, `jvm_paused` and
-    `jvm_compiling`: seconds the JVM of the process named `jvm` stood still or compiled), each
-    point (seconds since start, value over the interval that ended then)."""
-
-    def __init__(self, processes: dict[str, psutil.Process | None], alone=(),
-                 jvm: str | None = None):
-        self.processes = {name: p for name, p in processes.items() if p is not None}
-        self.alone = set(alone)
-        self.peak_rss = {name: 0 for name in self.processes}
-        self.peak_cpu = {name: 0.0 for name in self.processes}
-        self.start_rss: dict[str, int] = {}
-        self.cpu_start: dict[str, float] = {}
-        self.cpu_end: dict[str, float] = {}
-        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in self.processes}
-        self.machine: list[tuple[float, float]] = []
-        # CPU of every other process on the machine, % of one core: machine minus those sampled.
-        self.others: list[tuple[float, float]] = []
-        self.cores = psutil.cpu_count() or 1
-        self.jvm = self.processes.get(jvm) if jvm else None
-        self.jvm_paused: list[tuple[float, float]] = []
-        self.jvm_compiling: list[tuple[float, float]] = []
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def _tree(self, name: str) -> list[psutil.Process]:
-        process = self.processes[name]
-        if name in self.alone:
-            return [process]
-        try:
-            return [process, *process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def _measure(self, name: str) -> tuple[int, float]:
-        rss, cpu = 0, 0.0
-        for member in self._tree(name):
-            try:
-                rss += member.memory_info().rss
-                times = member.cpu_times()
-                cpu += times.user + times.system
-            except psutil.NoSuchProcess:
-                continue
-        return rss, cpu
-
-    def start(self) -> None:
-        self.started = time.monotonic()
-        self.machine_start = _machine_busy()
-        self.jvm_start = jvm_seconds(self.jvm)
-        for name in self.processes:
-            self.start_rss[name], self.cpu_start[name] = self._measure(name)
-        self.thread.start()
-
-    def run(self) -> None:
-        last = {name: (time.monotonic(), self.cpu_start[name]) for name in self.processes}
-        machine_then, jvm_then = self.machine_start, self.jvm_start
-        while not self.stop_event.wait(SAMPLE_PERIOD):
-            own = 0.0
-            for name in self.processes:
-                rss, cpu = self._measure(name)
-                now = time.monotonic()
-                self.peak_rss[name] = max(self.peak_rss[name], rss)
-                then, cpu_then = last[name]
-                percent = (cpu - cpu_then) / (now - then) * 100
-                self.peak_cpu[name] = max(self.peak_cpu[name], percent)
-                self.series[name].append((round(now - self.started, 3), round(percent, 1)))
-                own += percent
-                last[name] = (now, cpu)
-            machine_now, offset = _machine_busy(), round(time.monotonic() - self.started, 3)
-            if machine_now[1] > machine_then[1]:
-                busy = 100 * (machine_now[0] - machine_then[0]) / (machine_now[1] - machine_then[1])
-                self.machine.append((offset, round(busy, 1)))
-                self.others.append((offset, round(max(0.0, busy * self.cores - own), 1)))
-            machine_then = machine_now
-            jvm_now = jvm_seconds(self.jvm)
-            jvm = _jvm_delta(jvm_now, jvm_then)
-            if jvm is not None:
-                self.jvm_paused.append((offset, jvm["paused"]))
-                self.jvm_compiling.append((offset, jvm["compiling"]))
-            jvm_then = jvm_now
-
-    def stop(self) -> dict:
-        """Stop sampling; per process: RSS at start, peak and end (MB), mean and peak CPU (% of
-        one core)."""
-        self.stop_event.set()
-        self.thread.join(5)
-        elapsed = time.monotonic() - self.started
-        busy, total = _machine_busy()
-        self.machine_mean = (round(100 * (busy - self.machine_start[0])
-                                   / (total - self.machine_start[1]), 1)
-                             if total > self.machine_start[1] else None)
-        self.jvm_total = _jvm_delta(jvm_seconds(self.jvm), self.jvm_start)  # seconds, or None
-        figures = {}
-        for name in self.processes:
-            rss, cpu = self._measure(name)
-            figures[name] = {
-                "start_rss_mb": round(self.start_rss[name] / 2**20, 1),
-                "peak_rss_mb": round(max(self.peak_rss[name], rss) / 2**20, 1),
-                "end_rss_mb": round(rss / 2**20, 1),
-                "cpu_mean_pct": round((cpu - self.cpu_start[name]) / elapsed * 100, 1),
-                "cpu_peak_pct": round(self.peak_cpu[name], 1)}
-        return figures
 
 
 class ArrivalReader:

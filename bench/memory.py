@@ -21,9 +21,7 @@ import psutil
 import requests
 from confluent_kafka.admin import AdminClient
 
-from bench.__main__ import machine
-from bench.bridge_throughput import _metric, start_bridge
-from bench.e2e_latency import ResourceSampler, listening_process
+from bench.common import ResourceSampler, listening_process, machine, metric, start_bridge
 from rabbitmq import topology
 from stack.config import Settings
 from stack.kafka_server import ensure_topic
@@ -62,9 +60,9 @@ def _json(url: str):
         return None
 
 
-def _bridge_metric(url: str, name: str) -> float:
+def _bridgemetric(url: str, name: str) -> float:
     try:
-        return _metric(requests.get(url + "/metrics", timeout=2).text, name)
+        return metric(requests.get(url + "/metrics", timeout=2).text, name)
     except requests.RequestException:
         return 0.0
 
@@ -97,7 +95,7 @@ def run(settings: Settings, out_dir) -> dict:
         processes["bridge"], metrics_url = start_bridge(
             settings, [topology.device_queue(d) for d in devices], logs / "bridge.log",
             ["--topic-template", topic])
-        _wait(lambda: _bridge_metric(metrics_url, "webos_bridge_queues") >= count, 120,
+        _wait(lambda: _bridgemetric(metrics_url, "webos_bridge_queues") >= count, 120,
               "the bridge consuming", processes)
         _say("bridge: consuming every queue")
         processes["consumer"] = _child(settings, ["consumer", "serve", "--port", str(consumer_port),
@@ -111,13 +109,13 @@ def run(settings: Settings, out_dir) -> dict:
         sampler = ResourceSampler({**{name: psutil.Process(p.pid) for name, p in processes.items()},
                                    "rabbitmq": listening_process(settings.amqp_port),
                                    "kafka": listening_process(kafka_port)})
-        acked_before = _bridge_metric(metrics_url, "webos_bridge_acked_total")
+        acked_before = _bridgemetric(metrics_url, "webos_bridge_acked_total")
         sampler.start()
         for elapsed in range(0, int(seconds), 10):
             time.sleep(min(10, seconds - elapsed))  # the measured window, reported every 10 s
             _say(f"  {min(elapsed + 10, seconds):.0f}/{seconds:.0f} s")
         resources = sampler.stop()
-        acked = _bridge_metric(metrics_url, "webos_bridge_acked_total") - acked_before
+        acked = _bridgemetric(metrics_url, "webos_bridge_acked_total") - acked_before
     finally:
         exit_codes = {}
         for name, process in reversed(list(processes.items())):

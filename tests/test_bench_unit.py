@@ -8,9 +8,10 @@ import struct
 import pytest
 
 from bench.__main__ import summary_table
-from bench import e2e_latency
+from bench import common
+from bench.common import jvm_seconds, parse_perfdata
 from bench.e2e_latency import (bursts, diagnose, histogram_buckets, histogram_quantile_ms,
-                               jvm_seconds, parse_perfdata, slow_split, timing_pattern)
+                               slow_split, timing_pattern)
 from bench import publisher_scale
 from bench.publisher_scale import cpu_us_per_message, memory_per_connection, raise_file_limit
 
@@ -248,7 +249,7 @@ def test_jvm_seconds_sums_pauses_and_compile_time_from_the_hsperfdata_file(tmp_p
     (folder / "4242").write_bytes(perfdata({
         "sun.rt.safepointTime": 250_000_000, "sun.ci.standardTime": 3_000_000_000,
         "sun.ci.osrTime": 500_000_000, "sun.os.hrt.frequency": 1_000_000_000}))
-    monkeypatch.setattr(e2e_latency.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(common.tempfile, "gettempdir", lambda: str(tmp_path))
     assert jvm_seconds(FakeJvm()) == {"paused": 0.25, "compiling": 3.5}
     (folder / "4242").write_bytes(perfdata({"sun.os.hrt.frequency": 1_000_000_000}))
     assert jvm_seconds(FakeJvm()) is None  # another JVM's counter names: not measured

@@ -14,7 +14,7 @@ import requests
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.bridge_throughput import queue_depth
+from bench.common import queue_depth
 from rabbitmq import topology
 from stack import rabbitmq_runtime
 from stack.rabbitmq_runtime import DATA_MOUNT, Runtime
