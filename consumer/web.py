@@ -5,15 +5,13 @@ import argparse
 import json
 import logging
 import queue
-import signal
-import threading
 
 from flask import Flask, Response, jsonify, render_template, stream_with_context
-from werkzeug.serving import make_server
 
 from consumer.kafka_group import LIVE_VIEW_GROUP
 from consumer.live_feed import LiveFeed
 from stack.config import Settings, load_settings
+from stack.web import listen, serve_until_signal
 
 LOGGER = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
@@ -115,22 +113,15 @@ def main(argv=None) -> int:
                       "REPLAY": args.replay})
     feed: LiveFeed = app.extensions["live_feed"]
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        server = listen(app, args.host, args.port)
     except OSError as error:
         feed.stop()
         LOGGER.error("cannot listen on %s:%s: %s", args.host, args.port, error)
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    serving.start()
     LOGGER.info("live view on http://%s:%s/ (topic %s, group %s)", args.host, server.port,
                 args.topic, args.group)
-    while not stop.wait(0.5):
-        pass
+    serve_until_signal(server)
     LOGGER.info("stopping")
-    server.shutdown()
     feed.stop()
     server.server_close()
     return 0

@@ -4,14 +4,12 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import signal
-import threading
 
-from werkzeug.serving import make_server
 
 from publisher.device_config import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
 from publisher.simulator import MQTT_VERSIONS
 from stack.config import load_settings
+from stack.web import listen, serve_until_signal
 
 LOGGER = logging.getLogger("publisher")
 
@@ -78,22 +76,22 @@ def main(argv=None) -> int:
         LOGGER.error("cannot declare the device queues as %s: %s", settings.admin_user, error)
         return 1
     publisher = app.extensions["publisher"]
-    server = make_server(args.host, args.port, app, threaded=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    serving.start()
+    try:
+        server = listen(app, args.host, args.port)
+    except OSError as error:
+        publisher.close()
+        LOGGER.error("cannot listen on %s:%s: %s", args.host, args.port, error)
+        return 1
     LOGGER.info("publisher on http://%s:%d/", args.host, server.server_port)
     # As in the bridge: what start-up made (the devices, their clients) lives as long as the
     # process, so the collector leaves it alone, and young objects (a message's) are collected
     # less often. With thousands of devices each full collection walked them all.
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
-    stop.wait()
+    serve_until_signal(server)
     LOGGER.info("stopping")
-    server.shutdown()
     publisher.close()
+    server.server_close()
     LOGGER.info("stopped")
     return 0
 
