@@ -104,9 +104,11 @@ def supervisor_rpc(settings: Settings, password: str | None = None):
     run_dir = supervisor_dir(settings)
     if password is None:
         config = configparser.RawConfigParser()
-        if not config.read(run_dir / "supervisord.conf"):
-            raise FileNotFoundError(run_dir / "supervisord.conf")
-        password = config.get("supervisorctl", "password")
+        try:
+            config.read(run_dir / "supervisord.conf")
+            password = config.get("supervisorctl", "password")
+        except configparser.Error:
+            raise FileNotFoundError(f"no complete {run_dir / 'supervisord.conf'}") from None
     transport = SupervisorTransport("stack", password, f"unix://{run_dir / 'supervisor.sock'}")
     return xmlrpc.client.ServerProxy("http://localhost", transport=transport)
 
@@ -254,10 +256,13 @@ def run_apps(settings: Settings, apps: dict[str, list[str]] = APPS) -> int:
     password = secrets.token_urlsafe(18)
     # One pipe per app and one for supervisord's own lines; the reading ends stay here.
     pipes = {name: os.pipe() for name in ("supervisord", *apps)}
-    config_path.unlink(missing_ok=True)
-    with os.fdopen(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as config:
+    # Written whole, then renamed into place: `make status` may read it at any moment.
+    written = run_dir / "supervisord.conf.new"
+    written.unlink(missing_ok=True)
+    with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as config:
         config.write(supervisord_config(settings, apps, {name: pipes[name][1] for name in apps},
                                         password))
+    written.rename(config_path)
     relay = threading.Thread(target=relay_output, name="app-output", daemon=True,
                              args=({read: name for name, (read, _) in pipes.items()},
                                    sys.stdout.buffer))

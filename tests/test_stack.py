@@ -376,3 +376,18 @@ def test_status_without_make_run_says_every_app_is_stopped(tmp_path):
 
     assert lines == [f"{app}: stopped (no `make run` supervises the apps)"
                      for app in ("publisher", "bridge", "consumer")]
+
+
+def test_status_while_make_run_writes_its_supervisor_config_says_stopped(tmp_path):
+    # `make status` can read the config at any moment of `make run`'s start: an empty or partly
+    # written one (a suite run once caught it so) is "not yet running", never a traceback.
+    settings = config.Settings(stack_dir=str(tmp_path / "stack"))
+    run_dir = stack_apps.supervisor_dir(settings)
+    run_dir.mkdir(parents=True)
+    for text in ("", "[supervisord]\nnodaemon=true\n"):
+        (run_dir / "supervisord.conf").write_text(text)
+
+        lines = stack_apps.app_status(settings)
+
+        assert lines == [f"{app}: stopped (no `make run` supervises the apps)"
+                         for app in ("publisher", "bridge", "consumer")]
