@@ -11,7 +11,7 @@ from flask import Flask, Response, jsonify, render_template, stream_with_context
 from consumer.kafka_group import LIVE_VIEW_GROUP
 from consumer.live_feed import LiveFeed
 from stack.config import Settings, load_settings
-from stack.web import listen, serve_until_signal
+from stack.web import serve
 
 LOGGER = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
@@ -112,16 +112,5 @@ def main(argv=None) -> int:
     app = create_app({"SETTINGS": settings, "KAFKA_TOPIC": args.topic, "KAFKA_GROUP": args.group,
                       "REPLAY": args.replay})
     feed: LiveFeed = app.extensions["live_feed"]
-    try:
-        server = listen(app, args.host, args.port)
-    except OSError as error:
-        feed.stop()
-        LOGGER.error("cannot listen on %s:%s: %s", args.host, args.port, error)
-        return 1
-    LOGGER.info("live view on http://%s:%s/ (topic %s, group %s)", args.host, server.port,
-                args.topic, args.group)
-    serve_until_signal(server)
-    LOGGER.info("stopping")
-    feed.stop()
-    server.server_close()
-    return 0
+    return serve(app, args.host, args.port, feed.stop, "live view",
+                 f" (topic {args.topic}, group {args.group})")

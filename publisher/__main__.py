@@ -9,7 +9,7 @@ import logging
 from publisher.device_config import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
 from publisher.simulator import MQTT_VERSIONS
 from stack.config import load_settings
-from stack.web import listen, serve_until_signal
+from stack.web import serve
 
 LOGGER = logging.getLogger("publisher")
 
@@ -75,25 +75,15 @@ def main(argv=None) -> int:
     except BrokerUnavailable as error:
         LOGGER.error("cannot declare the device queues as %s: %s", settings.admin_user, error)
         return 1
-    publisher = app.extensions["publisher"]
-    try:
-        server = listen(app, args.host, args.port)
-    except OSError as error:
-        publisher.close()
-        LOGGER.error("cannot listen on %s:%s: %s", args.host, args.port, error)
-        return 1
-    LOGGER.info("publisher on http://%s:%d/", args.host, server.server_port)
     # As in the bridge: what start-up made (the devices, their clients) lives as long as the
     # process, so the collector leaves it alone, and young objects (a message's) are collected
     # less often. With thousands of devices each full collection walked them all.
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
-    serve_until_signal(server)
-    LOGGER.info("stopping")
-    publisher.close()
-    server.server_close()
-    LOGGER.info("stopped")
-    return 0
+    code = serve(app, args.host, args.port, app.extensions["publisher"].close, "publisher")
+    if code == 0:
+        LOGGER.info("stopped")
+    return code
 
 
 if __name__ == "__main__":

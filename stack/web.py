@@ -1,24 +1,34 @@
 """Serving an app's pages the way `python -m publisher` and `python -m consumer serve` both do."""
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+from typing import Callable
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import make_server
 
-
-def listen(app, host: str, port: int) -> BaseWSGIServer:
-    """A threaded server for `app` on host:port. Raises OSError (port taken, address invalid)."""
-    return make_server(host, port, app, threaded=True)
+LOGGER = logging.getLogger(__name__)
 
 
-def serve_until_signal(server: BaseWSGIServer) -> None:
-    """Serve on a thread of its own until SIGINT or SIGTERM, then stop serving; the caller
-    closes what the app holds, then `server.server_close()`."""
+def serve(app, host: str, port: int, close: Callable[[], None], name: str, detail: str = "") -> int:
+    """Serve `app` on host:port (threaded) until SIGINT or SIGTERM, then `close()` what the app
+    holds. 0 after that stop; 1 when host:port cannot be had (port taken, address invalid)."""
+    try:
+        server = make_server(host, port, app, threaded=True)
+    except OSError as error:
+        close()
+        LOGGER.error("%s cannot listen on %s:%s: %s", name, host, port, error)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    LOGGER.info("%s on http://%s:%s/%s", name, host, server.port, detail)
     while not stop.wait(0.5):  # short waits: the signal handler runs between them
         pass
+    LOGGER.info("%s stopping", name)
     server.shutdown()
+    close()
+    server.server_close()
+    return 0
