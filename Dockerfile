@@ -4,6 +4,7 @@ WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
+COPY common/ common/
 COPY stack/ stack/
 COPY rabbitmq/ rabbitmq/
 COPY publisher/ publisher/

@@ -21,7 +21,8 @@ from pathlib import Path
 from bench.publisher_scale import broker_files_needed, device_counts, raise_file_limit
 from bench.common import machine
 from rabbitmq import topology
-from stack.config import Settings
+from common import config
+from common.config import Settings
 from stack.kafka_server import ensure_topic
 from stack.local import start_fresh_brokers
 
@@ -145,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    config.run(main)

@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from bridge.metrics import parse_samples
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port
 

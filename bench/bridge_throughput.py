@@ -25,7 +25,7 @@ from confluent_kafka import Producer
 from bench.common import machine, metric, start_bridge
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT, Settings
 
 DEFAULT_MESSAGES = 200_000
 COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS " \

@@ -15,7 +15,7 @@ import psutil
 import requests
 
 from bridge.metrics import parse_samples
-from stack.config import Settings
+from common.config import Settings
 from stack.process import AppProcess, free_port
 
 

@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process, machine,
                           queue_depth, start_bridge)
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)

@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 
 from bench.common import ResourceSampler, listening_process, machine, metric, start_bridge
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port
 

@@ -38,7 +38,7 @@ import requests
 from publisher.device_config import DeviceConfig
 from publisher.simulator import Simulator
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 
 LOGGER = logging.getLogger("bench.publisher_scale")
 DEFAULT_COUNTS = (1000, 5000, 10000)

@@ -12,7 +12,7 @@ import threading
 from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.records import TemplateError, check_template
-from stack.config import Settings, environment, load_settings, positive_int
+from common.config import Settings, load_settings, positive_int, run
 
 LOGGER = logging.getLogger("bridge")
 DEFAULTS = BridgeOptions()
@@ -23,7 +23,7 @@ Kafka (acks=all, idempotent): key = device id, value = the payload bytes unchang
 routing_key, mqtt_topic, device, type, queue, msg_id. A delivery is acked only after Kafka
 confirmed its record. Messages that are not a JSON object or that Kafka cannot take are parked in
 webos.dead with the header x-webos-dead-reason. Broker addresses and credentials come from
-WEBOS_* variables (environment or .env, see stack/config.py); the bridge's own knobs from the
+WEBOS_* variables (environment or .env, see common/config.py); the bridge's own knobs from the
 WEBOS_BRIDGE_* variables named below; flags override both.
 """
 
@@ -75,50 +75,47 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
-    """The command line; defaults come from `settings` and the WEBOS_BRIDGE_* variables in `env`."""
-    def default(name: str, fallback):
-        return env.get(f"WEBOS_BRIDGE_{name}") or fallback
-
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    """The command line; its defaults are `settings` (WEBOS_* variables, .env, then the table)."""
     parser = argparse.ArgumentParser(prog="python -m bridge", description=DESCRIPTION,
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--queues", type=_queue_list, default=_queue_list(default("QUEUES", "")),
+        "--queues", type=_queue_list, default=settings.bridge_queues,
         metavar="Q1,Q2", help="consume exactly these queues (comma-separated); the bridge stops "
         "with exit code 2 if one is missing at start [WEBOS_BRIDGE_QUEUES; default: every "
         "device queue webos.<device> listed by the management API, re-listed every "
         "--discovery-interval seconds so new devices are picked up]")
     which.add_argument(
-        "--queue-pattern", type=_regex, default=default("QUEUE_PATTERN", None), metavar="REGEX",
+        "--queue-pattern", type=_regex, default=settings.bridge_queue_pattern or None, metavar="REGEX",
         help="consume the device queues whose name matches this regular expression (re.search), "
         "including ones created later [WEBOS_BRIDGE_QUEUE_PATTERN; default: all device queues]")
     parser.add_argument(
         "--topic-template", type=_template,
-        default=_template(default("TOPIC_TEMPLATE", settings.kafka_topic)), metavar="TEMPLATE",
+        default=_template(settings.bridge_topic_template or settings.kafka_topic), metavar="TEMPLATE",
         help="Kafka topic for each message; placeholders {device} {type} {queue} {routing_key} "
         "[WEBOS_BRIDGE_TOPIC_TEMPLATE, else WEBOS_KAFKA_TOPIC; default: %(default)s]. "
         "Topics are not created automatically")
     parser.add_argument(
-        "--prefetch", type=positive_int, default=int(default("PREFETCH", DEFAULTS.prefetch)),
+        "--prefetch", type=positive_int, default=settings.bridge_prefetch,
         help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what is "
         "redelivered after a crash; the rest waits in RabbitMQ [WEBOS_BRIDGE_PREFETCH; "
         "default: %(default)s]")
     parser.add_argument(
         "--linger-ms", type=_non_negative_float,
-        default=float(default("LINGER_MS", DEFAULTS.linger_ms)),
+        default=settings.bridge_linger_ms,
         help="how long the Kafka producer waits to fill a batch (librdkafka linger.ms): longer "
         "means fewer, bigger Kafka requests, and up to that much more latency "
         "[WEBOS_BRIDGE_LINGER_MS; default: %(default)s]")
     parser.add_argument(
         "--batch-size", type=positive_int,
-        default=int(default("BATCH_SIZE", DEFAULTS.batch_size)),
+        default=settings.bridge_batch_size,
         help="largest Kafka batch in bytes per partition (librdkafka batch.size) "
         "[WEBOS_BRIDGE_BATCH_SIZE; default: %(default)s]")
     parser.add_argument(
         "--max-message-bytes", type=positive_int,
-        default=int(default("MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes)),
+        default=settings.bridge_max_message_bytes,
         help="payloads bigger than this go to webos.dead with reason too-large; keep it at or "
         "below the topic's max.message.bytes (librdkafka message.max.bytes) "
         "[WEBOS_BRIDGE_MAX_MESSAGE_BYTES; default: %(default)s]")
@@ -142,16 +139,15 @@ def build_parser(settings: Settings, env) -> argparse.ArgumentParser:
         help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
         "acks=all and enable.idempotence=true are the defaults and should stay")
     parser.add_argument(
-        "--log-level", default=env.get("WEBOS_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
+        "--log-level", default=settings.log_level.upper(),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="[WEBOS_LOG_LEVEL; default: %(default)s]")
     return parser
 
 
 def main(argv=None) -> int:
     """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code."""
     settings = load_settings()
-    env = environment()
-    args = build_parser(settings, env).parse_args(argv)
+    args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -210,4 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import requests
 
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
 

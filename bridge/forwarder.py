@@ -29,7 +29,7 @@ from bridge.records import AckTracker, Route, RouteCache, inspect_body, message_
 from rabbitmq import topology
 from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
                                DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED)
-from stack.config import Settings
+from common.config import ConfigError, Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ AUTH_ERRORS = (amqp_errors.ProbableAuthenticationError, amqp_errors.Authenticati
                amqp_errors.ProbableAccessDeniedError)
 
 
-class ConfigurationError(Exception):
+class ConfigurationError(ConfigError):
     """Something only a person can fix (credentials, a missing queue or topic): stop, say what."""
 
 
@@ -57,20 +57,14 @@ class ConfigurationError(Exception):
 class BridgeOptions:
     """The bridge's own knobs (broker addresses and users come from Settings)."""
 
-    queues: tuple[str, ...] = ()            # explicit queues; empty: every device queue found
-    queue_pattern: str | None = None         # regex on queue names when discovering
-    topic_template: str = "webos.events"
-    # 4,000: draining a backlog it beat 2,000 in ten paired runs of ten, by 5-35 %, and 8,000 was
-    # no better (bench/results/bridge-trials-2026-11-22.md); it costs that many redeliveries
-    # after a crash, and a few MB.
-    prefetch: int = 4000
-    # 3 ms: at moderate rates librdkafka sends one ProduceRequest per partition per linger, so a
-    # shorter linger means a request per record and a Kafka busy with them. At 1,000 msg/s
-    # (bench/results/bridge-trials-2026-11-22.md) 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, and
-    # 5 ms a p50 above 5 ms.
-    linger_ms: float = 3.0
-    batch_size: int = 1_000_000              # librdkafka batch.size, bytes per partition batch
-    max_message_bytes: int = 1_000_000       # librdkafka message.max.bytes; bigger goes to webos.dead
+    # Their defaults are the settings table's (common/config.py says why each is what it is).
+    queues: tuple[str, ...] = Settings.bridge_queues
+    queue_pattern: str | None = Settings.bridge_queue_pattern or None
+    topic_template: str = Settings.kafka_topic
+    prefetch: int = Settings.bridge_prefetch
+    linger_ms: float = Settings.bridge_linger_ms
+    batch_size: int = Settings.bridge_batch_size
+    max_message_bytes: int = Settings.bridge_max_message_bytes
     discovery_interval: float = 2.0
     flush_timeout: float = 10.0
     max_backoff: float = 30.0

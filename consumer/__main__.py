@@ -1,6 +1,8 @@
 """`python -m consumer` (terminal consumer) and `python -m consumer serve` (live web page)."""
 import sys
 
+from common.config import run
+
 
 def main(argv=None) -> int:
     """Dispatch: `serve ...` runs the live view, anything else the terminal consumer."""
@@ -15,4 +17,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -16,7 +16,7 @@ from consumer.kafka_group import (LIVE_VIEW_GROUP, commit_and_close, consumer_co
                                   default_group, format_lag_table, lag_for_group)
 from consumer.records import (DEFAULT_DEDUPE_WINDOW, DedupeWindow, Record, RecordFilter, Summary,
                               format_json, format_pretty)
-from stack.config import load_settings, positive_int
+from common.config import load_settings, positive_int
 
 LOGGER = logging.getLogger("consumer")
 POLL_SECONDS = 0.2
@@ -34,7 +34,7 @@ Offsets: each record's offset is stored only after it has been printed (or filte
 dropped as a duplicate) and committed automatically; Ctrl-C or SIGTERM commit and close cleanly,
 so a later run with the same --group resumes right after the last record printed.
 A one-line summary goes to stderr on exit: records per device, duplicates dropped, gaps in seq,
-non-JSON records. Connection settings come from WEBOS_* variables and .env (stack/config.py).
+non-JSON records. Connection settings come from WEBOS_* variables and .env (common/config.py).
 
 Use `python -m consumer serve` for the live web page.
 """

@@ -10,8 +10,8 @@ from flask import Flask, Response, jsonify, render_template, stream_with_context
 
 from consumer.kafka_group import LIVE_VIEW_GROUP
 from consumer.live_feed import LiveFeed
-from stack.config import Settings, load_settings
-from stack.web import serve
+from common.config import Settings, load_settings
+from common.web import serve
 
 LOGGER = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0

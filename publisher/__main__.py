@@ -6,16 +6,16 @@ import gc
 import logging
 
 
-from publisher.device_config import DEFAULT_DEVICES_FILE, DeviceConfig, parse_interval
+from publisher.device_config import DeviceConfig, parse_interval
 from publisher.simulator import MQTT_VERSIONS
-from stack.config import load_settings
-from stack.web import serve
+from common.config import load_settings, run
+from common.web import serve
 
 LOGGER = logging.getLogger("publisher")
 
 
 def parse_args(argv, settings):
-    """The command line; defaults come from stack.config."""
+    """The command line; defaults come from common.config."""
     parser = argparse.ArgumentParser(
         prog="python -m publisher",
         description="Simulated devices publishing their positions over MQTT (one client each), "
@@ -26,7 +26,7 @@ def parse_args(argv, settings):
                         help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
     parser.add_argument("--port", type=int, default=settings.publisher_port,
                         help="HTTP port (default %(default)s, WEBOS_PUBLISHER_PORT)")
-    parser.add_argument("--devices-file", default=str(DEFAULT_DEVICES_FILE),
+    parser.add_argument("--devices-file", default=str(settings.devices_path),
                         help="JSON file with the devices, routes and intervals (default %(default)s)")
     parser.add_argument("--devices", help="comma-separated device ids to run instead of the file's "
                                           "(default route each)")
@@ -41,7 +41,8 @@ def parse_args(argv, settings):
                              "message carries its content type, a Kafka header downstream)")
     parser.add_argument("--no-declare", action="store_true",
                         help="do not declare the devices' queues at start (they exist already)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    parser.add_argument("--log-level", default=settings.log_level,
+                        help="logging level (default %(default)s, WEBOS_LOG_LEVEL)")
     return parser.parse_args(argv)
 
 
@@ -87,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

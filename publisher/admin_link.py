@@ -18,7 +18,7 @@ import pika.exceptions
 
 from publisher.simulator import now_ms
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
 

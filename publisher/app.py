@@ -4,10 +4,10 @@ from __future__ import annotations
 from flask import Flask
 
 from publisher.admin_link import AdminLink
-from publisher.device_config import DEFAULT_DEVICES_FILE, load_devices
+from publisher.device_config import load_devices
 from publisher.simulator import MQTT_VERSIONS, Simulator
 from publisher.views import api
-from stack.config import environment, load_settings
+from common.config import load_settings
 
 
 class Publisher:
@@ -28,10 +28,10 @@ def create_app(config=None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(
         MAX_CONTENT_LENGTH=64 * 1024,
-        API_TOKEN=environment().get("PUBLISHER_API_TOKEN") or None,  # .env counts too
-        SETTINGS=None,            # stack.config.Settings; default load_settings()
+        API_TOKEN=None,           # default: the setting PUBLISHER_API_TOKEN ("": no token)
+        SETTINGS=None,            # common.config.Settings; default load_settings()
         DEVICES=None,             # list of DeviceConfig; default from DEVICES_FILE
-        DEVICES_FILE=str(DEFAULT_DEVICES_FILE),
+        DEVICES_FILE=None,        # default: the setting WEBOS_DEVICES_FILE
         INTERVAL=None,            # (min, max) seconds overriding the file's intervals
         MAX_QUEUED_MESSAGES=1000,  # per device, while RabbitMQ is unreachable
         MQTT_VERSION=MQTT_VERSIONS[0],
@@ -45,13 +45,16 @@ def create_app(config=None) -> Flask:
         app.config.update(config)
     app.json.sort_keys = False  # payload-shaped answers keep their key order
     settings = app.config["SETTINGS"] = app.config["SETTINGS"] or load_settings()
+    if app.config["API_TOKEN"] is None:
+        app.config["API_TOKEN"] = settings.publisher_api_token
     if not app.config["CONSUMER_URL"]:
         app.config["CONSUMER_URL"] = f"http://127.0.0.1:{settings.consumer_port}/"
     simulator, devices = app.config["SIMULATOR"], []
     if simulator is None:
         devices = app.config["DEVICES"]
         if devices is None:
-            devices = load_devices(app.config["DEVICES_FILE"], app.config["INTERVAL"])
+            devices = load_devices(app.config["DEVICES_FILE"] or settings.devices_path,
+                                   app.config["INTERVAL"])
         simulator = Simulator(settings, devices,
                               max_queued_messages=app.config["MAX_QUEUED_MESSAGES"],
                               mqtt_version=app.config["MQTT_VERSION"])

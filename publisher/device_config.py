@@ -14,7 +14,6 @@ from rabbitmq import topology
 ACTIVE = "Active"
 INACTIVE = "Inactive"
 STATUSES = (ACTIVE, INACTIVE)
-DEFAULT_DEVICES_FILE = Path(__file__).resolve().parent / "devices.json"
 DEFAULT_INTERVAL = (1.0, 2.0)
 # A small loop walked by devices added without a route of their own.
 DEFAULT_ROUTE = ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -84,7 +83,7 @@ class DeviceConfig:
                 "interval": list(self.interval), "status": self.status}
 
 
-def load_devices(path: Path = DEFAULT_DEVICES_FILE, interval=None) -> list[DeviceConfig]:
+def load_devices(path: Path, interval=None) -> list[DeviceConfig]:
     """Devices from a JSON file `{"interval": [1, 2], "devices": [{"id", "route", "interval"}]}`."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))

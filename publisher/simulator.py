@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 
 from publisher.device_config import ACTIVE, INACTIVE, STATUSES, DeviceConfig
 from rabbitmq import topology
-from stack.config import Settings
+from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
 

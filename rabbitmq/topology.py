@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pika
 import requests
 
-from stack.config import Settings, load_settings
+from common.config import ConfigError, Settings, load_settings, run
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def apply_users(settings: Settings, timeout: float = 10.0) -> None:
         http.auth = (settings.admin_user, settings.admin_password)
         for user in user_definitions(settings):
             if not user["password"]:
-                raise SystemExit(f"no password for {user['name']}: set it in the environment or .env")
+                raise ConfigError(f"no password for {user['name']}: set it in the environment or .env")
             name = quote(user["name"], safe="")
             http.put(f"{api}/users/{name}", json={"password": user["password"], "tags": user["tags"]},
                      timeout=timeout).raise_for_status()
@@ -172,10 +172,20 @@ def apply_users(settings: Settings, timeout: float = 10.0) -> None:
             response.raise_for_status()
 
 
+def registered_devices(settings: Settings) -> list[str]:
+    """The ids in the devices file (WEBOS_DEVICES_FILE); ConfigError if it cannot be read."""
+    from publisher.device_config import load_devices  # publisher imports this module
+
+    try:
+        return [device.id for device in load_devices(settings.devices_path)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def apply(settings: Settings, devices=None) -> None:
-    """Users, exchanges, queues and bindings for `devices` (default: the configured ones)."""
+    """Users, exchanges, queues and bindings for `devices` (default: the registered ones)."""
     apply_users(settings)
-    devices = settings.devices if devices is None else devices
+    devices = registered_devices(settings) if devices is None else devices
     with pika.BlockingConnection(admin_parameters(settings)) as connection:
         declare(connection.channel(), devices)
     LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,
@@ -187,7 +197,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rabbitmq.topology",
         description="Declare webos exchanges, queues, bindings and users (idempotent).")
-    parser.add_argument("devices", nargs="*", help="device ids (default: WEBOS_DEVICES)")
+    parser.add_argument("devices", nargs="*", help="device ids (default: those in WEBOS_DEVICES_FILE)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -197,4 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

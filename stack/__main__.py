@@ -8,7 +8,8 @@ import signal
 import time
 
 from stack.apps import app_status, apps_running, run_apps
-from stack.config import DOTENV_PATH, Settings, ensure_credentials, load_settings, stack_dir
+from common.config import (DOTENV_PATH, ConfigError, Settings, ensure_credentials, load_settings,
+                           run, stack_dir)
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import BrokerError
 from stack.rabbitmq_server import LocalRabbitMQ
@@ -23,7 +24,7 @@ def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
     rabbitmq = LocalRabbitMQ(base / "rabbitmq", settings, node_name=settings.rabbitmq_node)
     kafka = LocalKafka(base / "kafka", port=port, controller_port=port + 1)
     if rabbitmq.dist_port > 65535 or kafka.controller_port > 65535:
-        raise SystemExit(f"WEBOS_AMQP_PORT={settings.amqp_port} or the Kafka port ({port}) is too "
+        raise ConfigError(f"WEBOS_AMQP_PORT={settings.amqp_port} or the Kafka port ({port}) is too "
                          f"high: the local brokers also listen on {rabbitmq.dist_port} (Erlang "
                          f"distribution) and {kafka.controller_port} (Kafka's controller)")
     return rabbitmq, kafka
@@ -59,7 +60,7 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
             topology.apply(settings)
             ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
             return 0
-        except SystemExit:
+        except ConfigError:
             raise
         except Exception as error:  # brokers still starting: retry until the deadline
             LOGGER.info("brokers not ready yet (%s); retrying", error)
@@ -178,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

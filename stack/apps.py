@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from stack.config import REPO_ROOT, Settings, stack_dir
+from common.config import REPO_ROOT, Settings, stack_dir
 
 LOGGER = logging.getLogger("stack")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from stack.config import REPO_ROOT
+from common.config import REPO_ROOT, ConfigError
 from stack.process import BrokerError, LocalProcess, port_open
 
 LOGGER = logging.getLogger(__name__)
@@ -75,9 +75,9 @@ class LocalKafka(LocalProcess):
     def _java(self, main_class: str, *args: str) -> list[str]:
         java = shutil.which("java")
         if java is None:
-            raise SystemExit("java is missing: install a JDK 17 (Debian: openjdk-17-jre-headless)")
+            raise ConfigError("java is missing: install a JDK 17 (Debian: openjdk-17-jre-headless)")
         if not any(KAFKA_LIB.glob("kafka_2.13-*.jar")):
-            raise SystemExit(f"Kafka's jars are missing in {KAFKA_LIB}: run `make install` "
+            raise ConfigError(f"Kafka's jars are missing in {KAFKA_LIB}: run `make install` "
                              "(mvn -f kafka/pom.xml dependency:copy-dependencies)")
         return [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}",
                 "-cp", f"{KAFKA_LIB}/*", main_class, *args]

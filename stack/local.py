@@ -4,7 +4,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from stack.config import Settings
+from common.config import Settings
 from stack.kafka_server import LocalKafka
 from stack.process import free_port
 from stack.rabbitmq_server import LocalRabbitMQ

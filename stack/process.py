@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from stack.config import REPO_ROOT
+from common.config import REPO_ROOT
 
 LOGGER = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pika
 import requests
 
-from stack.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT, Settings
 from stack.process import BrokerError, LocalProcess, port_open
 from stack.rabbitmq_runtime import CTL_SCRIPT, SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 

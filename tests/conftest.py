@@ -21,7 +21,7 @@ import pika
 import pytest
 
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings, load_settings
+from common.config import REPO_ROOT, Settings, load_settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ

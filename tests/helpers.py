@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import requests
 from confluent_kafka import Consumer
 
-from stack.config import Settings
+from common.config import Settings
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):

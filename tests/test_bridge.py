@@ -25,7 +25,7 @@ from bridge.forwarder import BridgeOptions
 from bridge.metrics import parse_samples
 from rabbitmq import topology
 from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
-from stack.config import Settings
+from common.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import AppProcess, free_port
 from tests.helpers import MqttDevice, kafka_consumer, wait_for

@@ -15,7 +15,7 @@ from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_
 from bridge.records import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
 from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
-from stack.config import Settings
+from common.config import Settings, load_settings
 
 
 def test_route_carries_device_key_and_headers():
@@ -273,9 +273,10 @@ def test_histogram_counts_a_value_on_a_bound_in_that_bucket():
 
 
 def test_flags_override_environment_defaults():
-    settings = Settings(kafka_topic="from.settings", bridge_metrics_port=9999,
-                        bind_host="127.0.0.9")
-    parser = build_parser(settings, {"WEBOS_BRIDGE_PREFETCH": "77"})
+    settings = load_settings({"WEBOS_BRIDGE_PREFETCH": "77"}, dotenv_path=None,
+                             kafka_topic="from.settings", bridge_metrics_port=9999,
+                             bind_host="127.0.0.9")
+    parser = build_parser(settings)
     args = parser.parse_args([])
     assert (args.prefetch, args.topic_template, args.metrics_port, args.metrics_host) == \
         (77, "from.settings", 9999, "127.0.0.9")
@@ -292,6 +293,6 @@ def test_flags_override_environment_defaults():
 ])
 def test_bad_flags_exit_2_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as exited:
-        build_parser(Settings(), {}).parse_args(argv)
+        build_parser(Settings()).parse_args(argv)
     assert exited.value.code == 2
     assert "error:" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stack.config import REPO_ROOT
+from common.config import REPO_ROOT
 
 COMPOSE_FILES = ["docker-compose.yml", "Dockerfile", "requirements.txt", "rabbitmq", "stack",
                  "publisher", "bridge", "consumer"]

@@ -20,7 +20,7 @@ import pytest
 import requests
 from confluent_kafka import Producer
 
-from stack.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT, Settings
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port
 from tests.helpers import wait_for

@@ -10,7 +10,7 @@ from consumer.live_feed import Client, LiveFeed
 from consumer.records import (DedupeWindow, Record, RecordFilter, SeqTracker, Summary,
                               format_json, format_pretty, type_from_headers)
 from consumer.web import create_app
-from stack.config import Settings
+from common.config import Settings
 
 
 def record(value, key="3DF92-192", headers=None, partition=0, offset=0) -> Record:

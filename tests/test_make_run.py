@@ -22,7 +22,7 @@ import psutil
 import requests
 
 from rabbitmq import topology
-from stack.config import REPO_ROOT, load_settings
+from common.config import REPO_ROOT, load_settings
 from stack.process import free_port, port_open
 from tests.helpers import answers, consume, kafka_consumer, wait_for
 
@@ -102,7 +102,7 @@ class MakeRun:
         """Until the pages of `apps` and a device queue in the management API answer."""
         admin = (self.settings.admin_user, self.settings.admin_password)
         device_queue = (f"{self.settings.management_url}/api/queues/{quote(self.settings.vhost, safe='')}/"
-                        f"{topology.device_queue(self.settings.devices[0])}")
+                        f"{topology.device_queue(topology.registered_devices(self.settings)[0])}")
 
         def everything_answers() -> bool:
             assert self.make.poll() is None, f"make run exited early:\n{self.output()[-3000:]}"
@@ -119,7 +119,7 @@ class MakeRun:
                 records += consume(consumer, 1, timeout=1)
         finally:
             consumer.close()
-        assert {record.key().decode() for record in records} <= set(self.settings.devices)
+        assert {record.key().decode() for record in records} <= set(topology.registered_devices(self.settings))
         return records
 
     def ctrl_c(self, stopped=APPS) -> str:
@@ -215,13 +215,13 @@ def test_make_run_starts_a_killed_bridge_and_publisher_again(tmp_path):
         def fresh_devices(records) -> set[str]:
             return {record.key().decode() for record in records
                     if json.loads(record.value())["ts"] > restarted_ms}
-        records = run.read_kafka(lambda records: fresh_devices(records) == set(run.settings.devices))
-        assert fresh_devices(records) == set(run.settings.devices), "no records after the restarts"
+        records = run.read_kafka(lambda records: fresh_devices(records) == set(topology.registered_devices(run.settings)))
+        assert fresh_devices(records) == set(topology.registered_devices(run.settings)), "no records after the restarts"
         run.ctrl_c()
 
     # The audit: nothing RabbitMQ acknowledged was lost, across both kills (seq counts per device
     # from 1 in each publisher process; a repeat after the bridge's kill is not a loss).
-    for device in run.settings.devices:
+    for device in topology.registered_devices(run.settings):
         killed_run, restarted_run = publisher_runs(records, device)
         assert acked[device] > 0
         assert set(range(1, acked[device] + 1)) <= set(killed_run), f"{device}: acknowledged, lost"

@@ -25,7 +25,7 @@ from bench.audit import PipelineRun
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
 from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, NOT_JSON, NOT_OBJECT, TOO_LARGE
-from stack.config import Settings
+from common.config import Settings
 from stack.kafka_server import LocalKafka
 from stack.process import free_port
 from stack.rabbitmq_server import LocalRabbitMQ

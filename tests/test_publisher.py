@@ -18,7 +18,7 @@ import requests
 from publisher.app import create_app
 from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
-from stack.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT, Settings
 from stack.process import free_port
 from tests.helpers import wait_for
 from tests.test_publisher_api_unit import BAD_INPUT, NEW, fill

@@ -10,7 +10,7 @@ import pytest
 from publisher.app import create_app
 from publisher.device_config import ACTIVE, DEFAULT_ROUTE, DeviceConfig
 from publisher.simulator import DuplicateDevice, UnknownDevice
-from stack.config import Settings
+from common.config import Settings
 
 DEVICE = "UA-1"
 NOWHERE = Settings(amqp_port=1, mqtt_port=1, management_port=1)  # nothing listens on port 1

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from publisher.device_config import (ACTIVE, DEFAULT_DEVICES_FILE, INACTIVE, DeviceConfig, load_devices,
+from publisher.device_config import (ACTIVE, INACTIVE, DeviceConfig, load_devices,
                                      parse_interval, parse_route)
+from common.config import Settings
 from publisher.simulator import DeviceState, Lateness
 
 ROUTE = ((0, 0), (1, 1), (2, 4))
@@ -18,7 +19,7 @@ def state(status=ACTIVE, interval=(1.0, 2.0)) -> DeviceState:
 
 
 def test_the_default_file_has_the_seed_devices_active_every_1_to_2_seconds():
-    devices = load_devices(DEFAULT_DEVICES_FILE)
+    devices = load_devices(Settings().devices_path)
     assert [d.id for d in devices] == ["3DF92-192", "4HHC2-392"]
     assert all(d.status == ACTIVE and d.interval == (1.0, 2.0) and len(d.route) > 2 for d in devices)
 

@@ -22,7 +22,8 @@ from confluent_kafka.admin import AdminClient
 
 from rabbitmq import topology
 from stack import apps as stack_apps
-from stack import config, kafka_server
+from common import config
+from stack import kafka_server
 from stack.kafka_server import ensure_topic
 from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
 
@@ -215,7 +216,7 @@ def test_environment_wins_over_dotenv_and_dotenv_fills_the_rest(tmp_path):
 DRIVER = """
 import json, logging, signal, sys
 from stack import __main__ as stack_main, apps as stack_apps
-from stack.config import load_settings
+from common.config import load_settings
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 signal.signal(signal.SIGTERM, stack_main._interrupt)  # as main() does for `run`
 apps, stack_apps.STARTSECS, stack_apps.STARTRETRIES = json.loads(sys.argv[1])

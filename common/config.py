@@ -5,9 +5,10 @@ import argparse
 import dataclasses
 import os
 import secrets
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, NoReturn
 
 from dotenv import dotenv_values
 
@@ -34,7 +35,9 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_topic: str = "webos.events"
     kafka_partitions: int = 6
-    devices: tuple[str, ...] = ("3DF92-192", "4HHC2-392")
+    # The registered devices (ids, routes, intervals): the publisher runs them, the topology
+    # declares their queues. Relative to the repository.
+    devices_file: str = "publisher/devices.json"
     publisher_port: int = 5000
     consumer_port: int = 5001
     bridge_metrics_port: int = 9108
@@ -44,6 +47,29 @@ class Settings:
     # Erlang node name of RabbitMQ. Another pair lets a second stack run next to the first.
     stack_dir: str = ".stack"
     rabbitmq_node: str = "webos"
+    log_level: str = "INFO"
+    # Bearer token the publisher's write API asks for; empty: no token (loopback use only).
+    publisher_api_token: str = field(default="", metadata={"env": "PUBLISHER_API_TOKEN"})
+    # The bridge's knobs (python -m bridge --help says what each does; flags override them).
+    bridge_queues: tuple[str, ...] = ()         # explicit queues; empty: every device queue found
+    bridge_queue_pattern: str = ""               # regex on queue names; empty: all device queues
+    bridge_topic_template: str = ""              # empty: kafka_topic
+    # 4,000: draining a backlog it beat 2,000 in ten paired runs of ten, by 5-35 %, and 8,000 was
+    # no better (bench/results/bridge-trials-2026-11-22.md); it costs that many redeliveries
+    # after a crash, and a few MB.
+    bridge_prefetch: int = 4000
+    # 3 ms: at moderate rates librdkafka sends one ProduceRequest per partition per linger, so a
+    # shorter linger means a request per record and a Kafka busy with them. At 1,000 msg/s
+    # (bench/results/bridge-trials-2026-11-22.md) 1 ms gave p99 10-351 ms, 3 ms 9-16 ms, and
+    # 5 ms a p50 above 5 ms.
+    bridge_linger_ms: float = 3.0
+    bridge_batch_size: int = 1_000_000           # librdkafka batch.size, bytes per partition batch
+    bridge_max_message_bytes: int = 1_000_000    # librdkafka message.max.bytes; bigger: webos.dead
+
+    @property
+    def devices_path(self) -> Path:
+        """The devices file, resolved against the repository."""
+        return REPO_ROOT / Path(self.devices_file).expanduser()
 
     @property
     def management_url(self) -> str:
@@ -53,12 +79,31 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in a child process."""
         env = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
             if isinstance(value, tuple):
                 value = ",".join(value)
-            env[f"WEBOS_{field.name.upper()}"] = str(value)
+            env[env_name(setting)] = str(value)
         return env
+
+
+class ConfigError(Exception):
+    """A setting that cannot work, with what to change; each `main` turns it into exit code 2."""
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """Exit with what a command's `main` returns; a ConfigError exits 2 with what to change."""
+    try:
+        code = main()
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
+
+
+def env_name(setting: dataclasses.Field) -> str:
+    """The environment variable of a Settings field: WEBOS_<NAME> unless it says otherwise."""
+    return setting.metadata.get("env", f"WEBOS_{setting.name.upper()}")
 
 
 def stack_dir(settings: Settings) -> Path:
@@ -66,7 +111,7 @@ def stack_dir(settings: Settings) -> Path:
     path = (REPO_ROOT / Path(settings.stack_dir).expanduser()).resolve()
     if path == REPO_ROOT or path in REPO_ROOT.parents:
         # Its rabbitmq/ and kafka/ would be the repository's own (and `clean` would delete them).
-        raise SystemExit(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
+        raise ConfigError(f"WEBOS_STACK_DIR={settings.stack_dir!r} is the repository or above it: "
                          "use a directory of its own (default .stack)")
     return path
 
@@ -82,10 +127,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _coerce(field: dataclasses.Field, raw: str):
-    if field.type in ("int", int):
+def _coerce(setting: dataclasses.Field, raw: str):
+    if setting.type == "int":
         return int(raw)
-    if field.type in ("tuple[str, ...]",):
+    if setting.type == "float":
+        return float(raw)
+    if setting.type == "tuple[str, ...]":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
 
@@ -105,13 +152,13 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: Path | None
     """Settings from `.env`, then the environment (which wins), then explicit overrides."""
     merged = environment(env, dotenv_path)
     values = {}
-    for field in dataclasses.fields(Settings):
-        raw = merged.get(f"WEBOS_{field.name.upper()}")
+    for setting in dataclasses.fields(Settings):
+        raw = merged.get(env_name(setting))
         if raw is not None and raw != "":
             try:
-                values[field.name] = _coerce(field, raw)
+                values[setting.name] = _coerce(setting, raw)
             except ValueError:
-                raise SystemExit(f"WEBOS_{field.name.upper()}={raw!r} is not a valid {field.type}")
+                raise ConfigError(f"{env_name(setting)}={raw!r} is not a valid {setting.type}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)
 

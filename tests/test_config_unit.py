@@ -1,0 +1,54 @@
+"""The settings table (common/config.py): one loader, each default once, typed errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from common.config import REPO_ROOT, ConfigError, Settings, load_settings, stack_dir
+
+
+def test_every_setting_reads_its_variable_and_survives_to_env():
+    env = {"WEBOS_BRIDGE_LINGER_MS": "7.5", "WEBOS_BRIDGE_QUEUES": "webos.a, webos.b",
+           "WEBOS_BRIDGE_PREFETCH": "12", "PUBLISHER_API_TOKEN": "t0ken", "WEBOS_LOG_LEVEL": "DEBUG"}
+    settings = load_settings(env, dotenv_path=None)
+    assert (settings.bridge_linger_ms, settings.bridge_queues, settings.bridge_prefetch,
+            settings.publisher_api_token, settings.log_level) == \
+        (7.5, ("webos.a", "webos.b"), 12, "t0ken", "DEBUG")
+    # What a launcher hands its children reads back as the same settings.
+    assert load_settings(settings.to_env(), dotenv_path=None) == settings
+    assert settings.to_env()["PUBLISHER_API_TOKEN"] == "t0ken"
+
+
+def test_dotenv_counts_and_the_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PUBLISHER_API_TOKEN=from-file\nWEBOS_BRIDGE_PREFETCH=9\n")
+    settings = load_settings({"WEBOS_BRIDGE_PREFETCH": "10"}, dotenv_path=dotenv)
+    assert (settings.publisher_api_token, settings.bridge_prefetch) == ("from-file", 10)
+
+
+@pytest.mark.parametrize("variable, value", [("WEBOS_AMQP_PORT", "five"),
+                                             ("WEBOS_BRIDGE_LINGER_MS", "soon")])
+def test_a_malformed_value_is_a_config_error_naming_the_variable(variable, value):
+    with pytest.raises(ConfigError, match=f"{variable}='{value}'"):
+        load_settings({variable: value}, dotenv_path=None)
+
+
+def test_a_stack_dir_at_the_repository_is_refused():
+    with pytest.raises(ConfigError, match="WEBOS_STACK_DIR"):
+        stack_dir(Settings(stack_dir="."))
+
+
+def test_the_devices_file_is_resolved_against_the_repository():
+    assert Settings().devices_path == REPO_ROOT / "publisher" / "devices.json"
+    assert Settings().devices_path.exists()
+
+
+def test_a_command_exits_2_with_the_message_on_a_config_error():
+    env = {"PATH": "/usr/bin:/bin", "WEBOS_AMQP_PORT": "five"}
+    done = subprocess.run([sys.executable, "-m", "rabbitmq.topology"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "configuration error: WEBOS_AMQP_PORT='five' is not a valid int" in done.stderr
+    assert "Traceback" not in done.stderr
