@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # uidmap: mmdebstrap builds the RabbitMQ 4 root without root through it (newuidmap).
 RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven)
-TEST_PACKAGES := chromium docker-compose
+TEST_PACKAGES := chromium docker-compose mosquitto-clients
 PYTEST_ARGS ?=
 
 .PHONY: help install install-test run up stop status clean test bench

@@ -400,6 +400,8 @@ class PipelineRun:
         self.note(f"streaming {self.messages} messages from {len(self.devices)} devices")
 
     def _declare_queues(self) -> None:
+        """Each device's certificate, broker user and queue (the publisher then prepares none)."""
+        topology.enrol_devices(self.settings, self.devices)
         with pika.BlockingConnection(topology.admin_parameters(self.settings)) as connection:
             channel = connection.channel()
             for device in self.devices:
@@ -451,7 +453,7 @@ class PipelineRun:
         self.publisher = ChildProcess(
             "publisher", ["publisher", "--port", str(port), "--devices", ",".join(self.devices),
                           "--interval", str(low), str(high), "--max-queued", str(self.max_queued),
-                          "--no-declare", "--log-level", "WARNING"],
+                          "--no-prepare", "--log-level", "WARNING"],
             self.settings, self.work_dir / "publisher.log")
         self.publisher_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -594,8 +596,10 @@ class PipelineRun:
                     channel = connection.channel()
                     for device in self.devices:
                         topology.delete_device(channel, device)
-            except (pika.exceptions.AMQPError, OSError) as error:
-                LOGGER.warning("could not delete the run's queues: %r", error)
+                for device in self.devices:
+                    topology.remove_enrolment(self.settings, device)
+            except (pika.exceptions.AMQPError, requests.RequestException, OSError) as error:
+                LOGGER.warning("could not delete the run's queues and users: %r", error)
         self._http.close()
 
 

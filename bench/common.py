@@ -30,7 +30,8 @@ def queue_depth(settings: Settings, queue: str) -> int:
     """Ready plus unacked messages of `queue`, from the management API."""
     # Unfiltered: with ?columns= RabbitMQ answers [] for a queue that has no statistics yet.
     response = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}",
-                            auth=(settings.admin_user, settings.admin_password), timeout=10)
+                            auth=(settings.admin_user, settings.admin_password),
+                         verify=str(settings.ca_file), timeout=10)
     response.raise_for_status()
     return response.json().get("messages", 0)  # absent until the first statistics
 

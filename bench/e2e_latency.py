@@ -51,6 +51,7 @@ from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listenin
                           queue_depth, start_bridge)
 from rabbitmq import topology
 from common.config import REPO_ROOT, Settings
+from common.pki import PKI, client_context
 from stack.kafka_server import ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)
@@ -131,13 +132,15 @@ class ArrivalReader:
 
 def connect_devices(settings: Settings, devices: list[str],
                     acked: list[int]) -> list[mqtt.Client]:
-    """One connected paho client per device (webos-device, QoS 1 window 1000), loops running;
-    client i counts its PUBACKs in acked[i] (from its own loop thread only)."""
+    """One connected paho client per device (MQTT over TLS with the device's own certificate,
+    QoS 1 window 1000), loops running; client i counts its PUBACKs in acked[i] (from its own
+    loop thread only)."""
     clients = []
+    pki = PKI(settings.pki_path)
     for index, device in enumerate(devices):
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{device}",
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device,
                              protocol=mqtt.MQTTv311)
-        client.username_pw_set(settings.device_user, settings.device_password)
+        client.tls_set_context(client_context(settings.ca_file, pki.ensure_device(device)))
         client.max_inflight_messages_set(1000)
         client.on_publish = lambda *args, i=index: acked.__setitem__(i, acked[i] + 1)
         connected = threading.Event()
@@ -305,6 +308,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     run_id = uuid.uuid4().hex[:6]
     devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
     topic = f"bench.e2e.{rate}.{run_id}"
+    topology.enrol_devices(settings, devices)
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
         channel = connection.channel()
         for device in devices:

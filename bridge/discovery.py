@@ -33,7 +33,7 @@ class QueueDiscovery:
         self.interval = interval
         self.timeout = timeout
         self.url = f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}"
-        self.auth = (settings.bridge_user, settings.bridge_password)
+        self.settings = settings
         self.queues: frozenset[str] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-discovery", daemon=True)
@@ -46,8 +46,8 @@ class QueueDiscovery:
         return select_queues((queue["name"] for queue in response.json()), self.pattern)
 
     def _run(self) -> None:
-        with requests.Session() as http:
-            http.auth = self.auth
+        with topology.management_api(self.settings, self.settings.bridge_user,
+                                     self.settings.bridge_password) as http:
             while not self._stop.is_set():
                 try:
                     self.queues = self.list_once(http)

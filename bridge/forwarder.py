@@ -12,6 +12,7 @@ delivery report bound to an older session is ignored: its tag died with that cha
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -224,7 +225,8 @@ class Forwarder:
         parameters = topology.amqp_parameters(
             self.settings, self.settings.bridge_user, self.settings.bridge_password,
             heartbeat=30, blocked_connection_timeout=60, connection_attempts=1,
-            client_properties={"connection_name": "webos-bridge"})
+            # Which bridge process a connection is, in the management UI and API.
+            client_properties={"connection_name": f"webos-bridge pid {os.getpid()}"})
         self.connection = pika.BlockingConnection(parameters)
         if not first:
             self.stats.reconnects += 1

@@ -14,7 +14,8 @@ from dotenv import dotenv_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOTENV_PATH = REPO_ROOT / ".env"
-PASSWORD_VARIABLES = ("WEBOS_ADMIN_PASSWORD", "WEBOS_DEVICE_PASSWORD", "WEBOS_BRIDGE_PASSWORD")
+PASSWORD_VARIABLES = ("WEBOS_ADMIN_PASSWORD", "WEBOS_BRIDGE_PASSWORD")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,20 @@ class Settings:
     """Where the brokers are, who logs in, and what the pipeline is called."""
 
     rabbitmq_host: str = "127.0.0.1"
-    amqp_port: int = 5672
-    mqtt_port: int = 1883
-    management_port: int = 15672
+    # Every client uses TLS: AMQPS, MQTT over TLS (devices by certificate), management HTTPS.
+    amqp_port: int = 5671
+    mqtt_port: int = 8883
+    management_port: int = 15671
+    # Plain AMQP, MQTT (devices by password) and HTTP, on 127.0.0.1 only: off unless this is set.
+    plain_listeners: bool = False
+    amqp_plain_port: int = 5672
+    mqtt_plain_port: int = 1883
+    management_plain_port: int = 15672
+    # The certificate authority and every certificate (common/pki.py); empty: <stack_dir>/pki.
+    pki_dir: str = ""
     vhost: str = "/"
     admin_user: str = "webos-admin"
     admin_password: str = ""
-    device_user: str = "webos-device"
-    device_password: str = ""
     bridge_user: str = "webos-bridge"
     bridge_password: str = ""
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -73,8 +80,20 @@ class Settings:
 
     @property
     def management_url(self) -> str:
-        """Base URL of the RabbitMQ management UI and HTTP API."""
-        return f"http://{self.rabbitmq_host}:{self.management_port}"
+        """Base URL of the RabbitMQ management UI and HTTP API (HTTPS)."""
+        return f"https://{self.rabbitmq_host}:{self.management_port}"
+
+    @property
+    def pki_path(self) -> Path:
+        """Where the certificate authority and the certificates are (WEBOS_PKI_DIR)."""
+        if self.pki_dir:
+            return (REPO_ROOT / Path(self.pki_dir).expanduser()).resolve()
+        return stack_dir(self) / "pki"
+
+    @property
+    def ca_file(self) -> Path:
+        """The authority's certificate every client checks the brokers against."""
+        return self.pki_path / "ca.crt"
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in a child process."""
@@ -132,6 +151,10 @@ def _coerce(setting: dataclasses.Field, raw: str):
         return int(raw)
     if setting.type == "float":
         return float(raw)
+    if setting.type == "bool":
+        if raw.lower() not in TRUE + FALSE:
+            raise ValueError(raw)
+        return raw.lower() in TRUE
     if setting.type == "tuple[str, ...]":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

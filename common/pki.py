@@ -5,6 +5,7 @@ Files under the PKI directory (WEBOS_PKI_DIR, default `.stack/pki/`):
     ca.crt  ca.key                    the authority (ca.key: 0600, never leaves this directory)
     server.crt  server.key            the brokers' certificate: localhost, 127.0.0.1, rabbitmq
     devices/<device>.crt  .key        a device's identity: CN and DNS name = the device id
+    devices/<device>.password         only with the plain MQTT listener on (WEBOS_PLAIN_LISTENERS)
 
 Each file is created only when missing (a lock keeps two processes from racing), keys with mode
 0600 in a 0700 directory. Keys are ECDSA P-256: a TLS handshake with them costs a fraction of
@@ -16,6 +17,7 @@ import datetime
 import fcntl
 import ipaddress
 import os
+import secrets
 import ssl
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,10 +84,20 @@ class PKI:
             self._issue(identity, device, server=False)
         return identity
 
+    def device_password(self, device: str) -> str:
+        """`device`'s password for the plain MQTT listener (generated into
+        devices/<device>.password, 0600, when missing). Only the plain listener uses it."""
+        path = self.devices_dir / f"{device}.password"
+        if not path.exists():
+            with self._locked():
+                if not path.exists():
+                    _write(path, secrets.token_urlsafe(18).encode(), 0o600)
+        return path.read_text().strip()
+
     def remove_device(self, device: str) -> None:
         """Delete `device`'s files (the broker refuses it once its user is gone too)."""
         identity = self.device(device)
-        for path in (identity.cert, identity.key):
+        for path in (identity.cert, identity.key, self.devices_dir / f"{device}.password"):
             path.unlink(missing_ok=True)
 
     # -- issuing ------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def parse_args(argv, settings):
     parser.add_argument("--mqtt-version", choices=MQTT_VERSIONS, default=MQTT_VERSIONS[0],
                         help="MQTT version the devices speak (default %(default)s; with 5 each "
                              "message carries its content type, a Kafka header downstream)")
-    parser.add_argument("--no-declare", action="store_true",
-                        help="do not declare the devices' queues at start (they exist already)")
+    parser.add_argument("--no-prepare", action="store_true",
+                        help="do not enrol the devices (certificate, broker user) nor declare "
+                             "their queues at start: done already")
     parser.add_argument("--log-level", default=settings.log_level,
                         help="logging level (default %(default)s, WEBOS_LOG_LEVEL)")
     return parser.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     from publisher.app import create_app
 
     config = {"SETTINGS": settings, "DEVICES_FILE": args.devices_file,
-              "MAX_QUEUED_MESSAGES": args.max_queued, "DECLARE_QUEUES": not args.no_declare,
+              "MAX_QUEUED_MESSAGES": args.max_queued, "PREPARE_DEVICES": not args.no_prepare,
               "MQTT_VERSION": args.mqtt_version}
     try:
         interval = parse_interval(args.interval) if args.interval else None

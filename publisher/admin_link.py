@@ -1,7 +1,8 @@
 """The publisher's one AMQP connection as webos-admin, owned by one thread.
 
 Declaring a new device's queue (through `rabbitmq.topology`) and the emergency broadcast on
-`webos.fanout` go through here. pika connections must not be shared across threads, so request
+`webos.fanout` go through here, and so does enrolling a device (its certificate and broker user,
+through the management API) or removing it. pika connections must not be shared across threads, so request
 threads hand work over through a queue and wait on a Future.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import Future
 
 import pika
 import pika.exceptions
+import requests
 
 from publisher.simulator import now_ms
 from rabbitmq import topology
@@ -58,6 +60,20 @@ class AdminLink:
             for device in devices:
                 topology.declare_device(channel, device)
         self.call(declare, list(devices))
+
+    def enrol(self, devices) -> None:
+        """Certificates and broker users for `devices` (idempotent; rabbitmq.topology)."""
+        try:
+            topology.enrol_devices(self.settings, list(devices), timeout=self.timeout + 50)
+        except requests.RequestException as error:
+            raise BrokerUnavailable(f"cannot enrol devices through the management API: {error}")
+
+    def remove_enrolment(self, device: str) -> None:
+        """Revoke a removed device: its broker user (and connections) and certificate go."""
+        try:
+            topology.remove_enrolment(self.settings, device, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise BrokerUnavailable(f"cannot remove {device}'s broker user: {error}")
 
     def delete_device_queue(self, device: str) -> None:
         """Remove a device's queue and whatever is left in it."""

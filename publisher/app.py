@@ -36,7 +36,7 @@ def create_app(config=None) -> Flask:
         MAX_QUEUED_MESSAGES=1000,  # per device, while RabbitMQ is unreachable
         MQTT_VERSION=MQTT_VERSIONS[0],
         CONSUMER_URL=None,        # link to the consumer's live view
-        DECLARE_QUEUES=True,      # declare the configured devices' queues at start
+        PREPARE_DEVICES=True,     # enrol the configured devices and declare their queues at start
         START_SIMULATOR=True,     # False: touch no broker (no queues declared, no device runs)
         SIMULATOR=None,           # a simulator to use instead of building one (tests)
         ADMIN_LINK=None,          # an admin link to use instead of building one (tests)
@@ -62,13 +62,14 @@ def create_app(config=None) -> Flask:
     if admin is None:
         admin = AdminLink(settings)  # it connects on first use
     if app.config["START_SIMULATOR"]:
-        if app.config["DECLARE_QUEUES"] and devices:
-            try:
+        try:
+            if app.config["PREPARE_DEVICES"] and devices:
+                admin.enrol([d.id for d in devices])  # each device can log in as itself
                 admin.declare_devices([d.id for d in devices])  # queues exist before any message
-            except Exception:
-                simulator.close()
-                admin.close()
-                raise
+        except Exception:
+            simulator.close()
+            admin.close()
+            raise
         simulator.start()
     app.extensions["publisher"] = Publisher(simulator, admin)
     app.register_blueprint(api)

@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 from publisher.device_config import ACTIVE, INACTIVE, STATUSES, DeviceConfig
 from rabbitmq import topology
 from common.config import Settings
+from common.pki import PKI, client_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Simulator:
         if mqtt_version not in _PAHO_PROTOCOLS:
             raise ValueError(f"MQTT version {mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}")
         self.settings = settings
+        self.pki = PKI(settings.pki_path)
         self.mqtt_version = mqtt_version
         self._publish_properties = None
         if mqtt_version == "5":
@@ -221,9 +223,10 @@ class Simulator:
     # -- thread-safe API (any thread) ---------------------------------------------------------
 
     def start(self) -> None:
-        """Connect every configured device and start publishing."""
+        """Register every configured device (listed from now on), then connect them and start
+        publishing in the scheduler thread."""
         for config in self._initial:
-            self._submit(self._add, config, True)
+            self._submit(self._begin, self._register(config), True)
         self._thread.start()
 
     def close(self, timeout: float = 60.0) -> None:
@@ -422,19 +425,26 @@ class Simulator:
         return entry
 
     def _add(self, config: DeviceConfig, initial: bool) -> dict:
+        return self._begin(self._register(config), initial)
+
+    def _register(self, config: DeviceConfig) -> _Device:
+        """A device's state and MQTT client, in the registry; not connected yet."""
         if config.id in self._devices:
             raise DuplicateDevice(config.id)
         state = DeviceState(config, random.Random(self.rng.random()))
         # A clean session each time (MQTT 5: clean start, no session expiry): a device publishes
         # only, and paho resends its unacknowledged messages after a reconnect either way.
         protocol = _PAHO_PROTOCOLS[self.mqtt_version]
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"webos-{config.id}",
+        # Its own identity: the certificate the broker logs it in by, and the client id that
+        # certificate names (the broker refuses any other).
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.id,
                              protocol=protocol,
                              clean_session=True if protocol == mqtt.MQTTv311 else None)
+        client.tls_set_context(client_context(self.settings.ca_file,
+                                              self.pki.ensure_device(config.id)))
         entry = _Device(state, client,
                         topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES})
         client.user_data_set(entry)
-        client.username_pw_set(self.settings.device_user, self.settings.device_password)
         client.max_queued_messages_set(self.max_queued_messages)
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
@@ -443,6 +453,11 @@ class Simulator:
         client.on_socket_close = self.on_socket_close
         with self._registry_lock:
             self._devices[config.id] = entry
+        return entry
+
+    def _begin(self, entry: _Device, initial: bool) -> dict:
+        """Connect a registered device and schedule its first messages (scheduler thread)."""
+        state, config = entry.state, entry.state.config
         now = time.monotonic()
         self._connect(entry)
         self._schedule(now + self.rng.uniform(0, MISC_PERIOD), MISC, entry)

@@ -155,7 +155,8 @@ def get_device(device):
 
 @api.post("/devices")
 def add_device():
-    """Add a device at runtime: its queue is declared first, then it starts publishing."""
+    """Add a device at runtime: its certificate, broker user and queue first, then it starts
+    publishing."""
     body = json_object()
     try:
         config = DeviceConfig.from_json(body)
@@ -163,6 +164,7 @@ def add_device():
         abort(400, str(error))
     if config.id in simulator():
         abort(409, f"device {config.id} exists already")
+    admin().enrol([config.id])
     admin().declare_devices([config.id])
     try:
         snapshot = wait(simulator().add_device(config))
@@ -176,7 +178,8 @@ def add_device():
 
 @api.delete("/devices/<device>")
 def remove_device(device):
-    """Stop a device; `?delete_queue=true` also deletes its queue (kept by default)."""
+    """Stop a device and revoke it (its broker user and certificate go, so it can no longer
+    connect); `?delete_queue=true` also deletes its queue (kept by default)."""
     known(device)
     delete_queue = request.args.get("delete_queue", "false").lower()
     if delete_queue not in ("true", "false", "1", "0"):
@@ -185,6 +188,7 @@ def remove_device(device):
         wait(simulator().remove_device(device))
     except UnknownDevice:
         abort(404, f"unknown device {device}")
+    admin().remove_enrolment(device)
     if delete_queue in ("true", "1"):
         admin().delete_device_queue(device)
     return jsonify(message=f"Device {device} removed", queue_deleted=delete_queue in ("true", "1"))

@@ -5,14 +5,18 @@ Every component imports its names from here. Applying it twice changes nothing.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import logging
 import re
+import secrets
 from urllib.parse import quote
 
 import pika
 import requests
 
 from common.config import ConfigError, Settings, load_settings, run
+from common.pki import PKI, client_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ UNROUTED_QUEUE = "webos.unrouted"
 DEAD_QUEUE = "webos.dead"
 MESSAGE_TYPES = ("info", "warning", "error")
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A device logs in as the user its certificate names: no device may take a service user's name.
+RESERVED_ID_PREFIX = "webos-"
 DEVICE_QUEUE_PREFIX = "webos."
 # Fixed from a queue's first declaration: RabbitMQ refuses to redeclare with other arguments.
 DEVICE_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-single-active-consumer": True}
@@ -42,13 +48,16 @@ KAFKA_REJECTED = "kafka-rejected"
 
 
 def is_valid_device_id(device: str) -> bool:
-    """True when `device` may name a device (no `.`, `/`, `+`, `#`, 1-64 characters)."""
-    return isinstance(device, str) and DEVICE_ID_PATTERN.fullmatch(device) is not None
+    """True when `device` may name a device: 1-64 of A-Z a-z 0-9 _ - (no `.`, `/`, `+`, `#`),
+    not starting with `webos-` (the service users' names)."""
+    return (isinstance(device, str) and DEVICE_ID_PATTERN.fullmatch(device) is not None
+            and not device.startswith(RESERVED_ID_PREFIX))
 
 
 def _checked(device: str) -> str:
     if not is_valid_device_id(device):
-        raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -, "
+                         f"not starting with {RESERVED_ID_PREFIX}")
     return device
 
 
@@ -118,10 +127,26 @@ def declare(channel, devices) -> None:
 
 
 def amqp_parameters(settings: Settings, user: str, password: str, **extra) -> pika.ConnectionParameters:
-    """pika connection parameters for one of the project's users."""
+    """pika connection parameters for one of the project's users: AMQPS, the broker's
+    certificate checked against the stack's authority."""
+    tls = pika.SSLOptions(client_context(settings.ca_file), server_hostname=settings.rabbitmq_host)
     return pika.ConnectionParameters(
         host=settings.rabbitmq_host, port=settings.amqp_port, virtual_host=settings.vhost,
-        credentials=pika.PlainCredentials(user, password), **extra)
+        credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
+
+
+def management_api(settings: Settings, user: str | None = None,
+                   password: str | None = None) -> requests.Session:
+    """An HTTPS session with the management API (default: as webos-admin), the broker's
+    certificate checked against the stack's authority."""
+    http = requests.Session()
+    http.auth = (user or settings.admin_user,
+                 settings.admin_password if password is None else password)
+    http.verify = str(settings.ca_file)
+    # Else REQUESTS_CA_BUNDLE in the environment would win over `verify` (a known requests
+    # behaviour), and a proxy variable could route this loopback call elsewhere.
+    http.trust_env = False
+    return http
 
 
 def admin_parameters(settings: Settings, **extra) -> pika.ConnectionParameters:
@@ -132,13 +157,6 @@ def admin_parameters(settings: Settings, **extra) -> pika.ConnectionParameters:
 def user_definitions(settings: Settings) -> list[dict]:
     """The least-privilege users besides the administrator (who is created at broker start)."""
     return [
-        {
-            "name": settings.device_user, "password": settings.device_password, "tags": "",
-            # Publish only: write on webos.topic, and only routing keys that start with webos.
-            "permissions": {"configure": "^$", "write": f"^{re.escape(TOPIC_EXCHANGE)}$",
-                            "read": "^$"},
-            "topic_permissions": {"exchange": TOPIC_EXCHANGE, "write": r"^webos\.", "read": "^$"},
-        },
         {
             # Reads device queues; writes parked messages to webos.dead through the default
             # exchange; "management" lets it list queues to find new devices.
@@ -154,8 +172,7 @@ def apply_users(settings: Settings, timeout: float = 10.0) -> None:
     """Create or update the project's users through the management HTTP API; remove `guest`."""
     api = f"{settings.management_url}/api"
     vhost = quote(settings.vhost, safe="")
-    with requests.Session() as http:
-        http.auth = (settings.admin_user, settings.admin_password)
+    with management_api(settings) as http:
         for user in user_definitions(settings):
             if not user["password"]:
                 raise ConfigError(f"no password for {user['name']}: set it in the environment or .env")
@@ -172,6 +189,59 @@ def apply_users(settings: Settings, timeout: float = 10.0) -> None:
             response.raise_for_status()
 
 
+# A device's rights: publish on webos.topic (write on the exchange), only to its own topics.
+# {username} is the certificate's CN, which the broker checked: a device cannot choose it.
+DEVICE_PERMISSIONS = {"configure": "^$", "write": f"^{re.escape(TOPIC_EXCHANGE)}$", "read": "^$"}
+DEVICE_TOPIC_WRITE = r"^webos\.{username}\.(" + "|".join(MESSAGE_TYPES) + r")$"
+
+
+def enrol_devices(settings: Settings, devices, timeout: float = 60.0) -> None:
+    """Give each device what it needs to connect: its certificate (issued when missing) and its
+    broker user with its permissions, in one definitions import however many devices. The user
+    has no password (it logs in with its certificate) unless the plain listeners are on."""
+    devices = [_checked(device) for device in devices]
+    if not devices:
+        return
+    pki = PKI(settings.pki_path)
+    for device in devices:
+        pki.ensure_device(device)
+    vhost = settings.vhost
+    definitions = {
+        "users": [{"name": device, "tags": [], "hashing_algorithm": PASSWORD_HASHING,
+                   "password_hash": (password_hash(pki.device_password(device))
+                                     if settings.plain_listeners else "")}
+                  for device in devices],
+        "permissions": [{"user": device, "vhost": vhost, **DEVICE_PERMISSIONS}
+                        for device in devices],
+        "topic_permissions": [{"user": device, "vhost": vhost, "exchange": TOPIC_EXCHANGE,
+                               "write": DEVICE_TOPIC_WRITE, "read": "^$"} for device in devices],
+    }
+    with management_api(settings) as http:
+        http.post(f"{settings.management_url}/api/definitions", json=definitions,
+                  timeout=timeout).raise_for_status()
+
+
+def remove_enrolment(settings: Settings, device: str, timeout: float = 10.0) -> None:
+    """Revoke a device: delete its broker user (RabbitMQ closes its connections and refuses its
+    certificate from then on) and its certificate files."""
+    with management_api(settings) as http:
+        response = http.delete(f"{settings.management_url}/api/users/{quote(_checked(device), safe='')}",
+                               timeout=timeout)
+        if response.status_code not in (204, 404):
+            response.raise_for_status()
+    PKI(settings.pki_path).remove_device(device)
+
+
+PASSWORD_HASHING = "rabbit_password_hashing_sha256"
+
+
+def password_hash(password: str) -> str:
+    """RabbitMQ's stored form of a password (rabbit_password_hashing_sha256): base64 of a
+    4-byte salt and SHA-256(salt + password)."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
 def registered_devices(settings: Settings) -> list[str]:
     """The ids in the devices file (WEBOS_DEVICES_FILE); ConfigError if it cannot be read."""
     from publisher.device_config import load_devices  # publisher imports this module
@@ -186,6 +256,7 @@ def apply(settings: Settings, devices=None) -> None:
     """Users, exchanges, queues and bindings for `devices` (default: the registered ones)."""
     apply_users(settings)
     devices = registered_devices(settings) if devices is None else devices
+    enrol_devices(settings, devices)
     with pika.BlockingConnection(admin_parameters(settings)) as connection:
         declare(connection.channel(), devices)
     LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,

@@ -10,6 +10,7 @@ import time
 from stack.apps import app_status, apps_running, run_apps
 from common.config import (DOTENV_PATH, ConfigError, Settings, ensure_credentials, load_settings,
                            run, stack_dir)
+from common.pki import PKI
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import BrokerError
 from stack.rabbitmq_server import LocalRabbitMQ
@@ -86,11 +87,41 @@ def banner(settings: Settings, apps: bool = True) -> str:
         lines.append(f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics")
     lines += [f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
               f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
+              f"  certificates            {settings.pki_path}/  (ca.crt: trust it in a browser "
+              "for the UI; devices/<id>.crt, .key: each device's identity)",
+              f"  devices connect to      mqtts://{settings.rabbitmq_host}:{settings.mqtt_port}  "
+              "(TLS, by certificate; client id = device id)",
               "  read Kafka              .venv/bin/python -m consumer --from-beginning"]
     if apps:
         lines.append("  state of each app       make status  (an app that exits is started again)")
     lines += ["Ctrl-C stops everything." if apps else "`make stop` stops them.", ""]
     return "\n".join(lines)
+
+
+def pki_command(settings: Settings, args) -> int:
+    """`python -m stack pki`: create what is missing, issue or rotate one device, print files."""
+    from rabbitmq import topology
+
+    pki = PKI(settings.pki_path)
+    created = pki.ensure()
+    for device in filter(None, (args.issue, args.rotate)):
+        if not topology.is_valid_device_id(device):
+            raise ConfigError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -, "
+                              f"not starting with {topology.RESERVED_ID_PREFIX}")
+    devices = [args.issue] if args.issue else [] if args.rotate else topology.registered_devices(settings)
+    for device in devices:
+        if not pki.device(device).cert.exists():
+            pki.ensure_device(device)
+            created.append(f"devices/{device}.crt")
+    if args.rotate:
+        pki.reissue_device(args.rotate)
+        created.append(f"devices/{args.rotate}.crt (new key)")
+    print(f"certificate authority   {pki.ca_cert}")
+    print(f"brokers' certificate    {pki.server.cert}")
+    print(f"device certificates     {pki.devices_dir}/<device>.crt, .key  "
+          f"({len(list(pki.devices_dir.glob('*.crt')))} issued)")
+    print(f"created now             {', '.join(created) or 'nothing (all present)'}")
+    return 0
 
 
 def _interrupt(signum, frame):
@@ -118,9 +149,19 @@ def main(argv=None) -> int:
     sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
     sub.add_parser("status", help="show which brokers run and the state of each app "
                                   "under `run` (pid and uptime)")
-    sub.add_parser("clean", help="stop the brokers and delete their data and logs")
+    sub.add_parser("clean", help="stop the brokers and delete their data and logs (the "
+                                 "certificates in WEBOS_PKI_DIR stay)")
     sub.add_parser("setup", help="apply topology, users and Kafka topic to the brokers the "
                                  "environment names (docker compose runs this once)")
+    pki = sub.add_parser(
+        "pki", help="create the certificate authority and the brokers' certificate where missing "
+                    "(WEBOS_PKI_DIR, default .stack/pki; `clean` keeps it), and print its files",
+        description="Without options: the authority, the brokers' certificate and a certificate "
+                    "for each registered device, created only where missing. --issue enrols "
+                    "one more device's certificate; --rotate gives a device a new key and "
+                    "certificate (copy both to the device; its broker user stays).")
+    pki.add_argument("--issue", metavar="DEVICE", help="issue a certificate for DEVICE if it has none")
+    pki.add_argument("--rotate", metavar="DEVICE", help="replace DEVICE's key and certificate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -141,6 +182,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "setup":
         return setup(settings)
+    if args.command == "pki":
+        return pki_command(settings, args)
     if args.command in ("down", "clean"):
         down(settings)
         if args.command == "clean":

@@ -12,13 +12,18 @@ import pika
 import requests
 
 from common.config import REPO_ROOT, Settings
+from common.pki import PKI
+from rabbitmq import topology
 from stack.process import BrokerError, LocalProcess, port_open
 from stack.rabbitmq_runtime import CTL_SCRIPT, SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 
 RABBITMQ_DIR = REPO_ROOT / "rabbitmq"
 LOGGER = logging.getLogger(__name__)
-# Keys the local stack sets itself: listeners on 127.0.0.1 and this instance's ports.
-_LOCAL_KEYS = re.compile(r"^\s*(listeners\.tcp\.|management\.tcp\.|mqtt\.listeners\.tcp\.)")
+# Keys the local stack sets itself: listeners on 127.0.0.1 with this instance's ports, and the
+# certificates, which it copies into the data dir (the broker runs chrooted there).
+_LOCAL_KEYS = re.compile(r"^\s*((mqtt\.)?listeners\.|management\.(tcp|ssl)\.|"
+                         r"ssl_options\.(cacertfile|certfile|keyfile))")
+TLS_FILES = ("ca.crt", "server.crt", "server.key")
 
 
 class LocalRabbitMQ(LocalProcess):
@@ -49,13 +54,28 @@ class LocalRabbitMQ(LocalProcess):
         base = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
         lines = [line for line in base.splitlines() if not _LOCAL_KEYS.match(line)]
         s = self.settings
+        tls = f"{self.runtime.data_path(self.base_dir)}/tls"
         lines += [
             "",
             "# Set by stack/rabbitmq_server.py for this instance.",
-            f"listeners.tcp.default = 127.0.0.1:{s.amqp_port}",
-            f"mqtt.listeners.tcp.default = 127.0.0.1:{s.mqtt_port}",
-            "management.tcp.ip = 127.0.0.1",
-            f"management.tcp.port = {s.management_port}",
+            f"listeners.ssl.default = 127.0.0.1:{s.amqp_port}",
+            f"mqtt.listeners.ssl.default = 127.0.0.1:{s.mqtt_port}",
+            "management.ssl.ip = 127.0.0.1",
+            f"management.ssl.port = {s.management_port}",
+            *(f"{prefix}.{key} = {tls}/{name}"
+              for prefix in ("ssl_options", "management.ssl")
+              for key, name in zip(("cacertfile", "certfile", "keyfile"), TLS_FILES)),
+        ]
+        if s.plain_listeners:
+            lines += [
+                f"listeners.tcp.default = 127.0.0.1:{s.amqp_plain_port}",
+                f"mqtt.listeners.tcp.default = 127.0.0.1:{s.mqtt_plain_port}",
+                "management.tcp.ip = 127.0.0.1",
+                f"management.tcp.port = {s.management_plain_port}",
+            ]
+        else:
+            lines += ["listeners.tcp = none", "mqtt.listeners.tcp = none"]
+        lines += [
             # Created on first boot instead of guest (which is then never created).
             f"default_user = {s.admin_user}",
             f"default_pass = {s.admin_password}",
@@ -73,6 +93,14 @@ class LocalRabbitMQ(LocalProcess):
         config.write_text(self.render_config())
         config.chmod(0o600)
         shutil.copyfile(RABBITMQ_DIR / "enabled_plugins", self.base_dir / "enabled_plugins")
+        # The broker's certificate, from the stack's authority (created on first run).
+        pki = PKI(self.settings.pki_path)
+        pki.ensure()
+        tls = self.base_dir / "tls"
+        tls.mkdir(mode=0o700, exist_ok=True)
+        for name, source in zip(TLS_FILES, (pki.ca_cert, pki.server.cert, pki.server.key)):
+            shutil.copyfile(source, tls / name)
+        (tls / "server.key").chmod(0o600)
 
     def environment(self) -> dict[str, str]:
         data = self.runtime.data_path(self.base_dir)  # base_dir as the broker sees it
@@ -112,8 +140,8 @@ class LocalRabbitMQ(LocalProcess):
         if not (port_open(s.amqp_port) and port_open(s.mqtt_port)):
             return False
         try:
-            response = requests.get(f"{s.management_url}/api/overview",
-                                    auth=(s.admin_user, s.admin_password), timeout=2)
+            with topology.management_api(s) as http:
+                response = http.get(f"{s.management_url}/api/overview", timeout=2)
             if response.status_code == 401:
                 raise BrokerError(
                     f"RabbitMQ refuses {s.admin_user}: the data in {self.base_dir} was created "
@@ -121,10 +149,8 @@ class LocalRabbitMQ(LocalProcess):
                     "the data with `make clean`.")
             if response.status_code != 200:
                 return False
-            params = pika.ConnectionParameters(
-                "127.0.0.1", s.amqp_port, s.vhost,
-                pika.PlainCredentials(s.admin_user, s.admin_password),
-                connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2)
+            params = topology.admin_parameters(s, connection_attempts=1, socket_timeout=2,
+                                               blocked_connection_timeout=2)
             pika.BlockingConnection(params).close()
             return True
         except (requests.RequestException, pika.exceptions.AMQPError, OSError):

@@ -22,6 +22,7 @@ import pytest
 
 from rabbitmq import topology
 from common.config import REPO_ROOT, Settings, load_settings
+from common.pki import PKI
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ
@@ -48,9 +49,15 @@ def compose_image(service: str) -> str:
     return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][service]["image"]
 
 
+def compose_command(service: str) -> list[str]:
+    """The command docker-compose.yml gives `service`."""
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][service]["command"]
+
+
 def _test_credentials() -> dict[str, str]:
-    return {name: secrets.token_urlsafe(12)
-            for name in ("admin_password", "device_password", "bridge_password")}
+    return {name: secrets.token_urlsafe(12) for name in ("admin_password", "bridge_password")}
 
 
 class _Brokers:
@@ -76,6 +83,8 @@ class _Brokers:
         from testcontainers.kafka import KafkaContainer
 
         credentials = _test_credentials()
+        pki = PKI(self.tmp_root / "pki")
+        pki.ensure()
         rabbit = (DockerContainer(compose_image("rabbitmq"))
                   .with_env("RABBITMQ_DEFAULT_USER", "webos-admin")
                   .with_env("RABBITMQ_DEFAULT_PASS", credentials["admin_password"])
@@ -83,16 +92,20 @@ class _Brokers:
                                        "/etc/rabbitmq/rabbitmq.conf", "ro")
                   .with_volume_mapping(str(REPO_ROOT / "rabbitmq" / "enabled_plugins"),
                                        "/etc/rabbitmq/enabled_plugins", "ro")
-                  .with_exposed_ports(5672, 1883, 15672))
+                  .with_volume_mapping(str(pki.directory), "/pki", "ro")
+                  # As docker compose does: the broker's key copied where rabbitmq.conf names it,
+                  # owned by the image's rabbitmq user.
+                  .with_command(compose_command("rabbitmq"))
+                  .with_exposed_ports(5671, 8883, 15671))
         rabbit.start()
         self.stoppers.append(rabbit.stop)
         kafka = KafkaContainer().with_kraft()
         kafka.start()
         self.stoppers.append(kafka.stop)
-        settings = Settings(rabbitmq_host=rabbit.get_container_host_ip(),
-                            amqp_port=int(rabbit.get_exposed_port(5672)),
-                            mqtt_port=int(rabbit.get_exposed_port(1883)),
-                            management_port=int(rabbit.get_exposed_port(15672)),
+        settings = Settings(rabbitmq_host=rabbit.get_container_host_ip(), pki_dir=str(pki.directory),
+                            amqp_port=int(rabbit.get_exposed_port(5671)),
+                            mqtt_port=int(rabbit.get_exposed_port(8883)),
+                            management_port=int(rabbit.get_exposed_port(15671)),
                             kafka_bootstrap=kafka.get_bootstrap_server(), **credentials)
         probe = LocalRabbitMQ(self.tmp_root / "probe", settings)
         probe.wait_ready(timeout=120)
@@ -146,19 +159,22 @@ def admin_channel(settings):
 
 
 @pytest.fixture
-def new_device(admin_channel):
-    """A device id unique to this test, with its queue declared; the queue is removed after."""
+def new_device(settings, admin_channel):
+    """A device id unique to this test, with its queue, certificate and broker user; all
+    removed after."""
     created = []
 
     def make(prefix: str = "T") -> str:
         device = f"{prefix}{uuid.uuid4().hex[:10]}"
         topology.declare_device(admin_channel, device)
+        topology.enrol_devices(settings, [device])
         created.append(device)
         return device
 
     yield make
     for device in created:
         topology.delete_device(admin_channel, device)
+        topology.remove_enrolment(settings, device)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import requests
 from confluent_kafka import Consumer
 
 from common.config import Settings
+from common.pki import PKI, Identity, client_context
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
@@ -24,27 +25,33 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: 
         time.sleep(interval)
 
 
-def answers(url: str, auth=None) -> bool:
-    """True when `url` answers 200 now."""
+def answers(url: str, auth=None, verify=True) -> bool:
+    """True when `url` answers 200 now (`verify`: the CA file for an https URL)."""
     try:
-        return requests.get(url, auth=auth, timeout=2).status_code == 200
+        return requests.get(url, auth=auth, verify=str(verify) if verify is not True else True,
+                            timeout=2).status_code == 200
     except requests.RequestException:
         return False
 
 
 class MqttDevice:
-    """A paho 2.x client connected to RabbitMQ's MQTT listener (MQTT 3.1.1 unless `protocol`
-    says otherwise); records the CONNACK and each PUBACK's reason code."""
+    """A paho 2.x client on RabbitMQ's MQTT over TLS (MQTT 3.1.1 unless `protocol` says
+    otherwise), logged in with `device`'s certificate (enrolled already) and, unless `client_id`
+    says otherwise, its id as client id; records the CONNACK and each PUBACK's reason code."""
 
-    def __init__(self, settings: Settings, user: str | None = None, password: str | None = None,
-                 client_id: str | None = None, protocol: int = mqtt.MQTTv311):
+    def __init__(self, settings: Settings, device: str | None = None, client_id: str | None = None,
+                 protocol: int = mqtt.MQTTv311, user: str | None = None,
+                 password: str | None = None, identity: Identity | None = None):
         self.connected = threading.Event()
         self.disconnected = threading.Event()
         self.reason_code = None
         self.puback_reasons: dict[int, mqtt.ReasonCode] = {}
+        if identity is None and device is not None:
+            identity = PKI(settings.pki_path).device(device)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+                                  client_id=client_id or device or f"test-{uuid.uuid4().hex[:8]}",
                                   protocol=protocol)
+        self.client.tls_set_context(client_context(settings.ca_file, identity))
         self.client.on_publish = self.on_publish
         if user is not None:
             self.client.username_pw_set(user, password)

@@ -21,8 +21,7 @@ def resolved_compose(tmp_path) -> dict:
     for name in COMPOSE_FILES:
         source = REPO_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    (tmp_path / ".env").write_text("WEBOS_ADMIN_PASSWORD=a\nWEBOS_DEVICE_PASSWORD=d\n"
-                                   "WEBOS_BRIDGE_PASSWORD=b\n")
+    (tmp_path / ".env").write_text("WEBOS_ADMIN_PASSWORD=a\nWEBOS_BRIDGE_PASSWORD=b\n")
     result = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True,
                             env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
@@ -32,7 +31,8 @@ def resolved_compose(tmp_path) -> dict:
 def test_compose_has_every_service_with_healthchecked_brokers(resolved_compose):
     config, _ = resolved_compose
     services = config["services"]
-    assert set(services) == {"rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer"}
+    assert set(services) == {"pki", "rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer"}
+    assert services["rabbitmq"]["depends_on"]["pki"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["kafka"]
     assert services["setup"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert services["setup"]["depends_on"]["kafka"]["condition"] == "service_healthy"
@@ -74,3 +74,16 @@ def test_compose_runs_rabbitmq_4_0_with_the_local_config(resolved_compose):
                for volume in rabbitmq["volumes"]]
     mounted = {str(Path(source).relative_to(copy)) for source in sources if source.startswith("/")}
     assert {"rabbitmq/rabbitmq.conf", "rabbitmq/enabled_plugins"} <= mounted
+
+
+def test_compose_serves_tls_only_and_shares_one_pki(resolved_compose):
+    config, _ = resolved_compose
+    services = config["services"]
+    published = {str(port).split(":")[-1].split("/")[0] for port in services["rabbitmq"]["ports"]}
+    assert published == {"5671", "8883", "15671"}  # AMQPS, MQTT over TLS, management HTTPS
+    for name in ("rabbitmq", "setup", "publisher", "bridge", "consumer"):
+        volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+                   for v in services[name]["volumes"]]
+        assert any(v.startswith("pki:/pki") for v in volumes), (name, volumes)
+    for name in ("setup", "publisher", "bridge", "consumer"):
+        assert services[name]["environment"]["WEBOS_PKI_DIR"] == "/pki"

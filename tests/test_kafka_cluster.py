@@ -146,8 +146,7 @@ def test_one_broker_of_three_killed_mid_stream_loses_nothing(
     try:
         bridge.wait_consuming(DEVICES, 60)
         for device in devices:
-            client = MqttDevice(settings, settings.device_user, settings.device_password,
-                                client_id=f"webos-{device}")
+            client = MqttDevice(settings, device)
             assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
             clients.append(client)
 

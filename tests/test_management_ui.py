@@ -10,16 +10,30 @@ from tests.helpers import MqttDevice
 pytestmark = pytest.mark.browser
 
 
-def test_admin_logs_in_finds_device_queue_and_reads_a_message(settings, admin_channel, page, artifacts):
+@pytest.fixture
+def ui_page(browser):
+    """A page that accepts the broker's certificate, as a user who imported ca.crt would (the
+    suite checks that certificate against the authority in test_device_identity.py)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, ignore_https_errors=True)
+    page = context.new_page()
+    page.set_default_timeout(15000)
+    yield page
+    context.close()
+
+
+def test_admin_logs_in_finds_device_queue_and_reads_a_message(settings, admin_channel, ui_page,
+                                                              artifacts):
+    page = ui_page
     admin_channel.queue_purge("webos.3DF92-192")
     marker = uuid.uuid4().hex
-    device = MqttDevice(settings, settings.device_user, settings.device_password)
+    device = MqttDevice(settings, "3DF92-192")  # the registered device's own certificate
     try:
         body = json.dumps({"Producer": "3DF92-192", "command": "position", "marker": marker})
         assert device.publish(topology.mqtt_topic("3DF92-192", "info"), body.encode())
     finally:
         device.close()
 
+    assert settings.management_url.startswith("https://")
     page.goto(settings.management_url + "/")
     page.fill("input[name=username]", settings.admin_user)
     page.fill("input[name=password]", settings.admin_password)

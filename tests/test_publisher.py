@@ -18,7 +18,7 @@ import requests
 from publisher.app import create_app
 from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
-from common.config import REPO_ROOT, Settings
+from common.config import REPO_ROOT
 from stack.process import free_port
 from tests.helpers import wait_for
 from tests.test_publisher_api_unit import BAD_INPUT, NEW, fill
@@ -256,7 +256,8 @@ def test_broadcast_reaches_every_device_queue(client, publisher, amqp, new_devic
 def mqtt_connection(settings, client_id: str) -> dict | None:
     """The management API's view of the MQTT connection with `client_id`, if there is one."""
     connections = requests.get(f"{settings.management_url}/api/connections",
-                               auth=(settings.admin_user, settings.admin_password), timeout=5).json()
+                               auth=(settings.admin_user, settings.admin_password),
+                         verify=str(settings.ca_file), timeout=5).json()
     for connection in connections:
         # RabbitMQ 4 reports an MQTT client id under client_properties (3.x: variable_map).
         if (connection.get("client_properties") or {}).get("client_id") == client_id:
@@ -276,7 +277,7 @@ def test_devices_speak_the_configured_mqtt_version(settings, amqp, version, prot
         config["MQTT_VERSION"] = version
     app = create_app(config)
     try:
-        connection = wait_for(lambda: mqtt_connection(settings, f"webos-{device}"), 15,
+        connection = wait_for(lambda: mqtt_connection(settings, device), 15,
                               interval=0.5, message="the device's MQTT connection")
         assert connection["protocol"] == protocol
         method, properties, body = wait_for(
@@ -298,9 +299,9 @@ def test_device_reconnects_after_the_broker_drops_its_connection(publisher, sett
     api = f"{settings.management_url}/api"
     auth = (settings.admin_user, settings.admin_password)
 
-    name = wait_for(lambda: mqtt_connection(settings, f"webos-{device}"), 15, interval=0.5,
+    name = wait_for(lambda: mqtt_connection(settings, device), 15, interval=0.5,
                     message="the device's MQTT connection")["name"]
-    requests.delete(f"{api}/connections/{quote(name, safe='')}", auth=auth, timeout=5).raise_for_status()
+    requests.delete(f"{api}/connections/{quote(name, safe='')}", auth=auth, verify=str(settings.ca_file), timeout=5).raise_for_status()
     wait_for(lambda: not simulator.device(device)["connected"], 5, message="the drop noticed")
     wait_for(lambda: simulator.device(device)["connected"], 15, message="the device reconnected")
     reader.wait(lambda m: len(m) >= 8, 15)
@@ -408,10 +409,11 @@ def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, 
 def test_refused_credentials_are_reported_and_the_api_keeps_answering(settings, caplog):
     import dataclasses
 
-    wrong = dataclasses.replace(settings, device_password="wrong", admin_password="wrong")
+    # A device never enrolled (no broker user for its certificate) and a wrong admin password.
+    wrong = dataclasses.replace(settings, admin_password="wrong")
     device = unique("PW")
     app = create_app({"SETTINGS": wrong, "DEVICES": [DeviceConfig(device, interval=FAST)],
-                      "DECLARE_QUEUES": False})
+                      "PREPARE_DEVICES": False})
     client = app.test_client()
     try:
         wait_for(lambda: any("refused the connection" in r.getMessage() for r in caplog.records),
@@ -427,16 +429,11 @@ def test_refused_credentials_are_reported_and_the_api_keeps_answering(settings, 
 
 def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
     """A RabbitMQ of its own (the session's stays up): stop it, let devices queue, start it again."""
-    import dataclasses
-    import secrets
-
+    from stack.local import fresh_settings
     from stack.rabbitmq_server import LocalRabbitMQ
     from publisher.simulator import Simulator
 
-    settings = dataclasses.replace(
-        Settings(), amqp_port=free_port(), mqtt_port=free_port(), management_port=free_port(),
-        admin_password=secrets.token_urlsafe(12), device_password=secrets.token_urlsafe(12),
-        bridge_password=secrets.token_urlsafe(12))
+    settings = fresh_settings(tmp_path)
     broker = LocalRabbitMQ(tmp_path / "rabbitmq", settings, node_name=f"webos-restart-{os.getpid()}",
                            dist_port=free_port())
     device = unique("PR")
@@ -477,7 +474,9 @@ class HoldingProxy:
     """A TCP proxy to the broker's MQTT port that can cut its connections and hold the replies.
 
     Holding the broker's replies keeps a reconnecting client between CONNECT and CONNACK for as
-    long as the test needs: the window in which paho 2.2 would already write new messages.
+    long as the test needs: the window in which paho 2.2 would already write new messages. The
+    connection is TLS, so what is held is what the broker sends after the client's second write
+    (its TLS Finished): the handshake completes, the CONNACK waits.
     """
 
     def __init__(self, target: tuple[str, int]):
@@ -507,14 +506,19 @@ class HoldingProxy:
             with self._lock:
                 self._sockets += [downstream, upstream]
                 self.accepted += 1
-            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
+            writes = [0]  # the client's writes on this connection
+            threading.Thread(target=self._pump, args=(downstream, upstream, False, writes),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, True, writes),
+                             daemon=True).start()
 
-    def _pump(self, source, sink, reply: bool) -> None:
+    def _pump(self, source, sink, reply: bool, writes: list) -> None:
         try:
             while data := source.recv(65536):
                 with self._lock:
-                    if reply and self._holding:
+                    if not reply:
+                        writes[0] += 1
+                    if reply and self._holding and writes[0] >= 2:
                         self._held.append((sink, data))
                     else:
                         sink.sendall(data)

@@ -83,6 +83,12 @@ class RecordingAdminLink:
     def __init__(self):
         self.calls: list[tuple] = []
 
+    def enrol(self, devices):
+        self.calls.append(("enrol", list(devices)))
+
+    def remove_enrolment(self, device):
+        self.calls.append(("remove_enrolment", device))
+
     def declare_devices(self, devices):
         self.calls.append(("declare_devices", list(devices)))
 
@@ -209,7 +215,10 @@ def test_good_calls_reach_the_simulator_and_the_admin_link(app, client):
     assert app.simulator.commands == [("set_status", DEVICE, "Inactive"), ("add_device", "UNEW-1"),
                                       ("send_message", DEVICE, "warning", "hot"),
                                       ("remove_device", "UNEW-1")]
-    assert app.admin.calls == [("declare_devices", ["UNEW-1"]), ("delete_device_queue", "UNEW-1"),
+    # A new device is enrolled (certificate, broker user) before its queue; a removed one is
+    # revoked before its queue goes.
+    assert app.admin.calls == [("enrol", ["UNEW-1"]), ("declare_devices", ["UNEW-1"]),
+                               ("remove_enrolment", "UNEW-1"), ("delete_device_queue", "UNEW-1"),
                                ("broadcast", "leave")]
 
 

@@ -10,7 +10,6 @@ from urllib.parse import quote
 import paho.mqtt.client as mqtt
 import pika
 import pytest
-import requests
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -24,8 +23,8 @@ PROTOCOLS = pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], id
 
 
 def overview(settings) -> dict:
-    response = requests.get(f"{settings.management_url}/api/overview",
-                            auth=(settings.admin_user, settings.admin_password), timeout=10)
+    with topology.management_api(settings) as http:
+        response = http.get(f"{settings.management_url}/api/overview", timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -38,9 +37,8 @@ def test_the_broker_is_rabbitmq_4_0(settings):
 def device(settings):
     clients = []
 
-    def connect(protocol: int) -> MqttDevice:
-        client = MqttDevice(settings, settings.device_user, settings.device_password,
-                            protocol=protocol)
+    def connect(protocol: int, as_device: str) -> MqttDevice:
+        client = MqttDevice(settings, as_device, protocol=protocol)
         assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
         clients.append(client)
         return client
@@ -53,7 +51,7 @@ def device(settings):
 @PROTOCOLS
 def test_qos1_publish_reaches_the_device_queue(settings, admin_channel, new_device, device, protocol):
     target = new_device()
-    client = device(protocol)
+    client = device(protocol, target)
     body = json.dumps({"id": target, "seq": 1}).encode()
 
     assert client.publish(topology.mqtt_topic(target, "warning"), body), "no PUBACK"
@@ -66,13 +64,15 @@ def test_qos1_publish_reaches_the_device_queue(settings, admin_channel, new_devi
 
 @PROTOCOLS
 def test_publish_for_a_device_without_queue_is_acknowledged_and_kept(settings, admin_channel,
-                                                                     device, protocol):
+                                                                     device, protocol, request):
     # MQTT 5's PUBACK would say 16 "No matching subscribers" for a message routed nowhere (a
     # 3.1.1 PUBACK cannot say it); webos.topic's alternate exchange routes it to webos.unrouted,
     # so it is a plain Success and the message waits there.
     admin_channel.queue_purge(topology.UNROUTED_QUEUE)
     stranger = f"nobody-{uuid.uuid4().hex[:8]}"
-    client = device(protocol)
+    topology.enrol_devices(settings, [stranger])  # a device that may log in, with no queue
+    request.addfinalizer(lambda: topology.remove_enrolment(settings, stranger))
+    client = device(protocol, stranger)
 
     assert client.publish(topology.mqtt_topic(stranger, "info"), b'{"stray": true}')
 
@@ -84,7 +84,7 @@ def test_publish_for_a_device_without_queue_is_acknowledged_and_kept(settings, a
 def test_mqtt5_user_properties_and_content_type_arrive_as_amqp_properties(admin_channel, new_device,
                                                                           device):
     target = new_device()
-    client = device(mqtt.MQTTv5)
+    client = device(mqtt.MQTTv5, target)
     properties = Properties(PacketTypes.PUBLISH)
     properties.ContentType = "application/json"
     properties.UserProperty = [("site", "hall 3"), ("firmware", "2.1")]
@@ -101,11 +101,11 @@ def test_a_new_queue_is_answered_as_one_object_without_a_column_filter(settings,
     # column-filtered query with an empty list; unfiltered, it is the queue's object (without
     # "messages" until the first statistics). bench's queue_depth asks unfiltered.
     api = f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}"
-    auth = (settings.admin_user, settings.admin_password)
+    http = topology.management_api(settings)
     for _ in range(5):
         queue = f"test.new.{uuid.uuid4().hex[:8]}"
         admin_channel.queue_declare(queue, durable=False, exclusive=True)
-        response = requests.get(f"{api}/{queue}", auth=auth, timeout=10)
+        response = http.get(f"{api}/{queue}", timeout=10)
         assert response.status_code == 200
         assert response.json()["name"] == queue
         assert queue_depth(settings, queue) == 0

@@ -37,7 +37,7 @@ def payload(device: str, seq: int = 1) -> bytes:
 
 @pytest.fixture
 def device_client(settings):
-    client = MqttDevice(settings, settings.device_user, settings.device_password)
+    client = MqttDevice(settings, DEVICE)  # the registered device's certificate
     assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
     yield client
     client.close()
@@ -56,12 +56,16 @@ def test_mqtt_qos1_publish_lands_in_device_queue_with_routing_key(settings, admi
     assert properties.delivery_mode == 2  # QoS 1 publishes are persistent
 
 
-def test_publish_for_unknown_device_is_kept_in_unrouted(settings, admin_channel, device_client):
+def test_publish_for_unknown_device_is_kept_in_unrouted(settings, admin_channel, request):
     admin_channel.queue_purge(topology.UNROUTED_QUEUE)
     stranger = f"nobody-{uuid.uuid4().hex[:6]}"
+    topology.enrol_devices(settings, [stranger])  # it may log in, but has no queue
+    request.addfinalizer(lambda: topology.remove_enrolment(settings, stranger))
     body = payload(stranger)
+    client = MqttDevice(settings, stranger)
+    request.addfinalizer(client.close)
 
-    assert device_client.publish(f"webos/{stranger}/warning", body)
+    assert client.publish(f"webos/{stranger}/warning", body)
 
     method, _, received = get_message(admin_channel, "webos.unrouted")
     assert received == body
@@ -89,7 +93,7 @@ def test_management_api_lists_queues_and_get_messages_returns_payload(settings, 
     auth = (settings.admin_user, settings.admin_password)
 
     def listed():
-        queues = requests.get(f"{api}/queues/%2F", auth=auth, timeout=5).json()
+        queues = requests.get(f"{api}/queues/%2F", auth=auth, verify=str(settings.ca_file), timeout=5).json()
         by_name = {q["name"]: q for q in queues}
         ready = by_name.get("webos.3DF92-192", {}).get("messages", 0)
         return "webos.4HHC2-392" in by_name and "webos.dead" in by_name and ready >= 1 and by_name
@@ -97,7 +101,7 @@ def test_management_api_lists_queues_and_get_messages_returns_payload(settings, 
     assert by_name["webos.3DF92-192"]["durable"] is True
     assert by_name["webos.3DF92-192"]["arguments"]["x-single-active-consumer"] is True
 
-    response = requests.post(f"{api}/queues/%2F/{quote('webos.3DF92-192')}/get", auth=auth, timeout=5,
+    response = requests.post(f"{api}/queues/%2F/{quote('webos.3DF92-192')}/get", auth=auth, verify=str(settings.ca_file), timeout=5,
                              json={"count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"})
     assert response.status_code == 200
     [message] = response.json()
@@ -129,20 +133,19 @@ def test_kafka_topic_creation_is_idempotent(settings):
 
 
 def test_guest_is_refused_over_amqp(settings):
-    params = pika.ConnectionParameters(settings.rabbitmq_host, settings.amqp_port,
-                                       credentials=pika.PlainCredentials("guest", "guest"),
-                                       connection_attempts=1)
+    params = topology.amqp_parameters(settings, "guest", "guest", connection_attempts=1)
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         pika.BlockingConnection(params)
     users = requests.get(f"{settings.management_url}/api/users",
-                         auth=(settings.admin_user, settings.admin_password), timeout=5).json()
+                         auth=(settings.admin_user, settings.admin_password),
+                         verify=str(settings.ca_file), timeout=5).json()
     assert "guest" not in {u["name"] for u in users}
 
 
 @pytest.mark.parametrize("user,password", [(None, None), ("guest", "guest"),
-                                           ("webos-device", "wrong-password")])
-def test_mqtt_without_valid_credentials_is_refused(settings, user, password):
-    client = MqttDevice(settings, user, password)
+                                           (DEVICE, "wrong-password"), ("webos-admin", "x")])
+def test_mqtt_without_a_certificate_or_valid_credentials_is_refused(settings, user, password):
+    client = MqttDevice(settings, user=user, password=password)  # no certificate
     try:
         assert client.connected.wait(10) or client.disconnected.wait(1)
         assert client.reason_code is None or client.reason_code != 0
@@ -161,14 +164,12 @@ def test_device_user_cannot_publish_outside_webos(settings, admin_channel, devic
     assert admin_channel.basic_get(topology.UNROUTED_QUEUE, auto_ack=True)[0] is None
 
 
-def test_device_user_cannot_read_queues_over_amqp(settings):
-    connection = pika.BlockingConnection(topology.amqp_parameters(
-        settings, settings.device_user, settings.device_password))
-    channel = connection.channel()
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
-        channel.basic_get(topology.device_queue(DEVICE))
-    assert refused.value.reply_code == 403
-    connection.close()
+@pytest.mark.parametrize("password", ["", "anything"])
+def test_a_device_user_cannot_log_in_over_amqp(settings, password):
+    # A device's user has no password: it logs in over MQTT with its certificate, nowhere else.
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(topology.amqp_parameters(settings, DEVICE, password,
+                                                         connection_attempts=1))
 
 
 def test_applying_topology_twice_is_harmless(settings, admin_channel, device_client):
@@ -182,10 +183,11 @@ def test_applying_topology_twice_is_harmless(settings, admin_channel, device_cli
 
     assert admin_channel.queue_declare(queue, passive=True).method.message_count == 1
     bindings = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}/bindings",
-                            auth=(settings.admin_user, settings.admin_password), timeout=5).json()
+                            auth=(settings.admin_user, settings.admin_password),
+                         verify=str(settings.ca_file), timeout=5).json()
     assert sorted((b["source"], b["routing_key"]) for b in bindings if b["source"]) == [
         ("webos.fanout", ""), ("webos.topic", "webos.3DF92-192.*")]
-    # the device user still works after its password was re-set to the same value
+    # the device user still works after it was enrolled again
     assert device_client.publish(topology.mqtt_topic(DEVICE, "info"), payload(DEVICE))
 
 
