@@ -11,7 +11,7 @@ import threading
 
 from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
 from bridge.metrics import BridgeStats, MetricsServer
-from bridge.records import TemplateError, check_template
+from bridge.delivery import TemplateError, check_template
 from common.config import Settings, load_settings, positive_int, run
 
 LOGGER = logging.getLogger("bridge")

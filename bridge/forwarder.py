@@ -26,7 +26,7 @@ from pika import exceptions as amqp_errors
 
 from bridge.discovery import QueueDiscovery
 from bridge.metrics import BridgeStats
-from bridge.records import AckTracker, Route, RouteCache, inspect_body, message_headers
+from bridge.delivery import AckTracker, Route, RouteCache, inspect_body, message_headers
 from rabbitmq import topology
 from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
                                DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED)

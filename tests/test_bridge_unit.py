@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from bridge.__main__ import build_parser
 from bridge.discovery import select_queues
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
-from bridge.records import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
+from bridge.delivery import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
 from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
 from common.config import Settings, load_settings

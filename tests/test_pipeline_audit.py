@@ -1,7 +1,7 @@
 """The whole pipeline under faults, audited: every published seq is in Kafka, in order per device.
 
 Each test runs `python -m publisher` and `python -m bridge` as real processes through
-bench/audit.py (its own devices, its own Kafka topic), injects one fault mid-stream from the test
+bench/pipeline_run.py (its own devices, its own Kafka topic), injects one fault mid-stream from the test
 thread, then audits Kafka: zero missing and zero out of order; duplicates are reported (printed)
 and allowed. A broker a test stops is its own (started here on free ports): the session's are
 never stopped.
@@ -20,7 +20,7 @@ import pika
 import pytest
 import requests
 
-from bench.audit import PipelineRun
+from bench.pipeline_run import PipelineRun
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
 from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, NOT_JSON, NOT_OBJECT, TOO_LARGE
