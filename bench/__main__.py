@@ -33,7 +33,9 @@ LOGGER = logging.getLogger("bench")
 
 def start_brokers(base: Path) -> tuple[Settings, list]:
     """Fresh RabbitMQ and Kafka on free ports, topology and topic applied."""
-    settings, rabbitmq, kafka = start_fresh_brokers(base, node_name=f"webos-bench-{os.getpid()}")
+    # Plain listeners too: publisher_scale and e2e_latency measure TLS against plain MQTT.
+    settings, rabbitmq, kafka = start_fresh_brokers(base, node_name=f"webos-bench-{os.getpid()}",
+                                                    plain_listeners=True)
     topology.apply(settings)
     ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
     return settings, [rabbitmq, kafka]
@@ -65,8 +67,13 @@ def summary_table(results: dict) -> list[str]:
             add("end to end", f"{run['rate_target']} msg/s, round {number}/{len(rounds)}: "
                 "p50 / p99 / max ms", f"{round_['p50_ms']} / {round_['p99_ms']} / "
                 f"{round_['max_ms']}{cause}")
-    for run in (results.get("publisher_scale") or {}).get("results", []):
-        devices = run["devices"]
+    for run in (results.get("e2e_latency") or {}).get("plain_runs", []):
+        add("end to end", f"the same over plain MQTT (no TLS), {run['rate_target']} msg/s: "
+            "p50 / p99 / max ms", f"{run['p50_ms']} / {run['p99_ms']} / {run['max_ms']}")
+    for run in ((results.get("publisher_scale") or {}).get("results", [])
+                + (results.get("publisher_scale") or {}).get("plain_results", [])):
+        plain = run.get("transport") == "plain"
+        devices = f"{run['devices']}" + (" plain (no TLS)" if plain else "")
         add("publisher scale", f"{devices} devices: on time (within 100 ms), CPU % of a core, "
             "RSS added MiB", f"{run['on_time_share']:.1%}, {run.get('cpu_percent_of_one_core')}, "
             f"{run.get('rss_mib_added')}")

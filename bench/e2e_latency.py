@@ -55,6 +55,7 @@ from common.pki import PKI, client_context
 from stack.kafka_server import ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)
+PLAIN_RATE = 1000  # also run over plain MQTT, for the cost of TLS
 WARMUP_RATE = 1000  # msg/s of the one untimed warm-up before the first rate (Kafka's JIT compiler)
 COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,2000, "
            "WEBOS_BENCH_E2E_FIRST_WARMUP=40, WEBOS_BENCH_E2E_ROUNDS=3, WEBOS_BENCH_E2E_WARMUP=10, "
@@ -130,22 +131,26 @@ class ArrivalReader:
         self.thread.join(10)
 
 
-def connect_devices(settings: Settings, devices: list[str],
-                    acked: list[int]) -> list[mqtt.Client]:
+def connect_devices(settings: Settings, devices: list[str], acked: list[int],
+                    plain: bool = False) -> list[mqtt.Client]:
     """One connected paho client per device (MQTT over TLS with the device's own certificate,
     QoS 1 window 1000), loops running; client i counts its PUBACKs in acked[i] (from its own
-    loop thread only)."""
+    loop thread only). `plain`: MQTT without TLS, each device by its password (the baseline)."""
     clients = []
     pki = PKI(settings.pki_path)
     for index, device in enumerate(devices):
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device,
                              protocol=mqtt.MQTTv311)
-        client.tls_set_context(client_context(settings.ca_file, pki.ensure_device(device)))
+        if plain:
+            client.username_pw_set(device, pki.device_password(device))
+        else:
+            client.tls_set_context(client_context(settings.ca_file, pki.ensure_device(device)))
         client.max_inflight_messages_set(1000)
         client.on_publish = lambda *args, i=index: acked.__setitem__(i, acked[i] + 1)
         connected = threading.Event()
         client.on_connect = lambda *args, event=connected: event.set()
-        client.connect(settings.rabbitmq_host, settings.mqtt_port)
+        client.connect(settings.rabbitmq_host,
+                       settings.mqtt_plain_port if plain else settings.mqtt_port)
         client.loop_start()
         clients.append(client)
         if not connected.wait(10):
@@ -303,7 +308,8 @@ def _delivery_histogram(metrics_url: str) -> list[tuple[float, float]]:
 
 
 def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
-             log_path: Path, brokers: dict[str, psutil.Process | None]) -> dict:
+             log_path: Path, brokers: dict[str, psutil.Process | None],
+             plain: bool = False) -> dict:
     """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
     run_id = uuid.uuid4().hex[:6]
     devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
@@ -321,7 +327,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     warm_total, total = int(rate * warmup), int(rate * seconds)
     try:
         acked = [0] * device_count
-        clients = connect_devices(settings, devices, acked)
+        clients = connect_devices(settings, devices, acked, plain)
         topics = [topology.mqtt_topic(device, "info") for device in devices]
         # Warm up until every device's first message made the whole trip (bridge consuming each
         # queue, reader fetching): otherwise the first records measure start-up, not the path.
@@ -510,10 +516,17 @@ def run(settings: Settings, out_dir) -> dict:
         _say(f"warming up: {WARMUP_RATE} msg/s for {first_warmup:.0f} s through a bridge, untimed")
         run_rate(settings, WARMUP_RATE, seconds=1, warmup=first_warmup, device_count=device_count,
                  log_path=log_path, brokers=brokers)
-    results = []
+    results, plain_results = [], []
     for rate in rates():
-        runs = []
+        runs, plain_runs = [], []
         for round_ in range(rounds):
+            if rate == PLAIN_RATE and settings.plain_listeners:
+                # The same load over plain MQTT, in the same round: what TLS costs.
+                _say(f"{rate} msg/s, round {round_ + 1}/{rounds}, plain MQTT (no TLS)")
+                plain_runs.append(run_rate(settings, rate, seconds, warmup, device_count,
+                                           log_path, brokers, plain=True))
+                _say(f"{rate} msg/s plain: p50 {plain_runs[-1]['p50_ms']} ms, p99 "
+                     f"{plain_runs[-1]['p99_ms']} ms, max {plain_runs[-1]['max_ms']} ms")
             _say(f"{rate} msg/s, round {round_ + 1}/{rounds}")
             result = run_rate(settings, rate, seconds, warmup, device_count, log_path, brokers)
             runs.append(result)
@@ -543,11 +556,14 @@ def run(settings: Settings, out_dir) -> dict:
                                               combined["max_ms_per_round"],
                                               combined["cause_per_round"])))
         results.append(combined)
+        if plain_runs:
+            plain_results.append({**combine_rounds(plain_runs), "transport": "plain"})
     image = out_dir / "e2e_latency.png"
     plot(results, image)
     summary = {"seconds_per_rate": seconds, "warmup_seconds_per_rate": warmup, "rounds": rounds,
                "devices": device_count,
                "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "runs": results,
+               "plain_runs": plain_results,
                "plot": str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT)
                            else image)}
     figures = out_dir / "e2e_latency.json"

@@ -42,6 +42,7 @@ from common.config import Settings
 
 LOGGER = logging.getLogger("bench.publisher_scale")
 DEFAULT_COUNTS = (1000, 5000, 10000)
+PLAIN_COUNTS = (1000, 5000)  # also measured without TLS, for the cost of TLS
 INTERVAL = (1.0, 2.0)
 WARM_UP = 3.0
 PROGRESS_PERIOD = 5.0  # seconds between "connected so far" lines while devices connect
@@ -98,12 +99,10 @@ def broker_memory(settings: Settings, broker: psutil.Process | None) -> dict:
             rss = broker.memory_info().rss
         except psutil.Error:
             pass
-    auth = (settings.admin_user, settings.admin_password)
     try:
-        node = requests.get(f"{settings.management_url}/api/overview", auth=auth, verify=str(settings.ca_file),
-                            timeout=30).json()["node"]
-        response = requests.get(f"{settings.management_url}/api/nodes/{node}/memory", auth=auth, verify=str(settings.ca_file),
-                                timeout=30)
+        http = topology.management_api(settings)
+        node = http.get(f"{settings.management_url}/api/overview", timeout=30).json()["node"]
+        response = http.get(f"{settings.management_url}/api/nodes/{node}/memory", timeout=30)
         response.raise_for_status()
         breakdown = response.json()["memory"]
     except (requests.RequestException, ValueError, KeyError, TypeError) as error:
@@ -193,9 +192,11 @@ def _declare_queues(settings: Settings, devices: list[str], delete: bool = False
                             "deleted" if delete else "declared", done, time.monotonic() - started)
 
 
-def run_one(settings: Settings, count: int, seconds: float) -> dict:
-    """Run `count` devices for `seconds` of measurement; the figures for that count."""
-    devices = [f"bench{count}-{i:05d}" for i in range(count)]
+def run_one(settings: Settings, count: int, seconds: float, plain: bool = False) -> dict:
+    """Run `count` devices for `seconds` of measurement; the figures for that count. `plain`:
+    MQTT without TLS, each device by its password (the baseline TLS is measured against)."""
+    transport = "plain" if plain else "tls"
+    devices = [f"bench{count}{transport[0]}-{i:05d}" for i in range(count)]
     LOGGER.info("%d devices: enrolling them (certificates, broker users)", count)
     enrol_started = time.monotonic()
     topology.enrol_devices(settings, devices, timeout=300)
@@ -209,7 +210,7 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
                        "not measured", count)
     memory_before = broker_memory(settings, broker)
     simulator = Simulator(settings, [DeviceConfig(d, interval=INTERVAL) for d in devices],
-                          max_queued_messages=1000, seed=count)
+                          max_queued_messages=1000, seed=count, plain=plain)
     # The simulator runs inside this process, which holds what earlier benchmarks left: its
     # memory is what RSS grows by from here (a low bound under `make bench`, where it may reuse
     # memory those benchmarks freed; run `python -m bench publisher_scale` alone for the figure).
@@ -284,6 +285,7 @@ def run_one(settings: Settings, count: int, seconds: float) -> dict:
 
     figures = {
         "devices": count,
+        "transport": transport,
         "connected": connected,
         "enrol_seconds": round(enrol_seconds, 1),
         "connect_seconds": round(connect_seconds, 1),
@@ -407,7 +409,13 @@ def run(settings: Settings, out_dir) -> dict:
                        max(counts), broker_files_needed(max(counts)))
     logging.getLogger("publisher.simulator").setLevel(logging.WARNING)  # no line per device
     results = [run_one(settings, count, seconds) for count in counts]
+    # What TLS costs: the same sizes over plain MQTT (per-device passwords) on the same broker.
+    plain_results = []
+    if settings.plain_listeners:
+        plain_results = [run_one(settings, count, seconds, plain=True)
+                         for count in counts if count in PLAIN_COUNTS]
     image = out_dir / "publisher_scale.png"
     plot(results, image)
     return {"interval_s": list(INTERVAL), "late_threshold_ms": 100, "open_files_limit": file_limit,
-            "rabbitmq_open_files_limit": broker_file_limit, "results": results, "plot": str(image)}
+            "rabbitmq_open_files_limit": broker_file_limit, "results": results,
+            "plain_results": plain_results, "plot": str(image)}

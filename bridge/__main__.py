@@ -23,8 +23,10 @@ Kafka (acks=all, idempotent): key = device id, value = the payload bytes unchang
 routing_key, mqtt_topic, device, type, queue, msg_id. A delivery is acked only after Kafka
 confirmed its record. Messages that are not a JSON object or that Kafka cannot take are parked in
 webos.dead with the header x-webos-dead-reason. Broker addresses and credentials come from
-WEBOS_* variables (environment or .env, see common/config.py); the bridge's own knobs from the
-WEBOS_BRIDGE_* variables named below; flags override both.
+WEBOS_* variables (environment or .env, see common/config.py), Kafka's TLS and SASL from
+WEBOS_KAFKA_SECURITY_PROTOCOL, _SASL_MECHANISM, _SASL_USERNAME, _SASL_PASSWORD and
+_SSL_CA_LOCATION (librdkafka's security.protocol, sasl.*, ssl.ca.location); the bridge's own
+knobs from the WEBOS_BRIDGE_* variables named below; flags override both.
 """
 
 EPILOG = """\

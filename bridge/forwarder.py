@@ -75,7 +75,7 @@ class BridgeOptions:
         """librdkafka configuration: durable (acks=all, idempotent), batched, records and batches
         at most `max_message_bytes` (default: the option), whatever --kafka-config says."""
         limit = max_message_bytes or self.max_message_bytes
-        config = {"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
+        config = {**settings.kafka_client(), "acks": "all",
                   "enable.idempotence": True, "linger.ms": self.linger_ms,
                   "batch.size": self.batch_size, "client.id": "webos-bridge",
                   **dict(self.kafka_config)}
@@ -198,8 +198,7 @@ class Forwarder:
         refuses a whole batch that is bigger, good records with it.
         """
         template = self.options.topic_template
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "logger": logging.getLogger("bridge.kafka")})
+        admin = AdminClient(self.settings.kafka_client(logger=logging.getLogger("bridge.kafka")))
         try:
             metadata = admin.list_topics(timeout=10)
         except KafkaException as error:

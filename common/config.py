@@ -42,6 +42,13 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_topic: str = "webos.events"
     kafka_partitions: int = 6
+    # Kafka's security, handed to librdkafka as they are by every Kafka client here (the bridge,
+    # the consumer CLI and live view); empty: PLAINTEXT, as the local Kafka listens.
+    kafka_security_protocol: str = ""   # security.protocol: SSL, SASL_SSL, SASL_PLAINTEXT
+    kafka_sasl_mechanism: str = ""      # sasl.mechanism: SCRAM-SHA-512, SCRAM-SHA-256, PLAIN
+    kafka_sasl_username: str = ""       # sasl.username
+    kafka_sasl_password: str = ""       # sasl.password
+    kafka_ssl_ca_location: str = ""     # ssl.ca.location: the CA file the brokers are checked by
     # The registered devices (ids, routes, intervals): the publisher runs them, the topology
     # declares their queues. Relative to the repository.
     devices_file: str = "publisher/devices.json"
@@ -94,6 +101,19 @@ class Settings:
     def ca_file(self) -> Path:
         """The authority's certificate every client checks the brokers against."""
         return self.pki_path / "ca.crt"
+
+    def kafka_client(self, **extra) -> dict:
+        """librdkafka configuration for a Kafka client: the bootstrap servers, the security
+        settings that are set, then `extra`."""
+        config = {"bootstrap.servers": self.kafka_bootstrap}
+        for key, value in (("security.protocol", self.kafka_security_protocol),
+                           ("sasl.mechanism", self.kafka_sasl_mechanism),
+                           ("sasl.username", self.kafka_sasl_username),
+                           ("sasl.password", self.kafka_sasl_password),
+                           ("ssl.ca.location", self.kafka_ssl_ca_location)):
+            if value:
+                config[key] = value
+        return {**config, **extra}
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in a child process."""

@@ -34,7 +34,10 @@ Offsets: each record's offset is stored only after it has been printed (or filte
 dropped as a duplicate) and committed automatically; Ctrl-C or SIGTERM commit and close cleanly,
 so a later run with the same --group resumes right after the last record printed.
 A one-line summary goes to stderr on exit: records per device, duplicates dropped, gaps in seq,
-non-JSON records. Connection settings come from WEBOS_* variables and .env (common/config.py).
+non-JSON records. Connection settings come from WEBOS_* variables and .env (common/config.py);
+for a Kafka with TLS or SASL set WEBOS_KAFKA_SECURITY_PROTOCOL, WEBOS_KAFKA_SASL_MECHANISM,
+WEBOS_KAFKA_SASL_USERNAME, WEBOS_KAFKA_SASL_PASSWORD and WEBOS_KAFKA_SSL_CA_LOCATION (librdkafka's
+security.protocol, sasl.mechanism, sasl.username, sasl.password, ssl.ca.location).
 
 Use `python -m consumer serve` for the live web page.
 """
@@ -179,12 +182,15 @@ class StreamPrinter:
                 return
 
     def on_error(self, error: KafkaError) -> None:
-        """End of partition and transient errors are logged; fatal ones stop the run."""
+        """End of partition and transient errors are logged; fatal ones stop the run, and so
+        do refused credentials (retrying them would only fail again)."""
         if error.code() == KafkaError._PARTITION_EOF:
             return
         if error.fatal() or error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
                                              KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                                             KafkaError.GROUP_AUTHORIZATION_FAILED):
+                                             KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                             KafkaError._AUTHENTICATION,
+                                             KafkaError.SASL_AUTHENTICATION_FAILED):
             raise KafkaException(error)
         LOGGER.warning("Kafka: %s", error)
 
@@ -228,7 +234,7 @@ def _use_colour(choice: str, stream) -> bool:
 def run_lag(args, settings) -> int:
     """`--lag`: print the lag table (or one JSON object) and exit."""
     group = args.group or LIVE_VIEW_GROUP
-    lags = lag_for_group(settings.kafka_bootstrap, group, args.topic)
+    lags = lag_for_group(settings.kafka_client(), group, args.topic)
     if args.format == "json":
         print(json.dumps({"group": group, "topic": args.topic,
                           "partitions": [lag.to_dict() for lag in lags],
@@ -256,7 +262,9 @@ def main(argv=None) -> int:
         return 1
 
     group = args.group or default_group()
-    consumer = Consumer(consumer_config(settings.kafka_bootstrap, group, args.from_beginning))
+    # Client-level errors (refused credentials among them) reach on_error too, from poll().
+    consumer = Consumer(consumer_config(settings.kafka_client(), group, args.from_beginning,
+                                        error_cb=lambda error: printer.on_error(error)))
     printer = StreamPrinter(
         consumer, sys.stdout, RecordFilter.of(args.device, args.types), args.format,
         colour=args.format == "pretty" and _use_colour(args.color, sys.stdout),

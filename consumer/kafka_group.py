@@ -34,10 +34,11 @@ def commit_and_close(consumer: Consumer) -> None:
         consumer.close()
 
 
-def consumer_config(bootstrap: str, group: str, from_beginning: bool = False, **extra) -> dict:
-    """Offsets are stored by hand after a record is handled; auto-commit commits what is stored."""
+def consumer_config(kafka: dict, group: str, from_beginning: bool = False, **extra) -> dict:
+    """`kafka` (Settings.kafka_client(): servers and security) for a group member. Offsets are
+    stored by hand after a record is handled; auto-commit commits what is stored."""
     config = {
-        "bootstrap.servers": bootstrap,
+        **kafka,
         "group.id": group,
         "enable.auto.offset.store": False,
         "enable.auto.commit": True,
@@ -93,9 +94,10 @@ def group_lag(consumer: Consumer, topic: str, partitions: list[int] | None = Non
     return sorted(lags, key=lambda lag: lag.partition)
 
 
-def lag_for_group(bootstrap: str, group: str, topic: str, timeout: float = 10.0) -> list[PartitionLag]:
-    """Open a consumer in `group` without joining it, read its lag, close it."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+def lag_for_group(kafka: dict, group: str, topic: str, timeout: float = 10.0) -> list[PartitionLag]:
+    """Open a consumer in `group` without joining it, read its lag, close it (`kafka`:
+    Settings.kafka_client())."""
+    consumer = Consumer({**kafka, "group.id": group,
                          "enable.auto.commit": False,
                          "logger": logging.getLogger("consumer.librdkafka")})
     try:

@@ -115,9 +115,9 @@ def log_entry(record: Record, note: str | None) -> dict:
 class LiveFeed:
     """The Kafka consumer thread of the live view, its state, and the connected clients."""
 
-    def __init__(self, bootstrap: str, topic: str, group: str = LIVE_VIEW_GROUP, replay: int = 200,
+    def __init__(self, kafka: dict, topic: str, group: str = LIVE_VIEW_GROUP, replay: int = 200,
                  log_size: int = 200, max_client_queue: int = 1000, stats_interval: float = 1.0):
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.topic = topic
         self.group = group
         self.replay = replay
@@ -197,11 +197,11 @@ class LiveFeed:
         self.assigned = []
 
     def run(self) -> None:
-        consumer = Consumer(consumer_config(self.bootstrap, self.group, from_beginning=True,
+        consumer = Consumer(consumer_config(self.kafka, self.group, from_beginning=True,
                                             **{"auto.commit.interval.ms": 1000}))
         # Lag comes from a second client in the same group that never joins it: asking the
         # fetching consumer for watermarks waits behind its fetch requests (~0.5 s each).
-        lag_reader = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group,
+        lag_reader = Consumer({**self.kafka, "group.id": self.group,
                                "enable.auto.commit": False,
                                "logger": logging.getLogger("consumer.librdkafka")})
         next_stats = 0.0

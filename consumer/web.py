@@ -29,7 +29,7 @@ def create_app(config: dict | None = None) -> Flask:
                        "REPLAY": 200, "START_FEED": True})
     app.config.update(config or {})
     settings: Settings = app.config["SETTINGS"] or load_settings()
-    feed = LiveFeed(settings.kafka_bootstrap, app.config["KAFKA_TOPIC"] or settings.kafka_topic,
+    feed = LiveFeed(settings.kafka_client(), app.config["KAFKA_TOPIC"] or settings.kafka_topic,
                     group=app.config["KAFKA_GROUP"], replay=app.config["REPLAY"])
     app.extensions["live_feed"] = feed
     if app.config["START_FEED"]:

@@ -191,9 +191,13 @@ class Simulator:
 
     def __init__(self, settings: Settings, devices: list[DeviceConfig], *, keepalive: int = 60,
                  max_queued_messages: int = 1000, seed: int | None = None, stagger: bool = True,
-                 mqtt_version: str = MQTT_VERSIONS[0]):
+                 mqtt_version: str = MQTT_VERSIONS[0], plain: bool = False):
         if mqtt_version not in _PAHO_PROTOCOLS:
             raise ValueError(f"MQTT version {mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}")
+        # plain: the devices log in with their passwords on the plain listener (only there with
+        # WEBOS_PLAIN_LISTENERS; make bench uses it to measure what TLS costs).
+        self.plain = plain
+        self.port = settings.mqtt_plain_port if plain else settings.mqtt_port
         self.settings = settings
         self.pki = PKI(settings.pki_path)
         self.mqtt_version = mqtt_version
@@ -440,8 +444,11 @@ class Simulator:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.id,
                              protocol=protocol,
                              clean_session=True if protocol == mqtt.MQTTv311 else None)
-        client.tls_set_context(client_context(self.settings.ca_file,
-                                              self.pki.ensure_device(config.id)))
+        if self.plain:
+            client.username_pw_set(config.id, self.pki.device_password(config.id))
+        else:
+            client.tls_set_context(client_context(self.settings.ca_file,
+                                                  self.pki.ensure_device(config.id)))
         entry = _Device(state, client,
                         topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES})
         client.user_data_set(entry)
@@ -557,12 +564,12 @@ class Simulator:
                     entry.client.reconnect()
                 else:
                     clean_start = {} if self.mqtt_version == "3.1.1" else {"clean_start": True}
-                    entry.client.connect(self.settings.rabbitmq_host, self.settings.mqtt_port,
+                    entry.client.connect(self.settings.rabbitmq_host, self.port,
                                          keepalive=self.keepalive, **clean_start)
                 self._watch_writes(entry)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s",
-                           entry.state.id, self.settings.rabbitmq_host, self.settings.mqtt_port,
+                           entry.state.id, self.settings.rabbitmq_host, self.port,
                            error, entry.backoff)
             self._retry_later(entry)
 

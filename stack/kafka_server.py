@@ -7,12 +7,14 @@ import os
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common.config import REPO_ROOT, ConfigError
+from common.pki import PKI
 from stack.process import BrokerError, LocalProcess, port_open
 
 LOGGER = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ class LocalKafka(LocalProcess):
 
     def __init__(self, base_dir: Path, port: int = 9092, controller_port: int = 9093, node_id: int = 1,
                  quorum_voters: str | None = None, overrides: dict[str, str] | None = None,
-                 cluster_id: str | None = None):
+                 cluster_id: str | None = None, secure: SecureListener | None = None):
         super().__init__(base_dir)
+        self.secure = secure
         self.port = port
         self.controller_port = controller_port
         self.node_id = node_id
@@ -57,14 +60,18 @@ class LocalKafka(LocalProcess):
 
     def render_config(self) -> str:
         """kafka/server.properties with this instance's ports and data directory."""
-        overrides = {
-            **self.overrides,
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        overrides = {**self.overrides}
+        if self.secure is not None:
+            listeners.append(f"SASL_SSL://127.0.0.1:{self.secure.port}")
+            overrides.update(self.secure.properties(self.base_dir / "tls" / "kafka.pem"))
+        overrides.update({
             "node.id": str(self.node_id),
             "controller.quorum.voters": self.quorum_voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": ",".join([*listeners, f"CONTROLLER://127.0.0.1:{self.controller_port}"]),
+            "advertised.listeners": ",".join(listeners),
             "log.dirs": str(self.base_dir / "data"),
-        }
+        })
         lines = []
         for line in (KAFKA_DIR / "server.properties").read_text().splitlines():
             key = line.split("=", 1)[0].strip()
@@ -85,10 +92,18 @@ class LocalKafka(LocalProcess):
     def prepare(self) -> None:
         config = self.base_dir / "server.properties"
         config.write_text(self.render_config())
+        config.chmod(0o600)
+        scram = []
+        if self.secure is not None:
+            self.secure.write_keystore(self.base_dir / "tls" / "kafka.pem")
+            mechanism = SecureListener.MECHANISM
+            scram = [argument for user, password in self.secure.users.items() for argument in
+                     ("--add-scram", f"{mechanism}=[name={user},password={password}]")]
         if (self.base_dir / "data" / "meta.properties").exists():
             return
         result = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(config)),
+            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id,
+                       "-c", str(config), *scram),
             capture_output=True, text=True)
         if result.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
@@ -108,6 +123,43 @@ class LocalKafka(LocalProcess):
             return bool(metadata.brokers)
         except KafkaException:
             return False
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener beside the plain one: TLS with the stack's broker certificate, and
+    SCRAM users (created when the storage is formatted)."""
+
+    MECHANISM = "SCRAM-SHA-512"
+    port: int
+    pki: PKI
+    users: dict[str, str]
+
+    def properties(self, keystore: Path) -> dict[str, str]:
+        """server.properties entries for the listener (named sasl_ssl)."""
+        return {
+            "listener.security.protocol.map":
+                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": self.MECHANISM,
+            f"listener.name.sasl_ssl.{self.MECHANISM.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(keystore),
+        }
+
+    def write_keystore(self, keystore: Path) -> None:
+        """The broker's key and certificate in one PEM file, mode 0600."""
+        self.pki.ensure()
+        keystore.parent.mkdir(mode=0o700, exist_ok=True)
+        keystore.touch(mode=0o600)
+        keystore.write_bytes(self.pki.server.key.read_bytes() + self.pki.server.cert.read_bytes())
+
+    def client(self, user: str) -> dict[str, str]:
+        """The Settings fields a client of this listener needs, as `user`."""
+        return {"kafka_bootstrap": f"127.0.0.1:{self.port}", "kafka_security_protocol": "SASL_SSL",
+                "kafka_sasl_mechanism": self.MECHANISM, "kafka_sasl_username": user,
+                "kafka_sasl_password": self.users[user],
+                "kafka_ssl_ca_location": str(self.pki.ca_cert)}
 
 
 def local_cluster(base_dir: Path, ports: list[tuple[int, int]]) -> list[LocalKafka]:

@@ -162,7 +162,7 @@ def test_slow_client_is_closed_instead_of_blocking_the_feed():
 
 
 def test_feed_updates_device_state_and_fans_out_to_subscribers():
-    feed = LiveFeed("127.0.0.1:1", "webos.events", max_client_queue=10)
+    feed = LiveFeed({"bootstrap.servers": "127.0.0.1:1"}, "webos.events", max_client_queue=10)
     first, snapshot = feed.subscribe()
     assert snapshot["devices"] == [] and snapshot["log"] == []
     feed.handle(record(payload(seq=1)))
