@@ -60,7 +60,7 @@ class PKI:
         """The authority and the brokers' certificate; the names of the files it created."""
         with self._locked():
             created = self._ensure_ca()
-            if created or not self.server.cert.exists():
+            if created or not (self.server.cert.exists() and self.server.key.exists()):
                 self._issue(self.server, "webos broker", server=True)
                 created.append(self.server.cert.name)
         return created

@@ -105,9 +105,10 @@ def pki_command(settings: Settings, args) -> int:
     pki = PKI(settings.pki_path)
     created = pki.ensure()
     for device in filter(None, (args.issue, args.rotate)):
-        if not topology.is_valid_device_id(device):
-            raise ConfigError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -, "
-                              f"not starting with {topology.RESERVED_ID_PREFIX}")
+        try:
+            topology.device_queue(device)  # the one check of a device id, with its message
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     devices = [args.issue] if args.issue else [] if args.rotate else topology.registered_devices(settings)
     for device in devices:
         if not pki.device(device).cert.exists():

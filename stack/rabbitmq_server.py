@@ -97,7 +97,8 @@ class LocalRabbitMQ(LocalProcess):
         pki = PKI(self.settings.pki_path)
         pki.ensure()
         tls = self.base_dir / "tls"
-        tls.mkdir(mode=0o700, exist_ok=True)
+        tls.mkdir(exist_ok=True)
+        tls.chmod(0o700)  # before the key is copied in, also when the folder was there already
         for name, source in zip(TLS_FILES, (pki.ca_cert, pki.server.cert, pki.server.key)):
             shutil.copyfile(source, tls / name)
         (tls / "server.key").chmod(0o600)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from publisher.device_config import DeviceConfig
 from rabbitmq import topology
 from stack.process import free_port, port_open
 from tests.helpers import MqttDevice, get_message, wait_for
-from tests.test_bridge import BridgeProcess, read_records
+from tests.test_bridge import BridgeProcess, kafka_topic, read_records  # noqa: F401 (fixture)
 
 
 def body(device: str, marker: str) -> bytes:
@@ -61,30 +62,21 @@ def broker_log(brokers):
 
 
 def test_a_device_publishes_as_itself_and_reaches_kafka_keyed_by_its_id(settings, pair, tmp_path,
-                                                                       kafka_topic_for_identity):
+                                                                       kafka_topic):
     a, _ = pair
     bridge = BridgeProcess(settings, tmp_path, "--queues", topology.device_queue(a),
-                           "--topic-template", kafka_topic_for_identity)
+                           "--topic-template", kafka_topic)
     try:
         bridge.wait_consuming(1)
         marker = uuid.uuid4().hex
         done = mosquitto_pub(settings, topology.mqtt_topic(a, "info"), body(a, marker), device=a)
         assert done.returncode == 0, done.stderr
-        records = read_records(settings, kafka_topic_for_identity,
+        records = read_records(settings, kafka_topic,
                                lambda got: any(marker.encode() in r.value() for r in got))
         [record] = [r for r in records if marker.encode() in r.value()]
         assert record.key() == a.encode()
     finally:
         bridge.kill()
-
-
-@pytest.fixture
-def kafka_topic_for_identity(settings):
-    from stack.kafka_server import ensure_topic
-
-    topic = f"test.identity.{uuid.uuid4().hex[:10]}"
-    ensure_topic(settings.kafka_bootstrap, topic, 3)
-    return topic
 
 
 def test_a_device_cannot_publish_to_another_devices_topic(settings, pair, admin_channel,
@@ -232,14 +224,14 @@ def test_amqp_and_management_clients_verify_the_broker(settings, tmp_path):
         assert http.get(f"{settings.management_url}/api/whoami", timeout=10).json()["name"] == \
             settings.admin_user
     context = client_context(settings.ca_file)
-    with context.wrap_socket(__import__("socket").create_connection(
+    with context.wrap_socket(socket.create_connection(
             (settings.rabbitmq_host, settings.amqp_port), timeout=10),
             server_hostname=settings.rabbitmq_host) as tls:
         assert tls.version() in ("TLSv1.3", "TLSv1.2")
 
 
 def test_a_device_added_at_run_time_gets_a_certificate_before_connecting_and_removal_revokes_it(
-        settings):
+        settings, admin_channel):
     first = f"IDP{uuid.uuid4().hex[:8]}"
     app = create_app({"SETTINGS": settings, "TESTING": True,
                       "DEVICES": [DeviceConfig(first, interval=(0.2, 0.2))]})
@@ -261,8 +253,7 @@ def test_a_device_added_at_run_time_gets_a_certificate_before_connecting_and_rem
         app.extensions["publisher"].close()
         for device in (first, added):
             topology.remove_enrolment(settings, device)
-            topology.delete_device(pika.BlockingConnection(
-                topology.admin_parameters(settings)).channel(), device)
+            topology.delete_device(admin_channel, device)
 
 
 def test_with_plain_listeners_on_each_device_has_its_own_password(tmp_path):
