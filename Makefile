@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # uidmap: mmdebstrap builds the RabbitMQ 4 root without root through it (newuidmap).
-RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven)
+# prometheus: its promtool tests the alert rules; the stack runs it under WEBOS_PROMETHEUS=1.
+RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven) prometheus
 TEST_PACKAGES := chromium docker-compose mosquitto-clients
 PYTEST_ARGS ?=
 
@@ -44,6 +45,10 @@ endef
 
 install: $(VENV)/.installed
 	$(call apt_ensure,$(RUN_PACKAGES))
+	@# Debian starts its own Prometheus on *:9090 where systemd runs: the stack runs its own.
+	@if [ -d /run/systemd/system ] && systemctl is-enabled --quiet prometheus 2>/dev/null; then \
+		echo "disabling Debian's prometheus service (the stack runs its own on 127.0.0.1)"; \
+		$(SUDO) systemctl disable --now prometheus; fi
 	@$(MAKE) --no-print-directory --silent kafka/lib/.installed
 	@$(PY) -m stack.rabbitmq_runtime
 

@@ -27,7 +27,8 @@ from stack.kafka_server import ensure_topic
 from stack.local import start_fresh_brokers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "audit"]
+BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "discovery",
+              "audit"]
 LOGGER = logging.getLogger("bench")
 
 
@@ -90,6 +91,13 @@ def summary_table(results: dict) -> list[str]:
     for name, figures in (memory.get("processes") or {}).items():
         add("memory", f"{name} with {memory.get('devices')} devices: peak RSS MB, mean CPU %",
             f"{figures.get('peak_rss_mb')}, {figures.get('cpu_mean_pct')}")
+    for run in (results.get("discovery") or {}).get("runs", []):
+        add("discovery", f"{run['queues']} device queues: s until the bridge consumes all / s to "
+            "pick up a new one", f"{run['bridge_consume_all_seconds']} / "
+            f"{run['new_queue_pick_up_seconds']}")
+        add("discovery", f"{run['queues']} device queues: RabbitMQ KiB per queue, bridge idle CPU "
+            "% of a core, one full listing KiB / ms", f"{run['rabbitmq_kib_per_queue']}, "
+            f"{run['bridge_idle_cpu_pct']}, {run['full_listing_kib']} / {run['full_listing_ms']}")
     audit = results.get("audit") or {}
     if audit:
         add("audit", "whole pipeline, published / arrived / missing / out of order / duplicated",

@@ -84,7 +84,7 @@ def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
     count = len(bodies)
     with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
         channel = connection.channel()
-        queue = topology.declare_device(channel, device)
+        queue = topology.declare_device(channel, device, settings.cluster)
         key = topology.routing_key(device, "info")
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
         for n, body in enumerate(bodies, 1):
@@ -192,8 +192,8 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
 
 def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) -> dict:
     """The bridge draining the pre-filled queue: msgs/s between first and last ack, peak RSS."""
-    process, url = start_bridge(settings, [topology.device_queue(device)], log_path)
-    rss = psutil.Process(process.pid)
+    bridge, url = start_bridge(settings, [topology.device_queue(device)], log_path)
+    rss = psutil.Process(bridge.pid)
     brokers = broker_processes(settings)
     peak = 0
     first = None
@@ -202,8 +202,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
     try:
         while time.monotonic() < deadline:
             peak = max(peak, rss.memory_info().rss)
-            if process.poll() is not None:
-                raise RuntimeError(f"the bridge exited with {process.returncode}; see {log_path}")
+            bridge.check_running()
             try:
                 acked = metric(requests.get(url + "/metrics", timeout=2).text,
                                 "webos_bridge_acked_total")
@@ -226,8 +225,7 @@ def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) ->
         if last is None:
             raise RuntimeError(f"the bridge acked {acked} of {count} in time; see {log_path}")
     finally:
-        process.terminate()
-        code = process.wait(60)
+        code = bridge.stop(60)
     if last[1] == first[1]:
         # Everything was acked before the first sample: nothing between two readings to time.
         raise RuntimeError(f"the bridge acked all {count} messages within one 50 ms sample: too "
@@ -311,10 +309,7 @@ def run(settings: Settings, out_dir) -> dict:
     bodies = payloads(count)
     runs = {"a": [], "b": [], "bridge": []}
     devices = [f"BENCH{n}-{uuid.uuid4().hex[:6]}" for n in range(2 * rounds)]
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
-        channel = connection.channel()
-        for device in devices:
-            topology.declare_device(channel, device)
+    topology.declare_devices(settings, devices)
     try:
         for round_ in range(rounds):
             result["load_average_per_round"].append([round(x, 1) for x in os.getloadavg()])

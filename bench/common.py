@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import struct
 import tempfile
 import threading
@@ -12,10 +11,10 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
 
 from bridge.metrics import parse_samples
 from common.config import Settings
+from rabbitmq import topology
 from stack.process import AppProcess, free_port
 
 
@@ -29,9 +28,8 @@ def machine() -> dict:
 def queue_depth(settings: Settings, queue: str) -> int:
     """Ready plus unacked messages of `queue`, from the management API."""
     # Unfiltered: with ?columns= RabbitMQ answers [] for a queue that has no statistics yet.
-    response = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}",
-                            auth=(settings.admin_user, settings.admin_password),
-                         verify=str(settings.ca_file), timeout=10)
+    with topology.management_api(settings) as http:
+        response = http.get(f"{settings.management_url}/api/queues/%2F/{queue}", timeout=10)
     response.raise_for_status()
     return response.json().get("messages", 0)  # absent until the first statistics
 
@@ -41,12 +39,12 @@ def metric(text: str, name: str) -> float:
 
 
 def start_bridge(settings: Settings, queues: list[str], log_path: Path,
-                 extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+                 extra: list[str] = ()) -> tuple[AppProcess, str]:
     """`python -m bridge` with its defaults, consuming `queues`; returns (process, metrics URL)."""
     port = free_port()
     bridge = AppProcess(["bridge", "--queues", ",".join(queues), "--metrics-port", str(port),
                          *extra], {**os.environ, **settings.to_env()}, log_path)
-    return bridge.process, f"http://127.0.0.1:{port}"
+    return bridge, f"http://127.0.0.1:{port}"
 
 
 SAMPLE_PERIOD = 0.5  # seconds between resource samples

@@ -52,7 +52,7 @@ from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listenin
 from rabbitmq import topology
 from common.config import REPO_ROOT, Settings
 from common.pki import PKI, client_context
-from stack.kafka_server import ensure_topic
+from stack.kafka_server import ensure_topic, topic_partitions
 
 DEFAULT_RATES = (100, 1000, 2000)
 PLAIN_RATE = 1000  # also run over plain MQTT, for the cost of TLS
@@ -85,13 +85,12 @@ class ArrivalReader:
     """Every partition of `topic` from the beginning, in a thread: latency of each timed record."""
 
     def __init__(self, settings: Settings, topic: str):
-        partitions = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}) \
-            .list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                   "group.id": f"bench-e2e-{uuid.uuid4().hex[:6]}",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 5,
                                   "fetch.error.backoff.ms": 10})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in topic_partitions(self.consumer, topic)])
         self.latencies_ms: list[float] = []
         # The same trip cut at the record's CreateTime (the bridge's produce call, ms resolution):
         # MQTT publish -> bridge produce, and bridge produce -> arrival here.
@@ -315,12 +314,9 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
     topic = f"bench.e2e.{rate}.{run_id}"
     topology.enrol_devices(settings, devices)
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
-        channel = connection.channel()
-        for device in devices:
-            topology.declare_device(channel, device)
+    topology.declare_devices(settings, devices)
     ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    process, metrics_url = start_bridge(settings, [topology.device_queue(d) for d in devices],
+    bridge, metrics_url = start_bridge(settings, [topology.device_queue(d) for d in devices],
                                         log_path, ["--topic-template", topic])
     reader = ArrivalReader(settings, topic)
     clients: list[mqtt.Client] = []
@@ -334,14 +330,15 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         deadline = time.monotonic() + 60
         probes = 0
         while reader.warm_devices < set(devices):
-            if time.monotonic() > deadline or process.poll() is not None:
+            bridge.check_running("during the warm-up")
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"no warm-up record from every device in 60 s; see {log_path}")
             for client, device, mqtt_topic in zip(clients, devices, topics):
                 if device not in reader.warm_devices:
                     client.publish(mqtt_topic, json.dumps({"id": device, "warmup": True}), qos=1)
                     probes += 1
             time.sleep(0.5)  # re-send period of the warm-up probes
-        sampler = ResourceSampler({"bridge": psutil.Process(process.pid), **brokers,
+        sampler = ResourceSampler({"bridge": psutil.Process(bridge.pid), **brokers,
                                    "bench_clients": psutil.Process()}, alone=["bench_clients"],
                                   jvm="kafka")
         _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
@@ -382,8 +379,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         unacked = probes + warm_total + total - sum(acked)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while len(reader.latencies_ms) < total and time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the bridge exited with {process.returncode}; see {log_path}")
+            bridge.check_running("while Kafka drained")
             time.sleep(0.1)  # polling the reader's count; it has its own thread
         delivery_after = _delivery_histogram(metrics_url)
         resources = sampler.stop()
@@ -392,8 +388,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
         for client in clients:
             client.disconnect()
             client.loop_stop()
-        process.terminate()
-        process.wait(60)
+        bridge.stop(60)
         with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
@@ -430,7 +425,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             "cause": diagnosis["cause"] if p99 > SLOW_MS else None,
             "diagnosis": diagnosis,
             "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked,
-            "bridge_exit_code": process.returncode,
+            "bridge_exit_code": bridge.process.returncode,
             "resources": resources}
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -25,7 +23,7 @@ from bench.common import ResourceSampler, listening_process, machine, metric, st
 from rabbitmq import topology
 from common.config import Settings
 from stack.kafka_server import ensure_topic
-from stack.process import AppProcess, free_port
+from stack.process import AppProcess, free_port, wait_until
 
 COMMAND = (".venv/bin/python -m bench memory  (WEBOS_BENCH_MEMORY_DEVICES=1000, "
            "WEBOS_BENCH_MEMORY_SECONDS=30)")
@@ -36,20 +34,8 @@ def _say(text: str) -> None:
     print(f"[memory] {text}", flush=True)
 
 
-def _child(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen:
-    return AppProcess(args, {**os.environ, **settings.to_env()}, log_path).process
-
-
-def _wait(condition, timeout: float, what: str, processes) -> None:
-    """Poll `condition` until true; fail if a child exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for name, process in processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode} while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.25)  # polling period of an HTTP probe
+def _child(settings: Settings, args: list[str], log_path: Path) -> AppProcess:
+    return AppProcess(args, {**os.environ, **settings.to_env()}, log_path)
 
 
 def _json(url: str):
@@ -79,7 +65,7 @@ def run(settings: Settings, out_dir) -> dict:
     topic = f"bench.memory.{run_id}"
     ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
     publisher_port, consumer_port = free_port(), free_port()
-    processes: dict[str, subprocess.Popen] = {}
+    processes: dict[str, AppProcess] = {}
     _say(f"{count} devices for {seconds:.0f} s; process output in {logs}")
     try:
         devices_file = logs / "devices.json"
@@ -89,20 +75,23 @@ def run(settings: Settings, out_dir) -> dict:
                                                    "--devices-file", str(devices_file)],
                                         logs / "publisher.log")
         publisher_url = f"http://127.0.0.1:{publisher_port}"
-        _wait(lambda: ((_json(publisher_url + "/devices") or {}).get("stats", {})
-                       .get("connected") == count), 120, f"{count} devices connected", processes)
+        # 0.25 s: the period of an HTTP probe
+        wait_until(lambda: ((_json(publisher_url + "/devices") or {}).get("stats", {})
+                            .get("connected") == count), 120, 0.25, f"{count} devices connected",
+                   watch=processes.values())
         _say("publisher: every device connected")
         processes["bridge"], metrics_url = start_bridge(
             settings, [topology.device_queue(d) for d in devices], logs / "bridge.log",
             ["--topic-template", topic])
-        _wait(lambda: _bridgemetric(metrics_url, "webos_bridge_queues") >= count, 120,
-              "the bridge consuming", processes)
+        wait_until(lambda: _bridgemetric(metrics_url, "webos_bridge_queues") >= count, 120, 0.25,
+                   "the bridge consuming", watch=processes.values())
         _say("bridge: consuming every queue")
         processes["consumer"] = _child(settings, ["consumer", "serve", "--port", str(consumer_port),
                                                   "--topic", topic, "--group", f"bench-{run_id}"],
                                        logs / "consumer.log")
         consumer_url = f"http://127.0.0.1:{consumer_port}"
-        _wait(lambda: _json(consumer_url + "/healthz"), 60, "the live view", processes)
+        wait_until(lambda: _json(consumer_url + "/healthz"), 60, 0.25, "the live view",
+                   watch=processes.values())
         _say(f"consumer live view up; {WARM_UP:.0f} s warm-up")
         time.sleep(WARM_UP)  # let the flow settle before the measured window
         kafka_port = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
@@ -117,15 +106,7 @@ def run(settings: Settings, out_dir) -> dict:
         resources = sampler.stop()
         acked = _bridgemetric(metrics_url, "webos_bridge_acked_total") - acked_before
     finally:
-        exit_codes = {}
-        for name, process in reversed(list(processes.items())):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                exit_codes[name] = process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                exit_codes[name] = process.wait(10)
+        exit_codes = {name: process.stop(60) for name, process in reversed(processes.items())}
         AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics([topic])
         with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
             channel = connection.channel()

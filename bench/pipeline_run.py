@@ -17,7 +17,7 @@ Faults are injected from the caller's thread while the stream runs in the harnes
         report = run.finish()
     assert report.ok, report.summary()
 
-or `audit(settings, work_dir, ..., faults={5_000: callback})`. The audit itself (what the report
+or `audit(settings, work_dir, ...)` for a run without faults. The audit itself (what the report
 says and how it is computed) is bench/audit.py.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ from bench.audit import AuditReport, audit_records
 from bridge.metrics import parse_samples
 from common.config import Settings
 from rabbitmq import topology
-from stack.kafka_server import ensure_topic
-from stack.process import AppProcess, free_port
+from stack.kafka_server import ensure_topic, topic_partitions
+from stack.process import AppProcess, answers, free_port, wait_until
 
 LOGGER = logging.getLogger(__name__)
 POLL_INTERVAL = 0.1  # s between reads of the publisher's GET /devices while streaming
@@ -79,9 +79,8 @@ class KafkaTally:
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": f"audit-{uuid.uuid4().hex[:10]}", "enable.auto.commit": False,
             "enable.partition.eof": False, "logger": _KAFKA_LOGGER})
-        partitions = self._consumer.list_topics(topic, timeout=30).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)
-                               for partition in partitions])
+                               for partition in topic_partitions(self._consumer, topic)])
         self._thread = threading.Thread(target=self._run, name="kafka-tally", daemon=True)
 
     def start(self) -> "KafkaTally":
@@ -151,16 +150,6 @@ class ChildProcess(AppProcess):
         self.metrics_url = ""  # a bridge's /metrics
         LOGGER.info("%s started (pid %d), log %s", name, self.pid, log_path)
 
-    def output(self, lines: int | None = 30) -> str:
-        return super().output(lines)
-
-    def check_running(self) -> None:
-        if not self.running:
-            raise AuditError(f"{self.name} exited with code {self.process.returncode}; its "
-                             f"output ends:\n{self.output()}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        return super().stop(timeout)
 
 
 class PipelineRun:
@@ -170,7 +159,7 @@ class PipelineRun:
                  messages: int = 20_000, interval: tuple[float, float] = (0.05, 0.05),
                  prefix: str | None = None, topic: str | None = None, partitions: int = 6,
                  bridge_flags: tuple[str, ...] = (), max_queued: int = 100_000,
-                 declare: bool = True):
+                 declare: bool = True, replication: int = 1):
         self.settings = settings
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +177,7 @@ class PipelineRun:
         self.bridge_flags = tuple(bridge_flags)
         self.max_queued = max_queued
         self.declare = declare
+        self.replication = replication  # of the run's Kafka topic
         self.publisher: ChildProcess | None = None
         self.publisher_url = ""
         self.bridge: ChildProcess | None = None
@@ -218,18 +208,30 @@ class PipelineRun:
         at = time.monotonic() - self.started_at if self.started_at else 0.0
         self.timeline.append((round(at, 2), event))
         LOGGER.info("audit %s +%.1f s: %s", self.run_id, at, event)
+        with open(self.work_dir / "timeline.log", "a") as timeline:  # beside the children's logs
+            timeline.write(f"{time.strftime('%H:%M:%S')} +{at:.1f} s {event}\n")
 
     # -- starting ---------------------------------------------------------------------------
 
-    def start(self, bridge: bool = True) -> None:
-        """Declare queues and topic, start the Kafka reader, the bridge and the publisher."""
+    def start(self, bridges: int = 1) -> None:
+        """`prepare(bridges)`, then `stream()`."""
+        self.prepare(bridges)
+        self.stream()
+
+    def prepare(self, bridges: int = 1) -> None:
+        """Declare queues and topic, start the Kafka reader and `bridges` bridge instances (each
+        consuming before the next starts)."""
         self.started_at = time.monotonic()
         if self.declare:
             self._declare_queues()
-        ensure_topic(self.settings.kafka_bootstrap, self.topic, self.partitions)
+        ensure_topic(self.settings.kafka_bootstrap, self.topic, self.partitions, self.replication)
         self.tally = KafkaTally(self.settings, self.topic).start()
-        if bridge:
+        for _ in range(bridges):
             self.start_bridge()
+
+    def stream(self) -> None:
+        """Start the publisher, and the harness's thread that turns each device Inactive once it
+        published its share."""
         self._start_publisher()
         self._streamer = threading.Thread(target=self._stream, name="audit-stream", daemon=True)
         self._streamer.start()
@@ -238,10 +240,7 @@ class PipelineRun:
     def _declare_queues(self) -> None:
         """Each device's certificate, broker user and queue (the publisher then prepares none)."""
         topology.enrol_devices(self.settings, self.devices)
-        with pika.BlockingConnection(topology.admin_parameters(self.settings)) as connection:
-            channel = connection.channel()
-            for device in self.devices:
-                topology.declare_device(channel, device)
+        topology.declare_devices(self.settings, self.devices)
 
     def start_bridge(self, wait: bool = True) -> ChildProcess:
         """Start a `python -m bridge` for this run's queues and topic; wait until it consumes."""
@@ -258,29 +257,31 @@ class PipelineRun:
         self.note(f"bridge {len(self.bridges)} started (pid {bridge.process.pid})")
         return bridge
 
-    def bridge_metric(self, name: str) -> float | None:
-        """One sample of the current bridge's /metrics, None when it does not answer."""
+    def bridge_metric(self, name: str, bridge: ChildProcess | None = None) -> float | None:
+        """One sample of `bridge`'s /metrics (default: the current bridge's), None when it does
+        not answer."""
         try:
-            text = self._http.get(self.bridge.metrics_url, timeout=2).text
+            text = self._http.get((bridge or self.bridge).metrics_url, timeout=2).text
         except requests.RequestException:
             return None
         return parse_samples(text).get(name)
 
     def wait_bridge_consuming(self, timeout: float = 60.0) -> None:
         """Until the current bridge consumes every queue of the run (its webos_bridge_queues)."""
-        deadline = time.monotonic() + timeout
-        while (self.bridge_metric("webos_bridge_queues") or 0) < len(self.queues):
-            self.bridge.check_running()
-            if time.monotonic() > deadline:
-                raise AuditError(f"the bridge did not consume {len(self.queues)} queues within "
-                                 f"{timeout:.0f} s; its output ends:\n{self.bridge.output()}")
-            time.sleep(0.1)
+        wait_until(lambda: (self.bridge_metric("webos_bridge_queues") or 0) >= len(self.queues),
+                   timeout, 0.1, f"the bridge to consume {len(self.queues)} queues",
+                   watch=[self.bridge])
 
-    def kill_bridge(self) -> int:
-        """kill -9 the current bridge; returns its exit code (-9)."""
-        code = self.bridge.kill()
+    def kill_bridge(self, bridge: ChildProcess | None = None) -> int:
+        """kill -9 `bridge` (default: the current one; the one started before it becomes the
+        current one); returns its exit code (-9)."""
+        bridge = bridge or self.bridge
+        code = bridge.kill()
         self.bridge_exit_codes.append(code)
-        self.note(f"bridge {len(self.bridges)} killed (exit {code})")
+        self.note(f"bridge {self.bridges.index(bridge) + 1} killed (exit {code})")
+        if bridge is self.bridge:
+            alive = [other for other in self.bridges if other.running]
+            self.bridge = alive[-1] if alive else bridge
         return code
 
     def _start_publisher(self) -> None:
@@ -292,18 +293,8 @@ class PipelineRun:
                           "--no-prepare", "--log-level", "WARNING"],
             self.settings, self.work_dir / "publisher.log")
         self.publisher_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            self.publisher.check_running()
-            try:
-                if self._http.get(self.publisher_url + "/devices", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AuditError(f"the publisher did not answer within 60 s:\n"
-                                 f"{self.publisher.output()}")
-            time.sleep(0.1)
+        wait_until(lambda: answers(self.publisher_url + "/devices"), 60, 0.1,
+                   "the publisher to answer", watch=[self.publisher])
 
     # -- streaming (the harness's thread) -----------------------------------------------------
 
@@ -347,16 +338,17 @@ class PipelineRun:
 
     def wait_published(self, count: int, timeout: float = 120.0) -> int:
         """Block the caller until the devices published `count` messages in all (or more)."""
-        deadline = time.monotonic() + timeout
-        while self.published < count:
+        def reached() -> bool:
             self._check_stream()
-            if self._stream_done.is_set():
-                break
-            if time.monotonic() > deadline:
-                raise AuditError(f"only {self.published} of {count} messages published after "
-                                 f"{timeout:.0f} s")
-            time.sleep(0.05)
+            return self.published >= count or self._stream_done.is_set()
+        wait_until(reached, timeout, 0.05, f"{count} messages published")
+        self.note(f"{self.published} published")
         return self.published
+
+    @property
+    def streaming(self) -> bool:
+        """True until every device published its share (a fault injected now is mid-stream)."""
+        return not self._stream_done.is_set()
 
     def wait_stream_done(self, timeout: float = 300.0) -> None:
         """Until every device published its share and was turned Inactive."""
@@ -369,17 +361,9 @@ class PipelineRun:
 
     def wait_acked(self, timeout: float = 120.0) -> None:
         """Until RabbitMQ acknowledged every message the publisher handed to MQTT."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = self.read_devices()
-            pending = {d: row["messages"] - row["acked"] for d, row in rows.items()
-                       if row["acked"] < row["messages"]}
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise AuditError(f"{sum(pending.values())} messages of {len(pending)} devices "
-                                 f"never acknowledged by RabbitMQ after {timeout:.0f} s")
-            time.sleep(0.2)
+        wait_until(lambda: all(row["acked"] >= row["messages"]
+                               for row in self.read_devices().values()),
+                   timeout, 0.2, "RabbitMQ to acknowledge every message the publisher sent")
 
     def finish(self, timeout: float = 180.0, stream_timeout: float = 300.0) -> AuditReport:
         """End the stream, stop the publisher, wait for Kafka to hold everything, audit it."""
@@ -387,7 +371,7 @@ class PipelineRun:
         stream_seconds = time.monotonic() - self.started_at
         self.wait_acked(timeout)
         final = {d: dict(row) for d, row in self.read_devices().items()}
-        publisher_code = self.publisher.stop()
+        publisher_code = self.publisher.stop(60)
         self.note(f"publisher stopped (exit {publisher_code}); waiting for Kafka")
         published = {d: row["seq"] for d, row in final.items()}
         deadline = time.monotonic() + timeout
@@ -398,7 +382,7 @@ class PipelineRun:
         complete_seconds = time.monotonic() - self.started_at
         self.note(f"Kafka holds {self.tally.count} records")
         if self.bridge is not None and self.bridge.running:
-            self.bridge_exit_codes.append(self.bridge.stop())
+            self.bridge_exit_codes.append(self.bridge.stop(60))
         self.tally.stop()
         arrivals = self.tally.snapshot()
         report = audit_records(final, arrivals, self.topic, self.tally.foreign)
@@ -432,22 +416,16 @@ class PipelineRun:
                     channel = connection.channel()
                     for device in self.devices:
                         topology.delete_device(channel, device)
-                for device in self.devices:
-                    topology.remove_enrolment(self.settings, device)
+                topology.remove_enrolments(self.settings, self.devices)
             except (pika.exceptions.AMQPError, requests.RequestException, OSError) as error:
                 LOGGER.warning("could not delete the run's queues and users: %r", error)
         self._http.close()
 
 
-def audit(settings: Settings, work_dir: Path, *, faults: dict | None = None,
-          timeout: float = 180.0, **options) -> AuditReport:
-    """One audited run; `faults` maps a published count to a callable(run) called at that point."""
+def audit(settings: Settings, work_dir: Path, *, timeout: float = 180.0,
+          **options) -> AuditReport:
+    """One audited run without faults (the fault tests drive a PipelineRun themselves)."""
     with PipelineRun(settings, work_dir, **options) as pipeline:
         pipeline.start()
-        for count, fault in sorted((faults or {}).items()):
-            pipeline.wait_published(count)
-            pipeline.note(f"fault at {pipeline.published} published: "
-                          f"{getattr(fault, '__name__', fault)}")
-            fault(pipeline)
         return pipeline.finish(timeout)
 

@@ -100,9 +100,9 @@ def broker_memory(settings: Settings, broker: psutil.Process | None) -> dict:
         except psutil.Error:
             pass
     try:
-        http = topology.management_api(settings)
-        node = http.get(f"{settings.management_url}/api/overview", timeout=30).json()["node"]
-        response = http.get(f"{settings.management_url}/api/nodes/{node}/memory", timeout=30)
+        with topology.management_api(settings) as http:
+            node = http.get(f"{settings.management_url}/api/overview", timeout=30).json()["node"]
+            response = http.get(f"{settings.management_url}/api/nodes/{node}/memory", timeout=30)
         response.raise_for_status()
         breakdown = response.json()["memory"]
     except (requests.RequestException, ValueError, KeyError, TypeError) as error:
@@ -185,7 +185,7 @@ def _declare_queues(settings: Settings, devices: list[str], delete: bool = False
             if delete:
                 topology.delete_device(channel, device)
             else:
-                topology.declare_device(channel, device)
+                topology.declare_device(channel, device, settings.cluster)
             if time.monotonic() >= next_progress:
                 next_progress += PROGRESS_PERIOD
                 LOGGER.info("%d devices: %s %d queues after %.0f s", len(devices),

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import threading
 
@@ -34,6 +36,9 @@ exit codes: 0 after SIGTERM/SIGINT (consumers cancelled, Kafka flushed, confirme
 acked); 2 on a configuration error (wrong password, missing queue or topic, bad flag), with a
 message that says what to fix; 1 on an unexpected failure.
 endpoints: GET /metrics (Prometheus text), GET /healthz (200 while connected to RabbitMQ).
+parked messages: `python -m bridge dead list [--format json]` prints what sits in webos.dead
+without taking it out; `dead redrive --reason R | --device D | --all` puts messages back on their
+route once the cause is fixed; `dead purge ...` removes them (see `python -m bridge dead --help`).
 """
 
 
@@ -87,8 +92,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         "--queues", type=_queue_list, default=settings.bridge_queues,
         metavar="Q1,Q2", help="consume exactly these queues (comma-separated); the bridge stops "
         "with exit code 2 if one is missing at start [WEBOS_BRIDGE_QUEUES; default: every "
-        "device queue webos.<device> listed by the management API, re-listed every "
-        "--discovery-interval seconds so new devices are picked up]")
+        "device queue webos.<device>: new ones are picked up as RabbitMQ announces them on its "
+        "event exchange, and a full listing through the management API every "
+        "--discovery-interval seconds catches anything missed]")
     which.add_argument(
         "--queue-pattern", type=_regex, default=settings.bridge_queue_pattern or None, metavar="REGEX",
         help="consume the device queues whose name matches this regular expression (re.search), "
@@ -129,9 +135,20 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         "--metrics-host", default=settings.bind_host,
         help="address /metrics and /healthz listen on [WEBOS_BIND_HOST; default: %(default)s]")
     parser.add_argument(
+        "--instance", default=settings.bridge_instance, metavar="NAME",
+        help="this bridge's name among several: every instance consumes every device queue and "
+        "is the active consumer of an even share of them, standing by for the others; its "
+        "consumer tags carry it [WEBOS_BRIDGE_INSTANCE; default: <host name>:<metrics port>]")
+    parser.add_argument(
         "--discovery-interval", type=_non_negative_float, default=DEFAULTS.discovery_interval,
-        metavar="SECONDS", help="how often the queue list is fetched from the management API "
-        "(default: %(default)s)")
+        metavar="SECONDS", help="how often the full queue list is fetched from the management "
+        "API while queue events arrive (every 2 s while they do not: the rabbitmq_event_exchange "
+        "plugin off) (default: %(default)s)")
+    parser.add_argument(
+        "--no-presence", dest="presence", action="store_false",
+        help=f"do not forward devices' MQTT connects and disconnects (queue webos.presence, fed "
+        f"by RabbitMQ's event exchange) to the Kafka topic {settings.presence_topic} "
+        "[WEBOS_PRESENCE_TOPIC names it]; one bridge instance at a time forwards them")
     parser.add_argument(
         "--flush-timeout", type=_non_negative_float, default=DEFAULTS.flush_timeout,
         metavar="SECONDS", help="on SIGTERM/SIGINT, how long to wait for Kafka to confirm what is "
@@ -147,7 +164,13 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code."""
+    """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code.
+    `python -m bridge dead ...` inspects webos.dead instead (bridge/dead_letters.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dead"]:
+        from bridge import dead_letters
+
+        return dead_letters.main(argv[1:])
     settings = load_settings()
     args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -161,7 +184,9 @@ def main(argv=None) -> int:
         queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
         prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,
         max_message_bytes=args.max_message_bytes, discovery_interval=args.discovery_interval,
-        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config))
+        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config),
+        presence=args.presence, max_backoff=settings.reconnect_max_seconds,
+        instance=args.instance or f"{socket.gethostname()}:{args.metrics_port or os.getpid()}")
     if not settings.bridge_password:
         LOGGER.error("configuration error: no password for %s: set WEBOS_BRIDGE_PASSWORD "
                      "(environment or .env; `python -m stack up` generates one)",

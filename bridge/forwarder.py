@@ -11,6 +11,7 @@ delivery report bound to an older session is ignored: its tag died with that cha
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -24,9 +25,10 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from pika import exceptions as amqp_errors
 
-from bridge.discovery import QueueDiscovery
+from bridge.discovery import QueueDiscovery, bridge_consumer_tag
 from bridge.metrics import BridgeStats
 from bridge.delivery import AckTracker, Route, RouteCache, inspect_body, message_headers
+from bridge.presence import EVENT_TYPES, presence_record
 from rabbitmq import topology
 from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
                                DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED)
@@ -44,6 +46,12 @@ QUIET_WAIT = 0.008  # s: longest such wait while records are in flight but nothi
 SATURATED_WAIT = 0.005  # s: longest wait for Kafka when the prefetch window is full
 ACK_INTERVAL = 0.02  # s: longest a confirmed delivery waits for its (batched) ack
 IDLE_WAIT = 0.05  # s: longest wait when nothing is in flight (also bounds stop/discovery latency)
+# Fewest deliveries in flight per queue however many queues share --prefetch (the window is per
+# consumer: RabbitMQ 4 quorum queues have no channel-wide one).
+MIN_QUEUE_PREFETCH = 20
+# Consumer priorities of single active consumer: the range each instance's priorities are drawn from.
+PRIORITIES = 1000
+PRESENCE_PREFETCH = 100  # connection events in flight on webos.presence's channel
 # Room for the record's headers and batch framing inside a topic's max.message.bytes.
 RECORD_OVERHEAD = 1024
 AUTH_ERRORS = (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError,
@@ -66,9 +74,14 @@ class BridgeOptions:
     linger_ms: float = Settings.bridge_linger_ms
     batch_size: int = Settings.bridge_batch_size
     max_message_bytes: int = Settings.bridge_max_message_bytes
-    discovery_interval: float = 2.0
+    # s between full queue listings while queue events arrive (more often while they do not).
+    discovery_interval: float = 30.0
+    # This bridge among several: its consumer tags start with it, and it picks its priorities.
+    instance: str = ""
+    # Forward webos.presence (devices' connects and disconnects) to Settings.presence_topic.
+    presence: bool = True
     flush_timeout: float = 10.0
-    max_backoff: float = 30.0
+    max_backoff: float = Settings.reconnect_max_seconds
     kafka_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def producer_config(self, settings: Settings, max_message_bytes: int | None = None) -> dict:
@@ -84,6 +97,20 @@ class BridgeOptions:
         return config
 
 
+def share_priority(instance: str, queue: str) -> int:
+    """This instance's consumer priority on `queue` (0..PRIORITIES-1), the same every time.
+
+    Every bridge instance consumes every device queue; single active consumer delivers to the
+    consumer of highest priority (RabbitMQ 4 quorum queues), so each queue goes to the instance
+    whose hash of (instance, queue) is highest: rendezvous hashing. Each instance is thus active
+    on an even share with no coordination; an instance that joins takes over a share (RabbitMQ
+    switches once the old consumer's in-flight messages are settled, so order is kept), and the
+    queues of one that dies go to the instances with the next priority.
+    """
+    digest = hashlib.blake2b(f"{instance}\0{queue}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % PRIORITIES
+
+
 class _ParkingRefused(Exception):
     """webos.dead did not take a parked copy (unroutable or nacked); reconnect and try again."""
 
@@ -94,7 +121,8 @@ class _Session:
     park, to send alone)."""
 
     __slots__ = ("channel", "dead_channel", "probe_channel", "consumers", "was_consuming",
-                 "tracker", "deliveries", "confirmed", "to_nack", "to_park", "to_isolate")
+                 "tracker", "deliveries", "presence", "confirmed", "to_nack", "to_park",
+                 "to_isolate", "queue_prefetch", "events_channel", "presence_channel")
 
     def __init__(self, channel, dead_channel, probe_channel, tracker: AckTracker):
         self.channel = channel
@@ -104,14 +132,22 @@ class _Session:
         self.was_consuming = False               # a basic_consume went through
         self.tracker = tracker
         self.deliveries: list[tuple] = []        # (queue, method, properties, body) of this turn
+        self.presence: list[tuple] = []          # (method, properties) from presence_channel
         self.confirmed: list[tuple[int, float | None]] = []  # (tag, latency) Kafka confirmed
         self.to_nack: list[int] = []
         self.to_park: list[tuple[int, Route, bytes, list, str]] = []
         self.to_isolate: list[tuple[int, Route, bytes, list, str]] = []
+        self.queue_prefetch = 0                  # the basic.qos set for the next consumers
+        self.events_channel = None               # where queue events arrive (None: not watched)
+        self.presence_channel = None             # where webos.presence is consumed, if it is
 
     def on_message(self, queue: str, channel, method, properties, body: bytes) -> None:
         """One delivery: noted for `_forward`, which the loop calls after this turn's events."""
         self.deliveries.append((queue, method, properties, body))
+
+    def on_presence(self, channel, method, properties, body: bytes) -> None:
+        """One connection event: noted for `_forward_presence`."""
+        self.presence.append((method, properties))
 
 
 class Forwarder:
@@ -131,7 +167,10 @@ class Forwarder:
         self.connection: pika.BlockingConnection | None = None
         self.session: _Session | None = None     # None while not connected
         self.missing_warned: set[str] = set()
+        self._sync_soon = False  # a queue event changed the queues: sync in this loop turn
         self._fatal: str | None = None
+        # Where devices' connects and disconnects go; empty: not forwarded (off, or no topic).
+        self.presence_topic = settings.presence_topic if options.presence else ""
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -146,9 +185,9 @@ class Forwarder:
         config = self.options.producer_config(self.settings, self.max_message_bytes)
         self.producer = Producer({**config, "error_cb": self.on_kafka_error,
                                   "logger": logging.getLogger("bridge.kafka")})
-        if not self.options.queues:
-            self.discovery = QueueDiscovery(self.settings, self.pattern,
-                                            self.options.discovery_interval).start()
+        self.discovery = QueueDiscovery(
+            self.settings, self.pattern, self.options.discovery_interval,
+            self.options.instance, list_queues=not self.options.queues, stats=self.stats).start()
         backoff = 1.0
         first = True
         try:
@@ -205,6 +244,10 @@ class Forwarder:
             LOGGER.warning("Kafka at %s does not answer yet (%s); messages wait in RabbitMQ",
                            self.settings.kafka_bootstrap, error)
             return None
+        if self.presence_topic and self.presence_topic not in metadata.topics:
+            LOGGER.warning("Kafka topic %s does not exist: device presence is not forwarded "
+                           "(create it: python -m stack up does)", self.presence_topic)
+            self.presence_topic = ""
         if "{" in template:
             return None
         if template not in metadata.topics:
@@ -234,13 +277,16 @@ class Forwarder:
         probe_channel = self.connection.channel()
         self._check_dead_queue(probe_channel)
         channel = self.connection.channel()
-        # global_qos: one window for the whole channel, however many device queues it consumes.
-        channel.basic_qos(prefetch_count=self.options.prefetch, global_qos=True)
         channel.add_on_cancel_callback(self.on_consumer_cancelled)
         # Confirmed tags are acked together: one basic.ack (multiple) per ACK_INTERVAL or per
         # quarter window, not one per loop turn.
         tracker = AckTracker(max(1, self.options.prefetch // 4), ACK_INTERVAL)
         self.session = _Session(channel, dead_channel, probe_channel, tracker)
+        self._consume_presence()
+        if not self.options.queues:
+            self._watch_queue_events()
+            if not first:
+                self.discovery.request_listing()  # what was created while disconnected
         if self.options.queues:
             self._sync_queues(self.options.queues, strict=first)
         elif self.discovery.queues is None:
@@ -250,10 +296,44 @@ class Forwarder:
                     and not self.stop.is_set():
                 self.connection.process_data_events(time_limit=0.1)
         self.stats.connected = True
-        LOGGER.info("connected to RabbitMQ %s:%s as %s; prefetch %d, Kafka %s, topic %s",
-                    self.settings.rabbitmq_host, self.settings.amqp_port,
-                    self.settings.bridge_user, self.options.prefetch,
+        node = self.connection._impl.params  # the node pika reached, of those it was given
+        LOGGER.info("connected to RabbitMQ %s:%s as %s (instance %s); prefetch %d, Kafka %s, "
+                    "topic %s", node.host, node.port, self.settings.bridge_user,
+                    self.options.instance, self.options.prefetch,
                     self.settings.kafka_bootstrap, self.options.topic_template)
+
+    def _watch_queue_events(self) -> None:
+        """Receive queue.created and queue.deleted from RabbitMQ's event exchange, into an
+        exclusive queue of this connection; without them (plugin off, no permission) the
+        discovery lists queues more often instead."""
+        channel = self.connection.channel()
+        try:
+            events = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            for key in topology.QUEUE_EVENTS:
+                channel.queue_bind(events, topology.EVENT_EXCHANGE, routing_key=key)
+            channel.basic_consume(events, self.on_queue_event, auto_ack=True)
+        except amqp_errors.ChannelClosedByBroker as error:
+            LOGGER.warning("no queue events from %s (%s): finding new queues by listing them "
+                           "every %.0f s", topology.EVENT_EXCHANGE, error.reply_text,
+                           self.discovery.fallback_interval)
+            self.discovery.events_working = False
+            return
+        self.session.events_channel = channel
+        self.discovery.events_working = True
+
+    def on_queue_event(self, channel, method, properties, body) -> None:
+        """One queue event: a device queue made or deleted; consume a new one at once."""
+        headers = properties.headers or {}
+        name = headers.get("name")
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        vhost = headers.get("vhost")
+        if isinstance(vhost, bytes):
+            vhost = vhost.decode(errors="replace")
+        if not name or vhost != self.settings.vhost:
+            return
+        if self.discovery.on_event(name, method.routing_key == "queue.created"):
+            self._sync_soon = True
 
     def _check_dead_queue(self, probe_channel) -> None:
         try:
@@ -265,6 +345,8 @@ class Forwarder:
 
     def _close_connection(self) -> None:
         self.stats.connected = False
+        if self.discovery is not None:
+            self.discovery.events_working = False
         self.stats.queues = 0
         connection, self.connection = self.connection, None
         self.session = None  # its delivery tags die with its channels
@@ -289,11 +371,24 @@ class Forwarder:
     def _sync_queues(self, wanted, strict: bool = False) -> None:
         """Consume every queue in `wanted` not yet consumed (queues only come, cancels remove)."""
         session = self.session
-        for queue in sorted(set(wanted) - session.consumers.keys()):
+        wanted = set(wanted)
+        new = sorted(wanted - session.consumers.keys())
+        if not new:
+            return
+        # The window is per consumer: --prefetch shared out over the queues, so that what is in
+        # flight stays about --prefetch however many queues there are (MIN_QUEUE_PREFETCH each at
+        # least). It applies to consumers made from now on.
+        queue_prefetch = max(MIN_QUEUE_PREFETCH, self.options.prefetch // len(wanted))
+        if queue_prefetch != session.queue_prefetch:
+            session.channel.basic_qos(prefetch_count=queue_prefetch)
+            session.queue_prefetch = queue_prefetch
+        for queue in new:
             if not self._queue_exists(queue, strict):
                 continue
             session.consumers[queue] = session.channel.basic_consume(
-                queue, partial(session.on_message, queue), auto_ack=False)
+                queue, partial(session.on_message, queue), auto_ack=False,
+                consumer_tag=bridge_consumer_tag(self.options.instance, queue),
+                arguments={"x-priority": share_priority(self.options.instance, queue)})
             session.was_consuming = True
             self.missing_warned.discard(queue)
             LOGGER.info("consuming %s", queue)
@@ -347,6 +442,8 @@ class Forwarder:
                 connection.process_data_events(time_limit=0)
                 if session.deliveries:
                     self._forward()
+                if session.presence:
+                    self._forward_presence()
                 served = producer.poll(SATURATED_WAIT)
             else:
                 # A delivery ends the AMQP wait at once; the wait only bounds how late delivery
@@ -361,12 +458,15 @@ class Forwarder:
                     connection.process_data_events(time_limit=0)
                 if session.deliveries:
                     self._forward()
+                if session.presence:
+                    self._forward_presence()
                 served = producer.poll(0)
             wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
             self._settle()
             now = time.monotonic()
-            if now >= next_sync:
+            if now >= next_sync or self._sync_soon:
                 next_sync = now + 1.0
+                self._sync_soon = False
                 wanted = self.options.queues or self.discovery.queues or ()
                 self._sync_queues(wanted)
         self._drain()
@@ -398,6 +498,59 @@ class Forwarder:
                         on_delivery=partial(on_delivery, session, tag, route))
             except (BufferError, KafkaException):
                 self._produce(tag, route, body, headers, properties.headers, method.exchange)
+
+    def _consume_presence(self) -> None:
+        """Consume webos.presence on a channel of its own (its few deliveries are acked one by
+        one, apart from the device messages' batches); skipped when the queue is missing."""
+        if not self.presence_topic:
+            return
+        channel = self.connection.channel()
+        try:
+            channel.basic_qos(prefetch_count=PRESENCE_PREFETCH)
+            channel.basic_consume(topology.PRESENCE_QUEUE, self.session.on_presence,
+                                  consumer_tag=f"webos-bridge-presence {self.options.instance}")
+        except amqp_errors.ChannelClosedByBroker as error:
+            LOGGER.warning("not forwarding device presence: %s (apply the topology: python -m "
+                           "rabbitmq.topology)", error.reply_text)
+            self.presence_topic = ""
+            return
+        self.session.presence_channel = channel
+        LOGGER.info("consuming %s: device presence to Kafka topic %s (one bridge instance at "
+                    "a time)", topology.PRESENCE_QUEUE, self.presence_topic)
+
+    def _forward_presence(self) -> None:
+        """Produce this turn's connection events of devices to the presence topic, keyed by
+        device; each is acked once Kafka has it (the events of other connections at once)."""
+        session = self.session
+        events, session.presence = session.presence, []
+        for method, properties in events:
+            tag = method.delivery_tag
+            record = presence_record(method.routing_key, properties.headers)
+            if record is None:
+                session.presence_channel.basic_ack(tag)
+                continue
+            device, value = record
+            headers = [("type", EVENT_TYPES[method.routing_key].encode())]
+            while True:
+                try:
+                    self.producer.produce(self.presence_topic, value, device.encode(),
+                                          headers=headers,
+                                          on_delivery=partial(self.on_presence_delivery, session,
+                                                              tag))
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+
+    def on_presence_delivery(self, session: _Session, tag: int, error, record) -> None:
+        """Kafka's report on a presence record: ack its event, or requeue it."""
+        if session is not self.session or not session.presence_channel.is_open:
+            return  # its channel is gone: RabbitMQ delivers it again
+        if error is None:
+            self.stats.presence += 1
+            session.presence_channel.basic_ack(tag)
+        else:
+            LOGGER.warning("Kafka did not take a presence record (%s); requeueing it", error.str())
+            session.presence_channel.basic_nack(tag, requeue=True)
 
     def _produce(self, tag: int, route: Route, body: bytes, headers: list, amqp_headers=None,
                  exchange: str = "", alone: bool = False) -> None:
@@ -489,7 +642,8 @@ class Forwarder:
             # confirm_delivery is on: this returns once RabbitMQ has the copy.
             self.session.dead_channel.basic_publish(
                 "", topology.DEAD_QUEUE, body, mandatory=True,
-                properties=pika.BasicProperties(delivery_mode=2, headers=headers))
+                properties=pika.BasicProperties(delivery_mode=2, headers=headers,
+                                                timestamp=int(time.time())))
         except (amqp_errors.UnroutableError, amqp_errors.NackError) as error:
             raise _ParkingRefused(
                 f"{topology.DEAD_QUEUE} did not take a parked message: {error!r}") from None

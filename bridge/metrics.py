@@ -65,8 +65,10 @@ class BridgeStats:
         self.dead_lettered: Counter[str] = Counter()
         self.in_flight = 0
         self.queues = 0
+        self.active_queues = 0  # queues whose single active consumer is this instance
         self.connected = False
         self.reconnects = 0
+        self.presence = 0  # devices' connects and disconnects handed to Kafka
         self.latency = LatencyHistogram()
 
     def summary(self) -> str:
@@ -92,7 +94,9 @@ class StatsCollector:
                 ("requeued", stats.requeued, "Deliveries nacked with requeue after a Kafka error"),
                 ("forgotten", stats.forgotten,
                  "Kafka confirmations for a channel that had closed (redelivered: duplicates)"),
-                ("reconnects", stats.reconnects, "RabbitMQ connections opened after the first")):
+                ("reconnects", stats.reconnects, "RabbitMQ connections opened after the first"),
+                ("presence", stats.presence,
+                 "Devices' connects and disconnects produced to the presence topic")):
             yield CounterMetricFamily(f"webos_bridge_{name}", text, value=value)
         dead = CounterMetricFamily("webos_bridge_dead_lettered",
                                    "Messages parked in webos.dead, by reason", labels=["reason"])
@@ -103,6 +107,10 @@ class StatsCollector:
                                 "Deliveries received and not yet acked or nacked", value=stats.in_flight)
         yield GaugeMetricFamily("webos_bridge_queues", "Device queues being consumed",
                                 value=stats.queues)
+        yield GaugeMetricFamily(
+            "webos_bridge_active_queues",
+            "Device queues whose single active consumer is this bridge instance (the others "
+            "stand by), from the management API's queue listing", value=stats.active_queues)
         yield GaugeMetricFamily("webos_bridge_connected", "1 while connected to RabbitMQ",
                                 value=int(stats.connected))
         histogram = HistogramMetricFamily(

@@ -16,6 +16,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DOTENV_PATH = REPO_ROOT / ".env"
 PASSWORD_VARIABLES = ("WEBOS_ADMIN_PASSWORD", "WEBOS_BRIDGE_PASSWORD")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Node k (1-based) of a RabbitMQ cluster listens on each RabbitMQ port + RABBITMQ_PORT_STEP * (k-1).
+RABBITMQ_PORT_STEP = 10
+RABBITMQ_PORTS = ("amqp_port", "mqtt_port", "management_port", "rabbitmq_metrics_port",
+                  "amqp_plain_port", "mqtt_plain_port", "management_plain_port")
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,15 @@ class Settings:
     """Where the brokers are, who logs in, and what the pipeline is called."""
 
     rabbitmq_host: str = "127.0.0.1"
+    # 1, or 3 (any N > 1) for a cluster, where the device queues are quorum queues replicated
+    # over the nodes. The nodes are on rabbitmq_host, node k on the ports below + 10 * (k - 1).
+    rabbitmq_nodes: int = 1
     # Every client uses TLS: AMQPS, MQTT over TLS (devices by certificate), management HTTPS.
     amqp_port: int = 5671
     mqtt_port: int = 8883
     management_port: int = 15671
+    # rabbitmq_prometheus's /metrics, plain HTTP on 127.0.0.1 (Prometheus scrapes it).
+    rabbitmq_metrics_port: int = 15692
     # Plain AMQP, MQTT (devices by password) and HTTP, on 127.0.0.1 only: off unless this is set.
     plain_listeners: bool = False
     amqp_plain_port: int = 5672
@@ -42,6 +51,10 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_topic: str = "webos.events"
     kafka_partitions: int = 6
+    presence_topic: str = "webos.presence"       # devices' connects and disconnects (the bridge)
+    # A local Prometheus with monitoring/'s scrape config and alert rules, under `make run`.
+    prometheus: bool = False
+    prometheus_port: int = 9090
     # Kafka's security, handed to librdkafka as they are by every Kafka client here (the bridge,
     # the consumer CLI and live view); empty: PLAINTEXT, as the local Kafka listens.
     kafka_security_protocol: str = ""   # security.protocol: SSL, SASL_SSL, SASL_PLAINTEXT
@@ -64,10 +77,16 @@ class Settings:
     log_level: str = "INFO"
     # Bearer token the publisher's write API asks for; empty: no token (loopback use only).
     publisher_api_token: str = field(default="", metadata={"env": "PUBLISHER_API_TOKEN"})
+    # The longest wait between reconnect attempts, of a device and of the bridge: the wait
+    # doubles from 1 s up to this (devices add +-20 % jitter). Tests that restart brokers
+    # shorten it, so a reconnect does not wait out a doubling that began while the broker was
+    # still starting.
+    reconnect_max_seconds: float = 30.0
     # The bridge's knobs (python -m bridge --help says what each does; flags override them).
     bridge_queues: tuple[str, ...] = ()         # explicit queues; empty: every device queue found
     bridge_queue_pattern: str = ""               # regex on queue names; empty: all device queues
     bridge_topic_template: str = ""              # empty: kafka_topic
+    bridge_instance: str = ""                    # empty: <host name>:<metrics port>
     # 4,000: draining a backlog it beat 2,000 in ten paired runs of ten, by 5-35 %, and 8,000 was
     # no better (bench/results/bridge-trials-2026-11-22.md); it costs that many redeliveries
     # after a crash, and a few MB.
@@ -79,6 +98,42 @@ class Settings:
     bridge_linger_ms: float = 3.0
     bridge_batch_size: int = 1_000_000           # librdkafka batch.size, bytes per partition batch
     bridge_max_message_bytes: int = 1_000_000    # librdkafka message.max.bytes; bigger: webos.dead
+
+    def __post_init__(self):
+        if self.rabbitmq_nodes < 1:
+            raise ConfigError(f"WEBOS_RABBITMQ_NODES={self.rabbitmq_nodes}: use 1, or 3 for a cluster")
+
+    @property
+    def cluster(self) -> bool:
+        """True when RabbitMQ is a cluster of several nodes (quorum device queues)."""
+        return self.rabbitmq_nodes > 1
+
+    def check_local_ports(self) -> None:
+        """For RabbitMQ nodes run here: each listener of each node on a port of its own (node k
+        on each port + RABBITMQ_PORT_STEP * (k - 1)), or a ConfigError naming the two."""
+        used: dict[int, str] = {}
+        for k in range(self.rabbitmq_nodes):
+            for name in RABBITMQ_PORTS:
+                if "plain" in name and not self.plain_listeners:
+                    continue
+                port = getattr(self, name) + RABBITMQ_PORT_STEP * k
+                here = f"node {k + 1}'s WEBOS_{name.upper()}" if self.cluster else f"WEBOS_{name.upper()}"
+                if port in used:
+                    raise ConfigError(f"{here} and {used[port]} would both be port {port}: "
+                                      f"move one (node k listens on each port + "
+                                      f"{RABBITMQ_PORT_STEP} * (k - 1))")
+                used[port] = here
+
+    def rabbitmq_addresses(self) -> list[Settings]:
+        """Each RabbitMQ node as settings of its own (its ports, its Erlang node name), the first
+        node first: every client takes this list and moves to the next node when its node dies."""
+        if not self.cluster:
+            return [self]
+        return [dataclasses.replace(
+                    self, rabbitmq_nodes=1,
+                    rabbitmq_node=self.rabbitmq_node if k == 0 else f"{self.rabbitmq_node}-{k + 1}",
+                    **{port: getattr(self, port) + RABBITMQ_PORT_STEP * k for port in RABBITMQ_PORTS})
+                for k in range(self.rabbitmq_nodes)]
 
     @property
     def devices_path(self) -> Path:

@@ -91,7 +91,7 @@ class PKI:
         if not path.exists():
             with self._locked():
                 if not path.exists():
-                    _write(path, secrets.token_urlsafe(18).encode(), 0o600)
+                    write_private(path, secrets.token_urlsafe(18).encode(), 0o600)
         return path.read_text().strip()
 
     def remove_device(self, device: str) -> None:
@@ -133,7 +133,7 @@ class PKI:
             .sign(key, hashes.SHA256())
         )
         _write_key(self.ca_key, key)
-        _write(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return [self.ca_cert.name, self.ca_key.name]
 
     def _issue(self, identity: Identity, common_name: str, server: bool) -> None:
@@ -163,15 +163,15 @@ class PKI:
             .sign(ca_key, hashes.SHA256())
         )
         _write_key(identity.key, key)
-        _write(identity.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(identity.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _write_key(path: Path, key) -> None:
-    _write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()), 0o600)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write whole or not at all, with `mode` from the first byte (a key is never readable)."""
     partial = path.with_name(f".{path.name}.partial")
     partial.unlink(missing_ok=True)

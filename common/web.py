@@ -6,9 +6,27 @@ import signal
 import threading
 from typing import Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.serving import make_server
 
 LOGGER = logging.getLogger(__name__)
+
+
+class _Families:
+    """A prometheus_client collector of metric families built for one scrape."""
+
+    def __init__(self, families):
+        self.families = list(families)
+
+    def collect(self):
+        return self.families
+
+
+def prometheus_text(families) -> tuple[bytes, int, dict]:
+    """A Flask answer with `families` (prometheus_client metric families) as Prometheus text."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
 def serve(app, host: str, port: int, close: Callable[[], None], name: str, detail: str = "") -> int:

@@ -49,6 +49,7 @@ examples:
   python -m consumer --device 3DF92-192 --type warning --type error
   python -m consumer --group audit --dedupe           resume group "audit", drop repeats
   python -m consumer --lag --group audit              lag per partition, then exit
+  python -m consumer --presence --from-beginning      who connected and disconnected, when
 
 exit status: 0 after Ctrl-C/SIGTERM, --count or --timeout; 1 on a Kafka error; 2 on bad usage.
 """
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m consumer", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--topic", help="Kafka topic (default: WEBOS_KAFKA_TOPIC, webos.events)")
+    parser.add_argument("--presence", action="store_true",
+                        help="read the devices' presence instead: their MQTT connects and "
+                             "disconnects (topic WEBOS_PRESENCE_TOPIC, webos.presence), each "
+                             "with the node and client id, keyed by device")
     parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: WEBOS_KAFKA_BOOTSTRAP)")
     parser.add_argument("--group", help="consumer group; a run with the same group resumes where "
                         "the last one stopped (default: a fresh webos-cli-<random> group; "
@@ -253,7 +258,9 @@ def main(argv=None) -> int:
     settings = load_settings()
     if args.bootstrap:
         settings = load_settings(kafka_bootstrap=args.bootstrap)
-    args.topic = args.topic or settings.kafka_topic
+    if args.presence and args.topic:
+        parser.error("--presence reads the presence topic: leave out --topic")
+    args.topic = args.topic or (settings.presence_topic if args.presence else settings.kafka_topic)
     try:
         if args.lag:
             return run_lag(args, settings)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 
 from consumer.kafka_group import (LIVE_VIEW_GROUP, commit_and_close, consumer_config, group_lag,
                                   offset_tail)
@@ -70,6 +70,13 @@ class DeviceState:
         self.count = 0
         self.trail: deque = deque(maxlen=TRAIL_LENGTH)
         self.recent: deque = deque()  # Kafka timestamps (ms) inside the rate window
+        self.online: bool | None = None  # from the presence topic; None: never heard of
+        self.online_since: int | None = None  # ms: the connect or disconnect it was told of
+
+    def update_presence(self, payload: dict) -> None:
+        """A `connected` or `disconnected` record of this device."""
+        self.online = payload.get("type") == "connected"
+        self.online_since = payload.get("ts") or None
 
     def update(self, record: Record) -> None:
         payload = record.payload if isinstance(record.payload, dict) else {}
@@ -95,7 +102,8 @@ class DeviceState:
     def to_dict(self, now_ms: int) -> dict:
         return {"id": self.device, "status": self.status, "x": self.x, "y": self.y,
                 "seq": self.seq, "last_ts": self.last_ts, "count": self.count,
-                "rate": self.rate(now_ms), "trail": [list(point) for point in self.trail]}
+                "rate": self.rate(now_ms), "trail": [list(point) for point in self.trail],
+                "online": self.online, "online_since": self.online_since}
 
 
 def log_entry(record: Record, note: str | None) -> dict:
@@ -116,9 +124,11 @@ class LiveFeed:
     """The Kafka consumer thread of the live view, its state, and the connected clients."""
 
     def __init__(self, kafka: dict, topic: str, group: str = LIVE_VIEW_GROUP, replay: int = 200,
-                 log_size: int = 200, max_client_queue: int = 1000, stats_interval: float = 1.0):
+                 log_size: int = 200, max_client_queue: int = 1000, stats_interval: float = 1.0,
+                 presence_topic: str = ""):
         self.kafka = kafka
         self.topic = topic
+        self.presence_topic = presence_topic  # read from its beginning: who is online
         self.group = group
         self.replay = replay
         self.max_client_queue = max_client_queue
@@ -187,9 +197,10 @@ class LiveFeed:
     def on_assign(self, consumer, partitions) -> None:
         """Rewind each partition `replay` records so the page starts with every device's state."""
         for partition in partitions:
-            partition.offset = offset_tail(self.replay)
+            partition.offset = (OFFSET_BEGINNING if partition.topic == self.presence_topic
+                                else offset_tail(self.replay))
         consumer.assign(partitions)
-        self.assigned = sorted(p.partition for p in partitions)
+        self.assigned = sorted(p.partition for p in partitions if p.topic == self.topic)
         LOGGER.info("live view assigned %s[%s], replaying up to %d records each", self.topic,
                     ",".join(map(str, self.assigned)), self.replay)
 
@@ -206,13 +217,17 @@ class LiveFeed:
                                "logger": logging.getLogger("consumer.librdkafka")})
         next_stats = 0.0
         try:
-            consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
+            topics = [self.topic, *([self.presence_topic] if self.presence_topic else [])]
+            consumer.subscribe(topics, on_assign=self.on_assign, on_revoke=self.on_revoke)
             while not self.stopping.is_set():
                 message = consumer.poll(0.1)
                 if message is not None:
                     if message.error():
                         if message.error().code() != KafkaError._PARTITION_EOF:
                             LOGGER.warning("Kafka: %s", message.error())
+                    elif message.topic() == self.presence_topic:
+                        self.handle_presence(Record.from_message(message))
+                        consumer.store_offsets(message)
                     else:
                         self.handle(Record.from_message(message))
                         consumer.store_offsets(message)
@@ -246,6 +261,17 @@ class LiveFeed:
             now_ms = int(time.time() * 1000)
             self._publish("record", {"record": entry, "device": state.to_dict(now_ms),
                                      "totals": dict(self.totals)})
+
+    def handle_presence(self, record: Record) -> None:
+        """A device connected or disconnected: its state says so, every client is told."""
+        if not record.device or not isinstance(record.payload, dict):
+            return
+        with self.lock:
+            state = self.devices.get(record.device)
+            if state is None:
+                state = self.devices[record.device] = DeviceState(record.device)
+            state.update_presence(record.payload)
+            self._publish("presence", {"device": state.to_dict(int(time.time() * 1000))})
 
     def publish_stats(self, lag_reader: Consumer) -> None:
         """Once a second: rates per device and the group's lag per partition."""

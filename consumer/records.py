@@ -215,7 +215,9 @@ class Summary:
 COLOURS = {"green": "32", "grey": "90", "yellow": "33", "red": "31", "cyan": "36", "bold": "1",
            "magenta": "35"}
 STATUS_COLOURS = {"Active": "green", "Inactive": "grey"}
-TYPE_COLOURS = {"info": "cyan", "warning": "yellow", "error": "red"}
+TYPE_COLOURS = {"info": "cyan", "warning": "yellow", "error": "red",
+                "connected": "green", "disconnected": "red"}
+PRESENCE_TYPES = ("connected", "disconnected")  # the type header of a webos.presence record
 
 
 def _paint(text: str, colour: str | None, enabled: bool) -> str:
@@ -242,6 +244,11 @@ def format_pretty(record: Record, colour: bool = False, note: str | None = None)
              _paint(f"p{record.partition}@{record.offset}", "grey", colour)]
     if not record.is_json:
         parts.append(_paint("non-JSON", "magenta", colour) + " " + repr(record.raw_text))
+    elif message_type in PRESENCE_TYPES and isinstance(record.payload, dict):
+        payload = record.payload
+        parts.append(f"on {payload.get('node') or '?'} (client id {payload.get('client_id') or '?'})")
+        if payload.get("reason"):
+            parts.append(f"reason: {payload['reason']}")
     elif isinstance(record.payload, dict):
         payload = record.payload
         if record.seq is not None:

@@ -7,11 +7,12 @@ import logging
 import queue
 
 from flask import Flask, Response, jsonify, render_template, stream_with_context
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from consumer.kafka_group import LIVE_VIEW_GROUP
 from consumer.live_feed import LiveFeed
 from common.config import Settings, load_settings
-from common.web import serve
+from common.web import prometheus_text, serve
 
 LOGGER = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
@@ -23,14 +24,17 @@ def sse(event: str, data) -> str:
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """The live view. config: SETTINGS, KAFKA_TOPIC, KAFKA_GROUP, REPLAY, START_FEED."""
+    """The live view. config: SETTINGS, KAFKA_TOPIC, PRESENCE_TOPIC ("" for none), KAFKA_GROUP,
+    REPLAY, START_FEED."""
     app = Flask(__name__)
-    app.config.update({"SETTINGS": None, "KAFKA_TOPIC": None, "KAFKA_GROUP": LIVE_VIEW_GROUP,
-                       "REPLAY": 200, "START_FEED": True})
+    app.config.update({"SETTINGS": None, "KAFKA_TOPIC": None, "PRESENCE_TOPIC": None,
+                       "KAFKA_GROUP": LIVE_VIEW_GROUP, "REPLAY": 200, "START_FEED": True})
     app.config.update(config or {})
     settings: Settings = app.config["SETTINGS"] or load_settings()
+    presence = app.config["PRESENCE_TOPIC"]
     feed = LiveFeed(settings.kafka_client(), app.config["KAFKA_TOPIC"] or settings.kafka_topic,
-                    group=app.config["KAFKA_GROUP"], replay=app.config["REPLAY"])
+                    group=app.config["KAFKA_GROUP"], replay=app.config["REPLAY"],
+                    presence_topic=settings.presence_topic if presence is None else presence)
     app.extensions["live_feed"] = feed
     if app.config["START_FEED"]:
         feed.start()
@@ -42,7 +46,8 @@ def create_app(config: dict | None = None) -> Flask:
 
     @app.get("/events")
     def events():
-        """Server-sent events: one `snapshot`, then `record` and `stats` events as they happen."""
+        """Server-sent events: one `snapshot`, then `record`, `presence` and `stats` events as
+        they happen."""
         client, snapshot = feed.subscribe()
 
         def stream():
@@ -76,6 +81,33 @@ def create_app(config: dict | None = None) -> Flask:
         return jsonify({"group": feed.group, "topic": feed.topic, "partitions": snapshot["lag"],
                         "total": sum(p["lag"] for p in snapshot["lag"]),
                         "error": snapshot["lag_error"]})
+
+    @app.get("/metrics")
+    def metrics():
+        """Prometheus text: the group's lag per partition, and per device the time of its last
+        message, whether its last message said Active, and whether it is connected (presence)."""
+        snapshot = feed.snapshot()
+        lag = GaugeMetricFamily("webos_consumer_group_lag",
+                                "Records of the topic the live view's group has not committed",
+                                labels=["group", "topic", "partition"])
+        for partition in snapshot["lag"]:
+            lag.add_metric([feed.group, feed.topic, str(partition["partition"])], partition["lag"])
+        records = CounterMetricFamily("webos_consumer_records", "Records the live view has read",
+                                      value=snapshot["totals"]["records"])
+        last = GaugeMetricFamily("webos_device_last_message_timestamp_seconds",
+                                 "Kafka timestamp of the device's last message", labels=["device"])
+        active = GaugeMetricFamily("webos_device_active", "1 when its last message said Active",
+                                   labels=["device"])
+        online = GaugeMetricFamily("webos_device_online",
+                                   "1 while connected to RabbitMQ (from webos.presence)",
+                                   labels=["device"])
+        for device in snapshot["devices"]:
+            if device["last_ts"]:
+                last.add_metric([device["id"]], device["last_ts"] / 1000)
+                active.add_metric([device["id"]], int(device["status"] == "Active"))
+            if device["online"] is not None:
+                online.add_metric([device["id"]], int(device["online"]))
+        return prometheus_text([lag, records, last, active, online])
 
     @app.get("/healthz")
     def healthz():

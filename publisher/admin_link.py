@@ -58,7 +58,7 @@ class AdminLink:
         """Queues and bindings for `devices` (idempotent), through the one topology module."""
         def declare(channel, devices):
             for device in devices:
-                topology.declare_device(channel, device)
+                topology.declare_device(channel, device, self.settings.cluster)
         self.call(declare, list(devices))
 
     def enrol(self, devices) -> None:

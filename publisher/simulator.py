@@ -34,7 +34,8 @@ LOGGER = logging.getLogger(__name__)
 
 LATE_MS = 100  # a message published more than this after its due time counts as late
 MISC_PERIOD = 5.0  # paho's loop_misc (keepalive pings, timeouts) per client, seconds
-RECONNECT_MIN, RECONNECT_MAX = 1.0, 30.0
+# s before a device's first reconnect attempt; it doubles up to Settings.reconnect_max_seconds
+RECONNECT_MIN = 1.0
 # MQTT versions a device can speak, the default first. With MQTT 5 each message says its content
 # type, which reaches Kafka as the record header content_type.
 MQTT_VERSIONS = ("5", "3.1.1")
@@ -184,6 +185,7 @@ class _Device:
     # (topic, body) accepted while the connection is not up (or the backlog not yet handed on),
     # oldest first; see _publish for why paho does not get them at once.
     backlog: deque = field(default_factory=deque)
+    node: int = 0  # which of the RabbitMQ nodes it connects to (the next one when that fails)
 
 
 class Simulator:
@@ -197,7 +199,10 @@ class Simulator:
         # plain: the devices log in with their passwords on the plain listener (only there with
         # WEBOS_PLAIN_LISTENERS; make bench uses it to measure what TLS costs).
         self.plain = plain
-        self.port = settings.mqtt_plain_port if plain else settings.mqtt_port
+        # Every RabbitMQ node's MQTT listener: devices are spread over them and move on to the
+        # next when theirs fails.
+        self.addresses = [(node.rabbitmq_host, node.mqtt_plain_port if plain else node.mqtt_port)
+                          for node in settings.rabbitmq_addresses()]
         self.settings = settings
         self.pki = PKI(settings.pki_path)
         self.mqtt_version = mqtt_version
@@ -450,7 +455,8 @@ class Simulator:
             client.tls_set_context(client_context(self.settings.ca_file,
                                                   self.pki.ensure_device(config.id)))
         entry = _Device(state, client,
-                        topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES})
+                        topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES},
+                        node=len(self._devices) % len(self.addresses))
         client.user_data_set(entry)
         client.max_queued_messages_set(self.max_queued_messages)
         client.on_connect = self.on_connect
@@ -558,24 +564,28 @@ class Simulator:
     def _connect(self, entry: _Device) -> None:
         if entry.state.removed or self._stop.is_set():
             return
+        host, port = self.addresses[entry.node]
         try:
             if entry.client.socket() is None:
-                if entry.client.host:
+                if entry.client.host == host and entry.client.port == port:
                     entry.client.reconnect()
                 else:
                     clean_start = {} if self.mqtt_version == "3.1.1" else {"clean_start": True}
-                    entry.client.connect(self.settings.rabbitmq_host, self.port,
-                                         keepalive=self.keepalive, **clean_start)
+                    entry.client.connect(host, port, keepalive=self.keepalive, **clean_start)
                 self._watch_writes(entry)
         except OSError as error:
-            LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s",
-                           entry.state.id, self.settings.rabbitmq_host, self.port,
-                           error, entry.backoff)
+            LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s%s",
+                           entry.state.id, host, port, error, entry.backoff,
+                           " on the next node" if len(self.addresses) > 1 else "")
+            self._next_node(entry)
             self._retry_later(entry)
+
+    def _next_node(self, entry: _Device) -> None:
+        entry.node = (entry.node + 1) % len(self.addresses)
 
     def _retry_later(self, entry: _Device) -> None:
         delay = entry.backoff * self.rng.uniform(0.8, 1.2)  # jitter: no reconnect stampede
-        entry.backoff = min(entry.backoff * 2, RECONNECT_MAX)
+        entry.backoff = min(entry.backoff * 2, self.settings.reconnect_max_seconds)
         self._schedule(time.monotonic() + delay, CONNECT, entry)
 
     def _disconnect(self, entry: _Device) -> None:
@@ -605,6 +615,7 @@ class Simulator:
         if was_connected:
             LOGGER.warning("device %s lost its connection (%s); reconnecting", entry.state.id,
                            reason_code)
+        self._next_node(entry)
         self._retry_later(entry)
 
     def on_publish(self, client, entry, mid, reason_code, properties):

@@ -6,7 +6,10 @@ import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, abort, current_app, jsonify, render_template, request
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
+
+from common.web import prometheus_text
 
 from publisher.admin_link import BrokerUnavailable
 from publisher.device_config import STATUSES, DeviceConfig
@@ -144,6 +147,35 @@ def get_status(device):
 def list_devices():
     """Every device with status, message count and last message time."""
     return jsonify(devices=simulator().snapshot(), stats=simulator().stats())
+
+
+@api.get("/metrics")
+def metrics():
+    """Prometheus text: each device's interval (what the DeviceSilent alert allows), status,
+    connection and message counts."""
+    labels = ["device"]
+    interval = GaugeMetricFamily("webos_publisher_device_interval_seconds",
+                                 "Longest pause between two messages of an Active device",
+                                 labels=labels)
+    active = GaugeMetricFamily("webos_publisher_device_active", "1 while the device is Active",
+                               labels=labels)
+    connected = GaugeMetricFamily("webos_publisher_device_connected",
+                                  "1 while the device's MQTT connection is up", labels=labels)
+    published = CounterMetricFamily("webos_publisher_messages", "Messages the device published",
+                                    labels=labels)
+    acked = CounterMetricFamily("webos_publisher_acked", "Messages RabbitMQ acknowledged (PUBACK)",
+                                labels=labels)
+    dropped = CounterMetricFamily("webos_publisher_dropped",
+                                  "Messages dropped while RabbitMQ was unreachable", labels=labels)
+    for device in simulator().snapshot():
+        label = [device["id"]]
+        interval.add_metric(label, max(device["interval"]))
+        active.add_metric(label, int(device["status"] == "Active"))
+        connected.add_metric(label, int(bool(device["connected"])))
+        published.add_metric(label, device["messages"])
+        acked.add_metric(label, device["acked"])
+        dropped.add_metric(label, device["dropped"])
+    return prometheus_text([interval, active, connected, published, acked, dropped])
 
 
 @api.get("/devices/<device>")

@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import pika
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from common.config import ConfigError, Settings, load_settings, run
 from common.pki import PKI, client_context
@@ -25,20 +27,36 @@ FANOUT_EXCHANGE = "webos.fanout"
 UNROUTED_EXCHANGE = "webos.unrouted"
 UNROUTED_QUEUE = "webos.unrouted"
 DEAD_QUEUE = "webos.dead"
+# Devices' MQTT connects and disconnects, from RabbitMQ's event exchange, for the bridge to
+# forward to Kafka's webos.presence. Bounded: without a bridge, the oldest events go first.
+PRESENCE_QUEUE = "webos.presence"
+CONNECTION_EVENTS = ("connection.created", "connection.closed")
+PRESENCE_MAX_LENGTH = 100_000
 MESSAGE_TYPES = ("info", "warning", "error")
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# A device logs in as the user its certificate names: no device may take a service user's name.
+# A device logs in as the user its certificate names: no device may take a service user's name,
+# nor a name whose queue would be one of the shared queues.
 RESERVED_ID_PREFIX = "webos-"
 DEVICE_QUEUE_PREFIX = "webos."
-# Fixed from a queue's first declaration: RabbitMQ refuses to redeclare with other arguments.
-DEVICE_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-single-active-consumer": True}
-QUEUE_ARGUMENTS = {"x-queue-type": "classic"}
+RESERVED_IDS = frozenset(name[len(DEVICE_QUEUE_PREFIX):]
+                         for name in (UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE))
+# Where rabbitmq_event_exchange publishes what happens in the broker (headers name, vhost, ...),
+# and the events the bridge finds new device queues by.
+EVENT_EXCHANGE = "amq.rabbitmq.event"
+QUEUE_EVENTS = ("queue.created", "queue.deleted")
+# How often a quorum queue delivers a message before it dead-letters it to webos.dead (a
+# message that makes its consumer crash each time, say). A classic queue has no such limit.
+DELIVERY_LIMIT = 20
 # What a message parked in webos.dead carries: why (and in detail), and where it came from.
 DEAD_REASON_HEADER = "x-webos-dead-reason"
 DEAD_DETAIL_HEADER = "x-webos-dead-detail"
 DEAD_QUEUE_HEADER = "x-webos-queue"
 DEAD_ROUTING_KEY_HEADER = "x-webos-routing-key"
 DEAD_EXCHANGE_HEADER = "x-webos-exchange"
+# What `python -m bridge dead redrive` adds when it puts a parked message back on its route: how
+# often it was redriven, and each earlier parking (JSON list of {reason, detail, parked_at}).
+REDRIVES_HEADER = "x-webos-redrives"
+DEAD_HISTORY_HEADER = "x-webos-dead-history"
 
 # Reasons a message is parked in webos.dead (the value of the x-webos-dead-reason header).
 NOT_JSON = "not-json"
@@ -51,13 +69,14 @@ def is_valid_device_id(device: str) -> bool:
     """True when `device` may name a device: 1-64 of A-Z a-z 0-9 _ - (no `.`, `/`, `+`, `#`),
     not starting with `webos-` (the service users' names)."""
     return (isinstance(device, str) and DEVICE_ID_PATTERN.fullmatch(device) is not None
-            and not device.startswith(RESERVED_ID_PREFIX))
+            and not device.startswith(RESERVED_ID_PREFIX) and device not in RESERVED_IDS)
 
 
 def _checked(device: str) -> str:
     if not is_valid_device_id(device):
         raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -, "
-                         f"not starting with {RESERVED_ID_PREFIX}")
+                         f"not starting with {RESERVED_ID_PREFIX} and not "
+                         f"{', '.join(sorted(RESERVED_IDS))}")
     return device
 
 
@@ -81,7 +100,7 @@ def device_of_queue(queue: str) -> str | None:
     if not queue.startswith(DEVICE_QUEUE_PREFIX):
         return None
     device = queue[len(DEVICE_QUEUE_PREFIX):]
-    if queue in (UNROUTED_QUEUE, DEAD_QUEUE) or not is_valid_device_id(device):
+    if not is_valid_device_id(device):
         return None
     return device
 
@@ -94,21 +113,51 @@ def parse_routing_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def declare_base(channel) -> None:
-    """Exchanges and shared queues every deployment has."""
+def queue_arguments(quorum: bool, device: bool = True) -> dict:
+    """What a queue is, fixed at its first declaration (RabbitMQ refuses to redeclare a queue
+    with other arguments).
+
+    Single node: classic queues. Cluster (`quorum`): quorum queues, replicated over the nodes, a
+    publish confirmed once a majority has it, leaders spread over the nodes. A device queue has
+    one consumer at a time (the bridge's per-device order), and on a cluster dead-letters a
+    message delivered DELIVERY_LIMIT times into webos.dead, at least once (the broker keeps it
+    until webos.dead confirms it). webos.dead and webos.unrouted keep every message, and have no
+    single active consumer: on a quorum queue that would refuse basic.get, which the management
+    UI's "Get messages" is.
+    """
+    if not quorum:
+        return {"x-queue-type": "classic", **({"x-single-active-consumer": True} if device else {})}
+    # balanced: leaders spread over the nodes (the default puts each on the declaring node).
+    arguments = {"x-queue-type": "quorum", "x-queue-leader-locator": "balanced"}
+    if device:
+        return {**arguments, "x-single-active-consumer": True, "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": DEAD_QUEUE,
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return {**arguments, "x-delivery-limit": -1}
+
+
+def declare_base(channel, quorum: bool = False) -> None:
+    """Exchanges and shared queues every deployment has (`quorum`: on a cluster)."""
     channel.exchange_declare(UNROUTED_EXCHANGE, "fanout", durable=True)
-    channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+    channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=queue_arguments(quorum, False))
     channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
     channel.exchange_declare(TOPIC_EXCHANGE, "topic", durable=True,
                              arguments={"alternate-exchange": UNROUTED_EXCHANGE})
     channel.exchange_declare(FANOUT_EXCHANGE, "fanout", durable=True)
-    channel.queue_declare(DEAD_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+    channel.queue_declare(DEAD_QUEUE, durable=True, arguments=queue_arguments(quorum, False))
+    # One bridge at a time forwards presence (so a device's events stay in order).
+    channel.queue_declare(PRESENCE_QUEUE, durable=True, arguments={
+        **queue_arguments(quorum, False), "x-single-active-consumer": True,
+        "x-max-length": PRESENCE_MAX_LENGTH, "x-overflow": "drop-head"})
+    for event in CONNECTION_EVENTS:
+        channel.queue_bind(PRESENCE_QUEUE, EVENT_EXCHANGE, routing_key=event)
 
 
-def declare_device(channel, device: str) -> str:
-    """One device's durable queue, bound `webos.<device>.*` on the topic exchange and to the fanout."""
+def declare_device(channel, device: str, quorum: bool = False) -> str:
+    """One device's durable queue, bound `webos.<device>.*` on the topic exchange and to the
+    fanout (`quorum`: on a cluster)."""
     queue = device_queue(device)
-    channel.queue_declare(queue, durable=True, arguments=DEVICE_QUEUE_ARGUMENTS)
+    channel.queue_declare(queue, durable=True, arguments=queue_arguments(quorum))
     channel.queue_bind(queue, TOPIC_EXCHANGE, routing_key=f"webos.{device}.*")
     channel.queue_bind(queue, FANOUT_EXCHANGE, routing_key="")
     return queue
@@ -119,27 +168,71 @@ def delete_device(channel, device: str) -> None:
     channel.queue_delete(device_queue(device))
 
 
-def declare(channel, devices) -> None:
-    """The base topology plus a queue for every device."""
-    declare_base(channel)
+def declare(channel, devices, quorum: bool = False) -> None:
+    """The base topology plus a queue for every device (`quorum`: on a cluster)."""
+    declare_base(channel, quorum)
     for device in devices:
-        declare_device(channel, device)
+        declare_device(channel, device, quorum)
 
 
-def amqp_parameters(settings: Settings, user: str, password: str, **extra) -> pika.ConnectionParameters:
-    """pika connection parameters for one of the project's users: AMQPS, the broker's
-    certificate checked against the stack's authority."""
+def declare_devices(settings: Settings, devices) -> None:
+    """Queues and bindings for `devices` on the RabbitMQ `settings` names (quorum queues on a
+    cluster), over one connection as webos-admin."""
+    with pika.BlockingConnection(admin_parameters(settings)) as connection:
+        channel = connection.channel()
+        for device in devices:
+            declare_device(channel, device, settings.cluster)
+
+
+def amqp_parameters(settings: Settings, user: str, password: str,
+                    **extra) -> list[pika.ConnectionParameters]:
+    """pika connection parameters for one of the project's users, one per RabbitMQ node (pika
+    tries them in order): AMQPS, the broker's certificate checked against the stack's authority."""
     tls = pika.SSLOptions(client_context(settings.ca_file), server_hostname=settings.rabbitmq_host)
-    return pika.ConnectionParameters(
-        host=settings.rabbitmq_host, port=settings.amqp_port, virtual_host=settings.vhost,
-        credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
+    return [pika.ConnectionParameters(
+                host=node.rabbitmq_host, port=node.amqp_port, virtual_host=settings.vhost,
+                credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
+            for node in settings.rabbitmq_addresses()]
+
+
+class _ClusterSession(requests.Session):
+    """A requests session that sends a call meant for the first node's management API to the
+    other nodes when that one does not answer (any node's API serves the whole cluster), and then
+    to the node that answered first."""
+
+    def __init__(self, bases: list[str]):
+        super().__init__()
+        self.primary = bases[0]
+        self.bases = list(bases)
+        # The API closes a kept-alive connection now and then (every minute or two in a run
+        # here): a call that finds it closed is sent again, once, on a new connection, if it is
+        # idempotent (GET, PUT, DELETE, not POST). A node that does not answer fails at once.
+        adapter = HTTPAdapter(max_retries=Retry(total=1, connect=0, redirect=0, status=0))
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
+
+    def request(self, method, url, *args, **kwargs):
+        if len(self.bases) == 1 or not url.startswith(self.primary):
+            return super().request(method, url, *args, **kwargs)
+        path = url[len(self.primary):]
+        for base in list(self.bases):
+            try:
+                response = super().request(method, base + path, *args, **kwargs)
+            except requests.ConnectionError as error:
+                failure = error
+                continue
+            self.bases.remove(base)
+            self.bases.insert(0, base)
+            return response
+        raise failure
 
 
 def management_api(settings: Settings, user: str | None = None,
                    password: str | None = None) -> requests.Session:
     """An HTTPS session with the management API (default: as webos-admin), the broker's
-    certificate checked against the stack's authority."""
-    http = requests.Session()
+    certificate checked against the stack's authority; on a cluster a call moves to the next
+    node when one does not answer."""
+    http = _ClusterSession([node.management_url for node in settings.rabbitmq_addresses()])
     http.auth = (user or settings.admin_user,
                  settings.admin_password if password is None else password)
     http.verify = str(settings.ca_file)
@@ -149,8 +242,8 @@ def management_api(settings: Settings, user: str | None = None,
     return http
 
 
-def admin_parameters(settings: Settings, **extra) -> pika.ConnectionParameters:
-    """pika connection parameters for `webos-admin`."""
+def admin_parameters(settings: Settings, **extra) -> list[pika.ConnectionParameters]:
+    """pika connection parameters for `webos-admin`, one per node."""
     return amqp_parameters(settings, settings.admin_user, settings.admin_password, **extra)
 
 
@@ -159,10 +252,13 @@ def user_definitions(settings: Settings) -> list[dict]:
     return [
         {
             # Reads device queues; writes parked messages to webos.dead through the default
-            # exchange; "management" lets it list queues to find new devices.
+            # exchange; learns of new device queues from the event exchange, into a server-named
+            # exclusive queue (amq.gen-*) of its own; "management" lets it list queues and
+            # consumers.
             "name": settings.bridge_user, "password": settings.bridge_password, "tags": "management",
-            "permissions": {"configure": "^$", "write": r"^amq\.default$",
-                            "read": r"^webos\..+$"},
+            "permissions": {"configure": r"^amq\.gen-.*$",
+                            "write": r"^(amq\.default|amq\.gen-.*)$",
+                            "read": r"^(webos\..+|amq\.gen-.*|amq\.rabbitmq\.event)$"},
             "topic_permissions": None,
         },
     ]
@@ -224,12 +320,20 @@ def enrol_devices(settings: Settings, devices, timeout: float = 60.0) -> None:
 def remove_enrolment(settings: Settings, device: str, timeout: float = 10.0) -> None:
     """Revoke a device: delete its broker user (RabbitMQ closes its connections and refuses its
     certificate from then on) and its certificate files."""
+    remove_enrolments(settings, [device], timeout)
+
+
+def remove_enrolments(settings: Settings, devices, timeout: float = 10.0) -> None:
+    """remove_enrolment for each of `devices`, over one management API session."""
+    pki = PKI(settings.pki_path)
     with management_api(settings) as http:
-        response = http.delete(f"{settings.management_url}/api/users/{quote(_checked(device), safe='')}",
-                               timeout=timeout)
-        if response.status_code not in (204, 404):
-            response.raise_for_status()
-    PKI(settings.pki_path).remove_device(device)
+        for device in devices:
+            response = http.delete(
+                f"{settings.management_url}/api/users/{quote(_checked(device), safe='')}",
+                timeout=timeout)
+            if response.status_code not in (204, 404):
+                response.raise_for_status()
+            pki.remove_device(device)
 
 
 PASSWORD_HASHING = "rabbit_password_hashing_sha256"
@@ -258,9 +362,10 @@ def apply(settings: Settings, devices=None) -> None:
     devices = registered_devices(settings) if devices is None else devices
     enrol_devices(settings, devices)
     with pika.BlockingConnection(admin_parameters(settings)) as connection:
-        declare(connection.channel(), devices)
+        declare(connection.channel(), devices, quorum=settings.cluster)
     LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,
-                ", ".join([device_queue(d) for d in devices] + [UNROUTED_QUEUE, DEAD_QUEUE]))
+                ", ".join([device_queue(d) for d in devices]
+                          + [UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE]))
 
 
 def main(argv=None) -> int:

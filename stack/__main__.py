@@ -11,44 +11,78 @@ from stack.apps import app_status, apps_running, run_apps
 from common.config import (DOTENV_PATH, ConfigError, Settings, ensure_credentials, load_settings,
                            run, stack_dir)
 from common.pki import PKI
-from stack.kafka_server import LocalKafka, ensure_topic
+from stack.kafka_server import LocalKafka, ensure_pipeline_topics
 from stack.process import BrokerError
-from stack.rabbitmq_server import LocalRabbitMQ
+from stack.prometheus_server import LocalPrometheus
+from stack.rabbitmq_server import LocalRabbitMQ, local_nodes, wait_cluster
 
 LOGGER = logging.getLogger("stack")
 
 
-def brokers(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
-    """The local RabbitMQ and Kafka processes for `settings` (not started)."""
+def brokers(settings: Settings) -> list[LocalRabbitMQ | LocalKafka]:
+    """The local RabbitMQ node(s) and Kafka for `settings` (not started), Kafka last."""
     base = stack_dir(settings)
     port = int(settings.kafka_bootstrap.rpartition(":")[2])
-    rabbitmq = LocalRabbitMQ(base / "rabbitmq", settings, node_name=settings.rabbitmq_node)
+    nodes = local_nodes(settings, base)
     kafka = LocalKafka(base / "kafka", port=port, controller_port=port + 1)
-    if rabbitmq.dist_port > 65535 or kafka.controller_port > 65535:
+    if nodes[-1].dist_port > 65535 or kafka.controller_port > 65535:
         raise ConfigError(f"WEBOS_AMQP_PORT={settings.amqp_port} or the Kafka port ({port}) is too "
-                         f"high: the local brokers also listen on {rabbitmq.dist_port} (Erlang "
+                         f"high: the local brokers also listen on {nodes[-1].dist_port} (Erlang "
                          f"distribution) and {kafka.controller_port} (Kafka's controller)")
-    return rabbitmq, kafka
+    return [*nodes, kafka]
 
 
-def up(settings: Settings) -> tuple[LocalRabbitMQ, LocalKafka]:
-    """Start whatever broker is not running yet, wait for both, apply topology and topic."""
+def services(settings: Settings, left_behind: bool = False) -> list:
+    """The brokers, then the local Prometheus when WEBOS_PROMETHEUS is set (`left_behind`: also
+    when an earlier run left it running or its data, for stop, status and clean)."""
+    prometheus = LocalPrometheus(stack_dir(settings) / "prometheus", settings)
+    wanted = settings.prometheus or (left_behind and prometheus.base_dir.exists())
+    return [*brokers(settings), *([prometheus] if wanted else [])]
+
+
+def up(settings: Settings) -> list[LocalRabbitMQ | LocalKafka]:
+    """Start whatever broker is not running yet, wait for all, apply topology and topic."""
     from rabbitmq import topology
 
-    rabbitmq, kafka = brokers(settings)
+    running = services(settings)
+    *nodes, kafka = brokers_of(running)
+    check_node_data(settings, nodes)
     started = time.monotonic()
-    for broker in (rabbitmq, kafka):
+    for broker in running:
         if broker.pid() is None:
             broker.start()
         else:
-            LOGGER.info("%s already running (pid %s); reusing it", broker.name, broker.pid())
-    for broker in (rabbitmq, kafka):
-        broker.wait_ready()
-        LOGGER.info("%s ready %.1f s after start", broker.name, time.monotonic() - started)
+            LOGGER.info("%s already running (pid %s); reusing it", broker.describe(), broker.pid())
+    wait_cluster(nodes)
+    LOGGER.info("RabbitMQ (%d node%s) ready %.1f s after start", len(nodes),
+                "s" if len(nodes) > 1 else "", time.monotonic() - started)
+    kafka.wait_ready()
+    LOGGER.info("kafka ready %.1f s after start", time.monotonic() - started)
     topology.apply(settings)
-    ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+    ensure_pipeline_topics(settings)
+    for prometheus in (service for service in running if isinstance(service, LocalPrometheus)):
+        prometheus.wait_ready()
+        LOGGER.info("prometheus ready: %s", prometheus.alerts_url)
     LOGGER.info("brokers ready in %.1f s", time.monotonic() - started)
-    return rabbitmq, kafka
+    return running
+
+
+def check_node_data(settings: Settings, nodes: list[LocalRabbitMQ]) -> None:
+    """A node keeps the cluster its data says: one that ran alone does not join the others, and
+    one of a cluster does not start alone. Say so before starting rather than time out."""
+    base = stack_dir(settings)
+    ran_clustered = (base / "rabbitmq-2").exists()  # node k's data is in rabbitmq-k
+    ran_alone = (base / "rabbitmq").exists() and not ran_clustered
+    if (settings.cluster and ran_alone) or (not settings.cluster and ran_clustered):
+        before, now = ("1 node", f"{len(nodes)} nodes") if settings.cluster else ("a cluster", "1 node")
+        raise ConfigError(f"the RabbitMQ data in {base} is of {before}, and WEBOS_RABBITMQ_NODES "
+                          f"asks for {now}: `make clean` first (it deletes the brokers' data; "
+                          "the passwords and certificates stay), or use another WEBOS_STACK_DIR")
+
+
+def brokers_of(running: list) -> list:
+    """RabbitMQ node(s) and Kafka of what `services` gave."""
+    return [broker for broker in running if isinstance(broker, (LocalRabbitMQ, LocalKafka))]
 
 
 def setup(settings: Settings, timeout: float = 120.0) -> int:
@@ -59,7 +93,7 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
     while time.monotonic() < deadline:
         try:
             topology.apply(settings)
-            ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+            ensure_pipeline_topics(settings)
             return 0
         except ConfigError:
             raise
@@ -72,7 +106,7 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
 
 def down(settings: Settings, running=None) -> None:
     """Stop both local brokers (data is kept); `running` are the handles `up` returned."""
-    for broker in running or brokers(settings):
+    for broker in running or services(settings, left_behind=True):
         broker.stop()
 
 
@@ -83,8 +117,15 @@ def banner(settings: Settings, apps: bool = True) -> str:
         lines += [f"  publisher (devices)     http://127.0.0.1:{settings.publisher_port}/",
                   f"  consumer live view      http://127.0.0.1:{settings.consumer_port}/"]
     lines.append(f"  RabbitMQ management UI  {settings.management_url}/  (user {settings.admin_user})")
+    if settings.cluster:
+        lines += [f"  RabbitMQ node {k}         {node.rabbitmq_node}@localhost: AMQPS "
+                  f"{node.amqp_port}, MQTT/TLS {node.mqtt_port}, management {node.management_port}"
+                  for k, node in enumerate(settings.rabbitmq_addresses(), 1)]
     if apps:
         lines.append(f"  bridge metrics          http://127.0.0.1:{settings.bridge_metrics_port}/metrics")
+    if settings.prometheus:
+        lines.append(f"  Prometheus alerts       http://127.0.0.1:{settings.prometheus_port}/classic/alerts  "
+                     "(rules: monitoring/alerts.yml)")
     lines += [f"  Kafka                   {settings.kafka_bootstrap}  topic {settings.kafka_topic}",
               f"  passwords               {DOTENV_PATH}  (WEBOS_ADMIN_PASSWORD for the UI)",
               f"  certificates            {settings.pki_path}/  (ca.crt: trust it in a browser "
@@ -176,9 +217,10 @@ def main(argv=None) -> int:
     settings = load_settings()
 
     if args.command == "status":
-        for broker in brokers(settings):
+        for broker in services(settings, left_behind=True):
             pid = broker.pid()
-            print(f"{broker.name}: {'running, pid %d' % pid if pid else 'stopped'}  (log {broker.log_path})")
+            print(f"{broker.describe()}: {'running, pid %d' % pid if pid else 'stopped'}  "
+                  f"(log {broker.log_path})")
         print("\n".join(app_status(settings)))
         return 0
     if args.command == "setup":
@@ -189,10 +231,11 @@ def main(argv=None) -> int:
         down(settings)
         if args.command == "clean":
             # Only what the brokers wrote: WEBOS_STACK_DIR may name a directory with other things.
-            for broker in brokers(settings):
+            for broker in services(settings, left_behind=True):
                 if broker.base_dir.exists():
                     shutil.rmtree(broker.base_dir)
                     LOGGER.info("deleted %s", broker.base_dir)
+            (stack_dir(settings) / "rabbitmq-cookie").unlink(missing_ok=True)
             try:
                 stack_dir(settings).rmdir()
             except OSError:

@@ -14,8 +14,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common.config import REPO_ROOT, ConfigError
-from common.pki import PKI
-from stack.process import BrokerError, LocalProcess, port_open
+from common.pki import PKI, write_private
+from stack.process import BrokerError, LocalProcess, port_open, wait_until
 
 LOGGER = logging.getLogger(__name__)
 KAFKA_DIR = REPO_ROOT / "kafka"
@@ -151,8 +151,7 @@ class SecureListener:
         """The broker's key and certificate in one PEM file, mode 0600."""
         self.pki.ensure()
         keystore.parent.mkdir(mode=0o700, exist_ok=True)
-        keystore.touch(mode=0o600)
-        keystore.write_bytes(self.pki.server.key.read_bytes() + self.pki.server.cert.read_bytes())
+        write_private(keystore, self.pki.server.key.read_bytes() + self.pki.server.cert.read_bytes())
 
     def client(self, user: str) -> dict[str, str]:
         """The Settings fields a client of this listener needs, as `user`."""
@@ -194,4 +193,24 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: i
         return False
     LOGGER.info("created Kafka topic %s (%d partitions)", topic, partitions)
     return True
+
+
+def ensure_pipeline_topics(settings) -> None:
+    """The topics the pipeline writes: the device messages' and the devices' presence."""
+    for topic in (settings.kafka_topic, settings.presence_topic):
+        ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
+
+
+def topic_partitions(client, topic: str, timeout: float = 30.0) -> list[int]:
+    """The partition numbers of `topic` as `client` (a Consumer, Producer or AdminClient) sees
+    it, waiting while its broker does not know the topic yet.
+
+    The brokers of a cluster learn of a new topic a moment after the one that created it; until
+    then a metadata request answers UNKNOWN_TOPIC_OR_PART with no partitions, and a reader that
+    assigned those would read nothing.
+    """
+    def known() -> list[int]:
+        metadata = client.list_topics(topic, timeout=timeout).topics.get(topic)
+        return sorted(metadata.partitions) if metadata and metadata.error is None else []
+    return wait_until(known, timeout, 0.1, f"Kafka to know the topic {topic}")
 

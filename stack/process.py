@@ -1,6 +1,7 @@
 """A broker run as a project-owned background process: pid file, log file, readiness, clean stop."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import requests
 
 from common.config import REPO_ROOT
 
@@ -29,18 +32,19 @@ def ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def free_port(offset: int = 0) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, and nor on port + `offset`.
+def free_port(*offsets: int) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and nor on port + each offset.
 
     Chosen below the ephemeral range: a port from it (what binding port 0 gives) can be taken as
     the source port of any outgoing connection between now and the moment a broker binds it.
     """
-    low, high = 10000, ephemeral_ports()[0] - 1 - offset
+    offsets = {0, *offsets}
+    low, high = 10000, ephemeral_ports()[0] - 1 - max(offsets)
     if high <= low:
-        low, high = 1024, 65535 - offset
+        low, high = 1024, 65535 - max(offsets)
     while True:
         port = random.randint(low, high)
-        if all(_bindable(candidate) for candidate in {port, port + offset}):
+        if all(_bindable(port + extra) for extra in offsets):
             return port
 
 
@@ -59,6 +63,15 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
+        return False
+
+
+def answers(url: str, auth=None, verify=True) -> bool:
+    """True when `url` answers 200 now (`verify`: the CA file for an https URL)."""
+    try:
+        return requests.get(url, auth=auth, verify=str(verify) if verify is not True else True,
+                            timeout=2).status_code == 200
+    except requests.RequestException:
         return False
 
 
@@ -95,6 +108,10 @@ class LocalProcess:
     def prepare(self) -> None:
         """Write configuration, format storage: anything needed before the first start."""
 
+    def describe(self) -> str:
+        """How logs and `make status` name it."""
+        return self.name
+
     def pid(self) -> int | None:
         """The pid of a running instance started from this base_dir, if any."""
         try:
@@ -119,7 +136,7 @@ class LocalProcess:
                                         cwd=self.base_dir, start_new_session=True)
         log.close()
         self.pid_path.write_text(str(self.process.pid))
-        LOGGER.info("%s started (pid %s), log %s", self.name, self.process.pid, self.log_path)
+        LOGGER.info("%s started (pid %s), log %s", self.describe(), self.process.pid, self.log_path)
 
     def wait_ready(self, timeout: float = 90.0) -> float:
         """Ask the broker until it answers; return the seconds waited. Raises BrokerError."""
@@ -127,13 +144,13 @@ class LocalProcess:
         deadline = started + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise BrokerError(f"{self.name} exited with code {self.process.returncode} "
+                raise BrokerError(f"{self.describe()} exited with code {self.process.returncode} "
                                   f"before it was ready; its log ({self.log_path}) ends:\n"
                                   f"{tail(self.log_path)}")
             if self.probe():
                 return time.monotonic() - started
             time.sleep(0.2)
-        raise BrokerError(f"{self.name} was not ready after {timeout:.0f} s; its log "
+        raise BrokerError(f"{self.describe()} was not ready after {timeout:.0f} s; its log "
                           f"({self.log_path}) ends:\n{tail(self.log_path)}")
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -146,14 +163,15 @@ class LocalProcess:
         except ProcessLookupError:
             pass
         if not self._wait_exit(pid, timeout):
-            LOGGER.warning("%s (pid %s) did not stop within %.0f s; killing it", self.name, pid, timeout)
+            LOGGER.warning("%s (pid %s) did not stop within %.0f s; killing it", self.describe(),
+                           pid, timeout)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self._wait_exit(pid, 10)
         self.pid_path.unlink(missing_ok=True)
-        LOGGER.info("%s stopped", self.name)
+        LOGGER.info("%s stopped", self.describe())
 
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
@@ -182,17 +200,44 @@ class LocalProcess:
         return False
 
 
-class AppProcess:
-    """`python -m <package> ARGS` as a child of this process, as a user runs an app: its output
-    (stdout and stderr) in `log_path`, stopped with a signal. For the tests and benchmarks."""
+class ProcessExited(RuntimeError):
+    """A child process that had to keep running exited; the message ends with its output."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, name: str = ""):
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05,
+               message: str = "condition", watch=()):
+    """Call `condition` until it returns something truthy and return that. Raises TimeoutError
+    after `timeout` s, or ProcessExited as soon as one of the AppProcesses in `watch` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        for process in watch:
+            process.check_running(f"while waiting for {message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(interval)
+
+
+class AppProcess:
+    """`python -m <package> ARGS` as a child of this process, as a user runs an app, or
+    `python -c CODE ...` when ARGS begin with an interpreter option. Its output goes to
+    `log_path` (stderr to `stderr_path` instead, when given); stopped with a signal. For the
+    tests and benchmarks; `new_session` gives it a process group of its own, as a shell job has."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, name: str = "", *,
+                 stderr_path: Path | None = None, new_session: bool = False):
         self.name = name or args[0]
         self.log_path = Path(log_path)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+        self.stderr_path = Path(stderr_path) if stderr_path else None
+        argv = [sys.executable, *args] if args[0].startswith("-") else [sys.executable, "-m", *args]
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(self.log_path, "ab"))
+            errors = (files.enter_context(open(self.stderr_path, "ab")) if self.stderr_path
+                      else subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=errors,
+                                            stdin=subprocess.DEVNULL, start_new_session=new_session)
 
     @property
     def pid(self) -> int:
@@ -202,10 +247,19 @@ class AppProcess:
     def running(self) -> bool:
         return self.process.poll() is None
 
-    def output(self, lines: int | None = None) -> str:
-        """What it printed so far (the last `lines` lines only, if given)."""
+    def check_running(self, context: str = "") -> None:
+        """Raise ProcessExited, with the end of its output, if it is no longer running."""
+        if not self.running:
+            raise ProcessExited(f"{self.name} exited with code {self.process.returncode}"
+                                f"{' ' + context if context else ''}; its output ends:\n"
+                                f"{self.output(30)}")
+
+    def output(self, lines: int | None = None, stream: str = "stdout") -> str:
+        """What it printed so far (the last `lines` lines only, if given); `stream="stderr"`
+        reads the separate stderr file."""
+        path = self.stderr_path if stream == "stderr" and self.stderr_path else self.log_path
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = path.read_text(errors="replace")
         except OSError:
             return ""
         return text if lines is None else "\n".join(text.splitlines()[-lines:])

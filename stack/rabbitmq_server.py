@@ -1,9 +1,11 @@
 """RabbitMQ 4 (stack/rabbitmq_runtime.py), run as a project-owned process with its own node and data."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
-import logging
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,16 +14,16 @@ import pika
 import requests
 
 from common.config import REPO_ROOT, Settings
-from common.pki import PKI
+from common.pki import PKI, write_private
 from rabbitmq import topology
-from stack.process import BrokerError, LocalProcess, port_open
+from stack.process import BrokerError, LocalProcess, port_open, wait_until
 from stack.rabbitmq_runtime import CTL_SCRIPT, SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 
 RABBITMQ_DIR = REPO_ROOT / "rabbitmq"
 LOGGER = logging.getLogger(__name__)
 # Keys the local stack sets itself: listeners on 127.0.0.1 with this instance's ports, and the
 # certificates, which it copies into the data dir (the broker runs chrooted there).
-_LOCAL_KEYS = re.compile(r"^\s*((mqtt\.)?listeners\.|management\.(tcp|ssl)\.|"
+_LOCAL_KEYS = re.compile(r"^\s*((mqtt\.)?listeners\.|(management|prometheus)\.(tcp|ssl)\.|"
                          r"ssl_options\.(cacertfile|certfile|keyfile))")
 TLS_FILES = ("ca.crt", "server.crt", "server.key")
 
@@ -32,12 +34,19 @@ class LocalRabbitMQ(LocalProcess):
     name = "rabbitmq"
 
     def __init__(self, base_dir: Path, settings: Settings, node_name: str = "webos",
-                 dist_port: int | None = None):
+                 dist_port: int | None = None, cluster: tuple[str, ...] = (),
+                 cookie: str | None = None):
         super().__init__(base_dir)
         self.settings = settings
         self.node_name = f"{node_name}@localhost"
         self.dist_port = dist_port or settings.amqp_port + 20000
+        # A cluster member: every member's Erlang node name, and the Erlang cookie they share.
+        self.cluster = cluster
+        self.cookie = cookie
         self._runtime: Runtime | None = None
+
+    def describe(self) -> str:
+        return f"rabbitmq {self.node_name}" if self.cluster else self.name
 
     @property
     def runtime(self) -> Runtime:
@@ -62,6 +71,8 @@ class LocalRabbitMQ(LocalProcess):
             f"mqtt.listeners.ssl.default = 127.0.0.1:{s.mqtt_port}",
             "management.ssl.ip = 127.0.0.1",
             f"management.ssl.port = {s.management_port}",
+            "prometheus.tcp.ip = 127.0.0.1",
+            f"prometheus.tcp.port = {s.rabbitmq_metrics_port}",
             *(f"{prefix}.{key} = {tls}/{name}"
               for prefix in ("ssl_options", "management.ssl")
               for key, name in zip(("cacertfile", "certfile", "keyfile"), TLS_FILES)),
@@ -75,6 +86,12 @@ class LocalRabbitMQ(LocalProcess):
             ]
         else:
             lines += ["listeners.tcp = none", "mqtt.listeners.tcp = none"]
+        if self.cluster:
+            # Members find each other on first boot (a node with data keeps its cluster).
+            lines += ["cluster_formation.peer_discovery_backend = classic_config",
+                      *(f"cluster_formation.classic_config.nodes.{n} = {member}"
+                        for n, member in enumerate(self.cluster, 1)),
+                      f"cluster_formation.target_cluster_size_hint = {len(self.cluster)}"]
         lines += [
             # Created on first boot instead of guest (which is then never created).
             f"default_user = {s.admin_user}",
@@ -93,6 +110,9 @@ class LocalRabbitMQ(LocalProcess):
         config.write_text(self.render_config())
         config.chmod(0o600)
         shutil.copyfile(RABBITMQ_DIR / "enabled_plugins", self.base_dir / "enabled_plugins")
+        if self.cookie:
+            # The Erlang cookie in $HOME (the data dir): the same on every member.
+            write_private(self.base_dir / ".erlang.cookie", self.cookie.encode(), 0o400)
         # The broker's certificate, from the stack's authority (created on first run).
         pki = PKI(self.settings.pki_path)
         pki.ensure()
@@ -100,8 +120,7 @@ class LocalRabbitMQ(LocalProcess):
         tls.mkdir(exist_ok=True)
         tls.chmod(0o700)  # before the key is copied in, also when the folder was there already
         for name, source in zip(TLS_FILES, (pki.ca_cert, pki.server.cert, pki.server.key)):
-            shutil.copyfile(source, tls / name)
-        (tls / "server.key").chmod(0o600)
+            write_private(tls / name, source.read_bytes())
 
     def environment(self) -> dict[str, str]:
         data = self.runtime.data_path(self.base_dir)  # base_dir as the broker sees it
@@ -135,6 +154,17 @@ class LocalRabbitMQ(LocalProcess):
             self.runtime.command([CTL_SCRIPT, "--node", self.node_name, *arguments], self.base_dir),
             env=self.environment(), capture_output=True, text=True, timeout=timeout)
 
+    def cluster_members(self) -> list[str]:
+        """The names of the cluster's running nodes, as this node's management API lists them."""
+        try:
+            with topology.management_api(self.settings) as http:
+                response = http.get(f"{self.settings.management_url}/api/nodes",
+                                    params={"columns": "name,running"}, timeout=5)
+            response.raise_for_status()
+            return sorted(node["name"] for node in response.json() if node.get("running"))
+        except (requests.RequestException, ValueError):
+            return []
+
     def probe(self) -> bool:
         """Management API answers, AMQP accepts the administrator, MQTT listens."""
         s = self.settings
@@ -156,3 +186,42 @@ class LocalRabbitMQ(LocalProcess):
             return True
         except (requests.RequestException, pika.exceptions.AMQPError, OSError):
             return False
+
+
+def local_nodes(settings: Settings, base_dir: Path, dist_ports: list[int] | None = None,
+                node_name: str | None = None) -> list[LocalRabbitMQ]:
+    """The local RabbitMQ nodes of `settings` (WEBOS_RABBITMQ_NODES of them), not started: the
+    first in base_dir/rabbitmq, node k in base_dir/rabbitmq-k, each on its own ports, a cluster
+    sharing one Erlang cookie (kept in base_dir/rabbitmq-cookie, 0600) when there are several."""
+    base_dir = Path(base_dir)
+    settings.check_local_ports()
+    if node_name:
+        settings = dataclasses.replace(settings, rabbitmq_node=node_name)
+    nodes = settings.rabbitmq_addresses()
+    names = [node.rabbitmq_node for node in nodes]
+    cookie = None
+    if settings.cluster:
+        path = base_dir / "rabbitmq-cookie"
+        if not path.exists():
+            base_dir.mkdir(parents=True, exist_ok=True)
+            write_private(path, secrets.token_hex(20).encode())
+        cookie = path.read_text().strip()
+    members = tuple(f"{name}@localhost" for name in names) if settings.cluster else ()
+    return [LocalRabbitMQ(base_dir / ("rabbitmq" if k == 0 else f"rabbitmq-{k + 1}"), node,
+                          node_name=names[k], dist_port=dist_ports[k] if dist_ports else None,
+                          cluster=members, cookie=cookie)
+            for k, node in enumerate(nodes)]
+
+
+def wait_cluster(nodes: list[LocalRabbitMQ], timeout: float = 120.0) -> None:
+    """Until every node is ready and the first one sees them all running (BrokerError if not)."""
+    for node in nodes:
+        node.wait_ready(timeout)
+    if len(nodes) > 1:
+        expected = sorted(node.node_name for node in nodes)
+        try:
+            wait_until(lambda: nodes[0].cluster_members() == expected, timeout, 0.5,
+                       f"RabbitMQ nodes {', '.join(expected)} to form one cluster")
+        except TimeoutError as error:
+            raise BrokerError(f"{error}; they see {nodes[0].cluster_members()}; the logs are "
+                              f"{', '.join(str(node.log_path) for node in nodes)}") from None

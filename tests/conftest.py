@@ -23,7 +23,7 @@ import pytest
 from rabbitmq import topology
 from common.config import REPO_ROOT, Settings, load_settings
 from common.pki import PKI
-from stack.kafka_server import LocalKafka, ensure_topic
+from stack.kafka_server import LocalKafka, ensure_pipeline_topics
 from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ
 from tests.browser import browser, page  # noqa: F401  (fixtures)
@@ -129,7 +129,7 @@ def brokers(tmp_path_factory, request):
         else:
             settings = handle.local()
         topology.apply(settings)
-        ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+        ensure_pipeline_topics(settings)
     except BaseException:
         handle.stop()
         raise
@@ -166,7 +166,7 @@ def new_device(settings, admin_channel):
 
     def make(prefix: str = "T") -> str:
         device = f"{prefix}{uuid.uuid4().hex[:10]}"
-        topology.declare_device(admin_channel, device)
+        topology.declare_device(admin_channel, device, settings.cluster)
         topology.enrol_devices(settings, [device])
         created.append(device)
         return device

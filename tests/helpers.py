@@ -1,37 +1,24 @@
 """Small helpers the tests share: waiting on a condition, MQTT clients, reading queues and Kafka."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import paho.mqtt.client as mqtt
-import requests
 from confluent_kafka import Consumer
 
-from common.config import Settings
+from common.config import REPO_ROOT, Settings
 from common.pki import PKI, Identity, client_context
+from stack.process import answers, wait_until as wait_for  # noqa: F401 (re-exported for the tests)
 
-
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
-    """Poll `condition` until it returns something truthy; fail the test after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
-
-
-def answers(url: str, auth=None, verify=True) -> bool:
-    """True when `url` answers 200 now (`verify`: the CA file for an https URL)."""
-    try:
-        return requests.get(url, auth=auth, verify=str(verify) if verify is not True else True,
-                            timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+# Settings.reconnect_max_seconds where a test stops or kills a broker: with the default 30 s a
+# device whose doubling wait reached 16 s while the broker was starting could reconnect half a
+# minute after it was back (a CI run's RabbitMQ-restart audit took 88 s instead of 28 s).
+RESTART_RECONNECT_MAX = 4.0
 
 
 class MqttDevice:
@@ -115,3 +102,10 @@ def consume(consumer: Consumer, count: int, timeout: float = 30.0) -> list:
         assert record.error() is None, record.error()
         records.append(record)
     return records
+
+
+def dead_command(settings: Settings, *args: str, input: str | None = None):
+    """`python -m bridge dead ARGS` run to its end, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "bridge", "dead", *args],
+                          env={**os.environ, **settings.to_env()}, capture_output=True, text=True,
+                          input=input, timeout=120, cwd=REPO_ROOT)

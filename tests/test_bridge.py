@@ -17,7 +17,8 @@ import pika
 import psutil
 import pytest
 import requests
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
+                                  NewTopic, ResourceType)
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -28,7 +29,7 @@ from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from common.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import AppProcess, free_port
-from tests.helpers import MqttDevice, kafka_consumer, wait_for
+from tests.helpers import MqttDevice, dead_command, kafka_consumer, wait_for
 
 
 class BridgeProcess:
@@ -232,6 +233,24 @@ def test_new_device_queue_is_consumed_within_5_s(settings, new_device, bridges, 
     assert bridge.stop(signal.SIGINT) == 0
 
 
+def test_queue_events_bring_new_queues_without_waiting_for_a_listing(
+        settings, new_device, bridges, kafka_topic, admin_channel):
+    prefix = f"E{uuid.uuid4().hex[:6]}"
+    new_device(prefix)
+    # One listing at start, the next only after 10 minutes: what follows is the event exchange's.
+    bridge = bridges("--queue-pattern", rf"^webos\.{prefix}", "--topic-template", kafka_topic,
+                     "--discovery-interval", "600")
+    bridge.wait_consuming(1)
+    assert "no queue events" not in bridge.output
+    device = new_device(prefix)
+    wait_for(lambda: bridge.metric("webos_bridge_queues") >= 2, 5,
+             message=f"the bridge to consume webos.{device} from its queue.created event")
+    topology.delete_device(admin_channel, device)
+    wait_for(lambda: bridge.metric("webos_bridge_queues") == 1, 5,
+             message="the bridge to drop the deleted queue")
+    assert bridge.stop(signal.SIGINT) == 0
+
+
 def dead_messages_of(admin_channel, queue: str, count: int, timeout: float = 20.0) -> dict:
     """Messages parked for `queue` in webos.dead, by reason; others are left there."""
     found = {}
@@ -250,18 +269,26 @@ def dead_messages_of(admin_channel, queue: str, count: int, timeout: float = 20.
     return found
 
 
-def test_poison_messages_are_parked_with_reasons_and_the_queue_keeps_flowing(
-        settings, new_device, bridges, admin_channel):
-    device = new_device("P")
-    queue = topology.device_queue(device)
-    # This device's topic takes at most 50 kB: a 100 kB JSON object passes the bridge's own
-    # size check (1 MB; the template hides which topic it is at start) and Kafka refuses it.
+def bridge_to_a_50_kb_topic(settings, bridges, device):
+    """(topic, admin client, bridge): `device`'s own topic, taking at most 50 kB, and a bridge
+    consuming its queue into topic template test.bridge.{device}. A 100 kB JSON object passes
+    the bridge's own size check (1 MB; the template hides which topic it is at start) and Kafka
+    refuses it (kafka-rejected)."""
     topic = f"test.bridge.{device}"
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "50000"})])[topic] \
         .result(30)
-    bridge = bridges("--queues", queue, "--topic-template", "test.bridge.{device}")
+    bridge = bridges("--queues", topology.device_queue(device), "--topic-template",
+                     "test.bridge.{device}")
     bridge.wait_consuming(1)
+    return topic, admin, bridge
+
+
+def test_poison_messages_are_parked_with_reasons_and_the_queue_keeps_flowing(
+        settings, new_device, bridges, admin_channel):
+    device = new_device("P")
+    queue = topology.device_queue(device)
+    topic, admin, bridge = bridge_to_a_50_kb_topic(settings, bridges, device)
     client = device_client(settings, device)
     try:
         assert client.publish(topology.mqtt_topic(device, "info"), body(device, 0))
@@ -318,6 +345,132 @@ def assert_complete_and_ordered(records, device: str, count: int) -> int:
     first_seen = list(dict.fromkeys(seqs))
     assert first_seen == sorted(first_seen)
     return len(seqs) - count
+
+
+def test_dead_list_shows_parked_messages_and_leaves_them_in_place(
+        settings, new_device, bridges, admin_channel):
+    device = new_device("DL")
+    queue = topology.device_queue(device)
+    bridge = bridges("--queues", queue)
+    bridge.wait_consuming(1)
+    properties = pika.BasicProperties(delivery_mode=2)
+    for payload in (b"\x00 not json", b"[1, 2, 3]"):
+        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+                                    payload, properties)
+    wait_for(lambda: sum(bridge.metric(f'webos_bridge_dead_lettered_total{{reason="{reason}"}}')
+                         for reason in ("not-json", "not-a-json-object")) >= 2, 20,
+             message="both messages parked")
+    assert bridge.stop(signal.SIGINT) == 0
+    depth = admin_channel.queue_declare(topology.DEAD_QUEUE, passive=True).method.message_count
+
+    def dead_list(*flags):
+        return dead_command(settings, "list", *flags)
+    listed = dead_list("--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert dead_list("--format", "json").stdout == listed.stdout  # same messages, same order
+    ours = [json.loads(line) for line in listed.stdout.splitlines()
+            if json.loads(line)["queue"] == queue]
+    assert [(row["device"], row["reason"], row["size"], row["routing_key"]) for row in ours] == [
+        (device, "not-json", 10, topology.routing_key(device, "info")),
+        (device, "not-a-json-object", 9, topology.routing_key(device, "info"))]
+    assert all(row["parked_at"] and row["detail"] for row in ours)
+    # Nothing was taken out.
+    assert admin_channel.queue_declare(topology.DEAD_QUEUE,
+                                       passive=True).method.message_count == depth
+    table = dead_list()
+    assert table.returncode == 0 and f"{depth} message(s) in webos.dead" in table.stdout
+    assert device in table.stdout and "not-a-json-object" in table.stdout
+
+
+def parked_rows(settings: Settings, device: str) -> list[dict]:
+    listed = dead_command(settings, "list", "--device", device, "--format", "json",
+                          "--limit", "100000")
+    assert listed.returncode == 0, listed.stderr
+    return [json.loads(line) for line in listed.stdout.splitlines()]
+
+
+def test_dead_redrive_forwards_what_was_fixed_and_parks_again_what_was_not(
+        settings, new_device, bridges, admin_channel):
+    device = new_device("RD")
+    topic, admin, bridge = bridge_to_a_50_kb_topic(settings, bridges, device)
+    properties = pika.BasicProperties(delivery_mode=2)
+    for payload in (b"\x00 not json", b"[1, 2, 3]", body(device, 1, pad="y" * 100_000),
+                    b'{"pad": "' + b"x" * 1_200_000 + b'"}'):
+        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+                                    payload, properties)
+    wait_for(lambda: bridge.metric("webos_bridge_acked_total") == 4, 30, message="all 4 parked")
+    rows = parked_rows(settings, device)
+    assert sorted(row["reason"] for row in rows) == [
+        "kafka-rejected", "not-a-json-object", "not-json", "too-large"]
+    assert all(row["redrives"] == 0 and row["history"] == [] for row in rows)
+
+    # The cause of kafka-rejected fixed: the topic takes 2 MB now.
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[ConfigEntry(
+        "max.message.bytes", "2000000", incremental_operation=AlterConfigOpType.SET)])
+    admin.incremental_alter_configs([resource])[resource].result(30)
+    redrive = dead_command(settings, "redrive", "--device", device, "--reason", "kafka-rejected")
+    assert redrive.returncode == 0, redrive.stderr
+    assert "redriven 1 of 1" in redrive.stdout
+    records = read_records(settings, topic, lambda got: len(got) >= 1)
+    assert seqs_of(records, device) == [1]
+    assert dict(records[0].headers())["user.x-webos-redrives"] == b"1"  # Kafka sees it came back
+
+    # not-json cannot be fixed: the bridge parks it again, counted, with its first parking.
+    redrive = dead_command(settings, "redrive", "--device", device, "--reason", "not-json")
+    assert redrive.returncode == 0 and "redriven 1 of 1" in redrive.stdout, redrive.stderr
+    wait_for(lambda: bridge.metric('webos_bridge_dead_lettered_total{reason="not-json"}') == 2,
+             20, message="not-json parked again")
+    again = [row for row in parked_rows(settings, device) if row["reason"] == "not-json"]
+    assert len(again) == 1 and again[0]["redrives"] == 1
+    assert [entry["reason"] for entry in again[0]["history"]] == ["not-json"]
+    # ... and a message redriven --max-redrives times stays where it is.
+    held = dead_command(settings, "redrive", "--device", device, "--reason", "not-json",
+                        "--max-redrives", "1")
+    assert "redriven 0 of 1" in held.stdout and "redriven 1 times already" in held.stderr
+
+    # purge asks first: a no keeps everything, --yes removes only what was selected.
+    refused = dead_command(settings, "purge", "--device", device, "--reason", "too-large",
+                           input="n\n")
+    assert refused.returncode == 1 and "remove 1 message(s)" in refused.stderr
+    assert len(parked_rows(settings, device)) == 3
+    purged = dead_command(settings, "purge", "--device", device, "--reason", "too-large", "--yes")
+    assert purged.returncode == 0 and "purged 1 message(s)" in purged.stdout, purged.stderr
+    assert sorted(row["reason"] for row in parked_rows(settings, device)) == [
+        "not-a-json-object", "not-json"]
+    assert "say which messages" in dead_command(settings, "purge").stderr
+    assert bridge.stop() == 0
+
+
+def test_a_redrive_killed_halfway_loses_nothing(
+        settings, new_device, bridges, kafka_topic, admin_channel, tmp_path):
+    device = new_device("RK")
+    queue = topology.device_queue(device)
+    count = 5000
+    for seq in range(count):  # parked as the bridge parks a message Kafka refused
+        admin_channel.basic_publish("", topology.DEAD_QUEUE, body(device, seq), pika.BasicProperties(
+            delivery_mode=2, timestamp=int(time.time()), headers={
+                "x-webos-dead-reason": "kafka-rejected", "x-webos-dead-detail": "test",
+                "x-webos-queue": queue, "x-webos-exchange": topology.TOPIC_EXCHANGE,
+                "x-webos-routing-key": topology.routing_key(device, "info")}))
+    wait_for(lambda: len(parked_rows(settings, device)) == count, 30, 0.2, f"{count} parked")
+    redrive = AppProcess(["bridge", "dead", "redrive", "--device", device],
+                         {**os.environ, **settings.to_env()}, tmp_path / "redrive.log")
+    wait_for(lambda: "200 redriven" in redrive.output(), 60, interval=0.01,
+             message="the redrive to report progress")
+    assert redrive.kill() == -signal.SIGKILL  # halfway: it had not finished
+    on_the_way = queue_depth(admin_channel, queue)
+    still_parked = len(parked_rows(settings, device))
+    assert 200 <= on_the_way < count
+    assert on_the_way + still_parked >= count  # each one somewhere, some maybe in both
+
+    finish = dead_command(settings, "redrive", "--device", device)
+    assert finish.returncode == 0, finish.stderr
+    assert parked_rows(settings, device) == []
+    bridge = bridges("--queues", queue, "--topic-template", kafka_topic)
+    records = read_records(settings, kafka_topic, lambda got: len(got) >= count and
+                           set(seqs_of(got, device)) >= set(range(count)), 90)
+    assert len(records) - count <= 1  # at most the one in flight when it was killed
+    assert bridge.stop() == 0
 
 
 def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 from hypothesis import given
@@ -10,10 +11,12 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.__main__ import build_parser
-from bridge.discovery import select_queues
+from bridge.discovery import QueueDiscovery, count_active, select_queues
+from bridge.forwarder import PRIORITIES, share_priority
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
 from bridge.delivery import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
+from rabbitmq import topology
 from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
 from common.config import Settings, load_settings
 
@@ -296,3 +299,162 @@ def test_bad_flags_exit_2_with_a_message(argv, capsys):
         build_parser(Settings()).parse_args(argv)
     assert exited.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_share_priorities_spread_the_queues_evenly_and_stay_put_when_an_instance_joins():
+    queues = [f"webos.D{n}" for n in range(3000)]
+
+    def owners(instances):
+        return {q: max(instances, key=lambda i: share_priority(i, q)) for q in queues}
+
+    two = owners(["host:9108", "host:9109"])
+    three = owners(["host:9108", "host:9109", "host:9110"])
+    shares = Counter(three.values())
+    assert all(800 <= count <= 1200 for count in shares.values()), shares
+    # Rendezvous hashing: the newcomer takes queues from both; no queue moves between the old two.
+    moved = [q for q in queues if two[q] != three[q]]
+    assert all(three[q] == "host:9110" for q in moved)
+    assert share_priority("host:9108", queues[0]) == share_priority("host:9108", queues[0])
+    assert all(0 <= share_priority("x", q) < PRIORITIES for q in queues)
+
+
+def test_an_instance_is_active_where_its_consumer_has_the_highest_priority():
+    def consumer(instance, queue, priority):
+        return {"consumer_tag": f"webos-bridge {instance} {queue}",
+                "arguments": {"x-priority": priority}}
+    listed = [consumer("a:1", "webos.D1", 10), consumer("b:2", "webos.D1", 20),
+              consumer("a:1", "webos.D2", 30), consumer("b:2", "webos.D2", 5),
+              consumer("a:1", "webos.D3", 1), {"consumer_tag": "amq.ctag-x", "arguments": {}}]
+    assert count_active(listed, "webos-bridge a:1 ") == 2
+    assert count_active(listed, "webos-bridge b:2 ") == 1
+    # Classic queues (single node): the first consumer stays active, as the API flags it.
+    flagged = [{**consumer("a:1", "webos.D1", 10), "active": True},
+               {**consumer("b:2", "webos.D1", 20), "active": False}]
+    assert count_active(flagged, "webos-bridge a:1 ", by_priority=False) == 1
+    assert count_active(flagged, "webos-bridge b:2 ", by_priority=False) == 0
+
+
+def test_queue_events_change_the_known_queues_and_win_over_a_listing_in_flight():
+    discovery = QueueDiscovery(Settings(), re.compile(r"^webos\.K"))
+    assert discovery.on_event("webos.K1", True) and discovery.queues == {"webos.K1"}
+    assert not discovery.on_event("webos.K1", True)        # already known
+    assert not discovery.on_event("webos.other", True)     # not matching the pattern
+    assert not discovery.on_event("webos.dead", True)      # not a device queue
+
+    class Listing:  # a listing that started before the events below and ends after them
+        def get(self, url, params, timeout):
+            discovery.on_event("webos.K3", True)
+            discovery.on_event("webos.K1", False)
+            return type("Answer", (), {"raise_for_status": lambda self: None,
+                                       "json": lambda self: [{"name": "webos.K1"},
+                                                             {"name": "webos.K2"}]})()
+    discovery._list(Listing())
+    assert discovery.queues == {"webos.K2", "webos.K3"}
+
+
+def test_dead_listing_describes_bridge_parked_and_broker_dead_lettered_messages():
+    import datetime as dt
+    import io
+
+    import pika
+
+    from bridge.dead_letters import describe, print_table
+
+    parked = describe(pika.BasicProperties(timestamp=1796180000, headers={
+        "x-webos-dead-reason": "not-json", "x-webos-dead-detail": "value is not JSON",
+        "x-webos-queue": "webos.D1", "x-webos-routing-key": "webos.D1.info"}), b"\x00 junk")
+    limit = describe(pika.BasicProperties(headers={
+        "x-first-death-reason": b"delivery_limit", "x-first-death-queue": b"webos.D2",
+        "x-death": [{"time": dt.datetime(2026, 12, 2, 6, 0, tzinfo=dt.timezone.utc),
+                     "routing-keys": [b"webos.D2.error"]}]}), b"{}")
+    assert parked == {"device": "D1", "queue": "webos.D1", "reason": "not-json",
+                      "detail": "value is not JSON", "exchange": "", "routing_key": "webos.D1.info",
+                      "redrives": 0, "history": [], "size": 6,
+                      "parked_at": "2026-12-02T02:53:20+00:00"}
+    assert (limit["device"], limit["reason"], limit["routing_key"], limit["parked_at"]) == \
+        ("D2", "delivery_limit", "webos.D2.error", "2026-12-02T06:00:00+00:00")
+    out = io.StringIO()
+    print_table(5, [parked, limit], out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "5 message(s) in webos.dead; the first 2:"
+    assert lines[1].split() == ["PARKED_AT", "DEVICE", "REASON", "REDRIVES", "SIZE", "DETAIL"]
+    assert "not-json" in lines[2] and "delivery_limit" in lines[3]
+
+
+def test_a_redriven_message_leaves_its_parking_in_its_history_and_counts_up():
+    import pika
+
+    from bridge.dead_letters import describe, redriven_properties
+
+    properties = pika.BasicProperties(content_type="application/json", timestamp=1796180000,
+                                      headers={"x-webos-dead-reason": "too-large",
+                                               "x-webos-dead-detail": "2 MB",
+                                               "x-webos-queue": "webos.D1",
+                                               "x-webos-routing-key": "webos.D1.info",
+                                               "x-webos-exchange": "webos.topic",
+                                               "x-first-death-reason": "delivery_limit",
+                                               "unit": "celsius"})
+    row = describe(properties, b"{}")
+    first = redriven_properties(properties, row)
+    assert first.headers["x-webos-redrives"] == 1
+    assert first.headers["unit"] == "celsius" and first.content_type == "application/json"
+    assert not any(name.startswith(("x-webos-dead-reason", "x-webos-queue", "x-first-death"))
+                   for name in first.headers)
+    # Parked again by the bridge (which keeps the headers it got), then redriven again.
+    again = pika.BasicProperties(headers={**first.headers, "x-webos-dead-reason": "not-json",
+                                          "x-webos-queue": "webos.D1",
+                                          "x-webos-routing-key": "webos.D1.info"})
+    second = redriven_properties(again, describe(again, b"{}"))
+    assert second.headers["x-webos-redrives"] == 2
+    assert [entry["reason"] for entry in json.loads(second.headers["x-webos-dead-history"])] == [
+        "too-large", "not-json"]
+
+
+def test_dead_selection_takes_any_of_the_reasons_and_any_of_the_devices():
+    from bridge.dead_letters import Selection
+
+    rows = [{"reason": reason, "device": device}
+            for reason in ("not-json", "too-large") for device in ("D1", "D2")]
+    chosen = Selection(frozenset({"too-large"}), frozenset({"D1", "D2"}))
+    assert [row for row in rows if chosen.matches(row)] == rows[2:]
+    assert all(Selection(everything=True).matches(row) for row in rows)
+    assert [row["device"] for row in rows if Selection(devices=frozenset({"D2"})).matches(row)] \
+        == ["D2", "D2"]
+    assert str(chosen) == "reason too-large, device D1 or D2"
+
+
+# Headers of connection events as RabbitMQ 4.0.5's event exchange sent them (trimmed).
+MQTT_CONNECTED = {"client_properties": ['{client_id,longstr,<<"4HHC2-392">>}'],
+                  "node": "webos@localhost", "protocol": "{'MQTT',{3,1,1}}", "ssl": True,
+                  "timestamp_in_ms": 1796194853300, "user": "4HHC2-392", "vhost": "/"}
+
+
+def test_a_device_mqtt_connection_event_becomes_a_presence_record():
+    from bridge.presence import presence_record
+
+    device, value = presence_record("connection.created", MQTT_CONNECTED)
+    assert device == "4HHC2-392"
+    assert json.loads(value) == {"type": "connected", "device": "4HHC2-392",
+                                 "client_id": "4HHC2-392", "node": "webos@localhost",
+                                 "ts": 1796194853300}
+    closed = {**MQTT_CONNECTED, "reason": b"keepalive timeout"}
+    assert json.loads(presence_record("connection.closed", closed)[1])["reason"] == \
+        "keepalive timeout"
+
+
+@pytest.mark.parametrize("event, headers", [
+    ("connection.created", {**MQTT_CONNECTED, "protocol": "{0,9,1}", "user": "4HHC2-392"}),
+    ("connection.created", {**MQTT_CONNECTED, "user": "webos-bridge"}),
+    ("channel.created", MQTT_CONNECTED),
+    ("connection.created", None),
+])
+def test_other_connections_are_not_presence(event, headers):
+    from bridge.presence import presence_record
+
+    assert presence_record(event, headers) is None
+
+
+def test_shared_queue_names_are_no_device_ids():
+    for name in ("dead", "unrouted", "presence"):
+        assert not topology.is_valid_device_id(name)
+        assert topology.device_of_queue(f"webos.{name}") is None

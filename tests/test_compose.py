@@ -9,7 +9,7 @@ import yaml
 from common.config import REPO_ROOT
 
 COMPOSE_FILES = ["docker-compose.yml", "Dockerfile", "requirements.txt", "rabbitmq", "stack",
-                 "publisher", "bridge", "consumer"]
+                 "publisher", "bridge", "consumer", "monitoring"]
 
 
 @pytest.fixture
@@ -31,7 +31,8 @@ def resolved_compose(tmp_path) -> dict:
 def test_compose_has_every_service_with_healthchecked_brokers(resolved_compose):
     config, _ = resolved_compose
     services = config["services"]
-    assert set(services) == {"pki", "rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer"}
+    assert set(services) == {"pki", "rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer",
+                             "prometheus", "grafana"}
     assert services["rabbitmq"]["depends_on"]["pki"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["kafka"]
     assert services["setup"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
@@ -87,3 +88,18 @@ def test_compose_serves_tls_only_and_shares_one_pki(resolved_compose):
         assert any(v.startswith("pki:/pki") for v in volumes), (name, volumes)
     for name in ("setup", "publisher", "bridge", "consumer"):
         assert services[name]["environment"]["WEBOS_PKI_DIR"] == "/pki"
+
+
+def test_compose_prometheus_scrapes_every_service_with_the_tested_rules(resolved_compose):
+    config, copy = resolved_compose
+    services = config["services"]
+    scrape = yaml.safe_load((REPO_ROOT / "monitoring" / "prometheus.yml").read_text())
+    targets = {target.split(":")[0] for job in scrape["scrape_configs"]
+               for static in job["static_configs"] for target in static["targets"]}
+    assert targets == {"bridge", "publisher", "consumer", "rabbitmq"} <= set(services)
+    mounted = {str(Path(v.split(":")[0] if isinstance(v, str) else v["source"]).relative_to(copy))
+               for v in services["prometheus"]["volumes"]
+               if (v.split(":")[0] if isinstance(v, str) else v["source"]).startswith("/")}
+    assert mounted == {"monitoring/prometheus.yml", "monitoring/alerts.yml"}
+    # Grafana's admin password is the one in .env, as RabbitMQ's is: none in the repository.
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "a"

@@ -52,3 +52,21 @@ def test_a_command_exits_2_with_the_message_on_a_config_error():
     assert done.returncode == 2
     assert "configuration error: WEBOS_AMQP_PORT='five' is not a valid int" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_each_cluster_node_has_its_own_ports_and_node_name():
+    settings = Settings(rabbitmq_nodes=3, amqp_port=5671, mqtt_port=8883, management_port=15671)
+    nodes = settings.rabbitmq_addresses()
+    assert [(n.amqp_port, n.mqtt_port, n.management_port) for n in nodes] == [
+        (5671, 8883, 15671), (5681, 8893, 15681), (5691, 8903, 15691)]
+    assert [n.rabbitmq_node for n in nodes] == ["webos", "webos-2", "webos-3"]
+    assert settings.cluster and not nodes[1].cluster
+    assert Settings().rabbitmq_addresses() == [Settings()]
+    with pytest.raises(ConfigError, match="WEBOS_RABBITMQ_NODES"):
+        Settings(rabbitmq_nodes=0)
+    # node 3's plain management port (15672 + 20) would be node 1's rabbitmq_prometheus port
+    with pytest.raises(ConfigError, match="node 3's WEBOS_MANAGEMENT_PLAIN_PORT and node 1's "
+                                          "WEBOS_RABBITMQ_METRICS_PORT would both be port 15692"):
+        Settings(rabbitmq_nodes=3, plain_listeners=True).check_local_ports()
+    Settings(rabbitmq_nodes=3, plain_listeners=True, rabbitmq_metrics_port=15800).check_local_ports()
+    Settings().check_local_ports()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ import requests
 from confluent_kafka import Producer
 
 from common.config import REPO_ROOT, Settings
+from rabbitmq import topology
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port
 from tests.helpers import wait_for
@@ -78,39 +78,20 @@ def run_consumer(settings: Settings, *args: str, timeout: float = 60) -> subproc
                           timeout=timeout)
 
 
-class RunningConsumer:
-    """`python -m consumer ARGS` in the background; stdout and stderr lines collected as they come."""
+class RunningConsumer(AppProcess):
+    """`python -m consumer ARGS` in the background, its stdout and stderr in files of their own."""
 
-    def __init__(self, settings: Settings, *args: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "consumer", *args], cwd=REPO_ROOT,
-                                        env=consumer_env(settings), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
-                        for stream, lines in ((self.process.stdout, self.stdout),
-                                              (self.process.stderr, self.stderr))]
-        for reader in self.readers:
-            reader.start()
+    def __init__(self, settings: Settings, log_dir: Path, *args: str):
+        super().__init__(["consumer", *args], consumer_env(settings), log_dir / "consumer.out",
+                         stderr_path=log_dir / "consumer.err")
 
-    @staticmethod
-    def _read(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
+    @property
+    def stdout(self) -> list[str]:
+        return self.output().splitlines()
 
-    def stop(self, signum=signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
-        """Send `signum`; the exit status and the seconds it took to exit."""
-        started = time.monotonic()
-        self.process.send_signal(signum)
-        status = self.process.wait(timeout)
-        for reader in self.readers:
-            reader.join(5)
-        return status, time.monotonic() - started
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+    @property
+    def stderr(self) -> list[str]:
+        return self.output(stream="stderr").splitlines()
 
 
 def json_lines(output: str) -> list[dict]:
@@ -135,13 +116,12 @@ class LiveView:
         self.app = AppProcess(["consumer", "serve", "--port", str(self.port), "--topic", topic,
                                "--group", self.group], consumer_env(settings), Path(self.log.name))
         self.process = self.app.process
-        wait_for(self._healthy, 30, message="the live view to answer /healthz")
+        wait_for(self._healthy, 30, message="the live view to answer /healthz", watch=[self.app])
 
     def output(self) -> str:
         return self.app.output()
 
     def _healthy(self) -> bool:
-        assert self.process.poll() is None, self.output()
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
@@ -292,7 +272,7 @@ def test_summary_counts_seq_gaps(settings, topic):
     assert [("seq=6" in gap_lines[0]), ("seq=9" in gap_lines[1])] == [True, True]
 
 
-def test_restarted_consumer_in_same_group_resumes_where_it_stopped(settings, topic):
+def test_restarted_consumer_in_same_group_resumes_where_it_stopped(settings, topic, tmp_path):
     group = f"test-resume-{uuid.uuid4().hex[:8]}"
     first_batch = [device_record(device, seq) for seq in range(1, 11) for device in DEVICES]
     produce(settings, topic, first_batch)
@@ -312,13 +292,14 @@ def test_restarted_consumer_in_same_group_resumes_where_it_stopped(settings, top
         {json.loads(value)["msg_id"] for _, value, _ in first_batch}
 
     # stopped by SIGTERM while running: records that arrive while it is down come next, once
-    running = RunningConsumer(settings, "--topic", topic, "--group", group, "--format", "json")
+    running = RunningConsumer(settings, tmp_path, "--topic", topic, "--group", group,
+                              "--format", "json")
     try:
         wait_for(lambda: any("assigned" in line for line in running.stderr), 20,
                  message="the consumer to join its group")
         produce(settings, topic, [device_record(DEVICES[0], 11)])
         wait_for(lambda: len(running.stdout) == 1, 20, message="the live record")
-        status, _ = running.stop(signal.SIGTERM)
+        status = running.stop(10, signal.SIGTERM)
     finally:
         running.kill()
     assert status == 0
@@ -355,10 +336,11 @@ def test_non_json_records_are_shown_raw_and_counted(settings, topic, output_form
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_exits_zero_promptly_and_only_new_records_by_default(settings, topic, signum):
+def test_signal_exits_zero_promptly_and_only_new_records_by_default(settings, topic, signum,
+                                                                      tmp_path):
     old = [device_record(DEVICES[0], seq) for seq in (1, 2, 3)]
     produce(settings, topic, old)
-    running = RunningConsumer(settings, "--topic", topic, "--format", "json")
+    running = RunningConsumer(settings, tmp_path, "--topic", topic, "--format", "json")
     try:
         # once it logs its assignment, the start positions are pinned: anything produced now
         # is new to it, and nothing produced before is
@@ -368,7 +350,9 @@ def test_signal_exits_zero_promptly_and_only_new_records_by_default(settings, to
         produce(settings, topic, new)
         wait_for(lambda: sum(1 for line in running.stdout if DEVICES[2] in line) == 2, 20,
                  message="the new records")
-        status, seconds = running.stop(signum)
+        started = time.monotonic()
+        status = running.stop(10, signum)
+        seconds = time.monotonic() - started
     finally:
         running.kill()
 
@@ -456,3 +440,61 @@ def test_live_view_streams_a_produced_record_and_shows_lag(settings, topic):
         assert lag["group"] == view.group and len(lag["partitions"]) == 6
     finally:
         assert view.stop() == 0
+
+
+# A device as its own process, so that it can be killed: it connects with its certificate,
+# publishes once and waits.
+DEVICE_PROCESS = """
+import sys, threading
+from common.config import load_settings
+from rabbitmq import topology
+from tests.helpers import MqttDevice
+device = sys.argv[1]
+client = MqttDevice(load_settings(), device)
+assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
+assert client.publish(topology.mqtt_topic(device, "info"), b'{"seq": 1, "status": "Active"}')
+print("published", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_presence_of_a_killed_device_reaches_kafka_and_the_live_view(
+        settings, new_device, tmp_path):
+    device = new_device("PR")
+    env = consumer_env(settings)
+    bridge = AppProcess(["bridge", "--queues", f"webos.{device}", "--metrics-port",
+                         str(free_port())], env, tmp_path / "bridge.log")
+    view = LiveView(settings, settings.kafka_topic)
+    try:
+        wait_for(lambda: "consuming webos.presence" in bridge.output(), 30,
+                 message="the bridge to consume webos.presence", watch=[bridge])
+        client = AppProcess(["-c", DEVICE_PROCESS, device], env, tmp_path / "device.log")
+        wait_for(lambda: "published" in client.output(), 30, message="the device to publish",
+                 watch=[client])
+        assert client.kill() == -signal.SIGKILL
+
+        shown = run_consumer(settings, "--presence", "--from-beginning", "--device", device,
+                             "--format", "json", "--count", "2")
+        assert shown.returncode == 0, shown.stderr
+        records = [json.loads(line) for line in shown.stdout.splitlines()]
+        assert [(r["key"], r["headers"]["type"], r["payload"]["type"]) for r in records] == [
+            (device, "connected", "connected"), (device, "disconnected", "disconnected")]
+        with topology.management_api(settings) as http:
+            node = http.get(f"{settings.management_url}/api/overview", timeout=10).json()["node"]
+        assert all(r["payload"]["client_id"] == device and r["payload"]["device"] == device
+                   and r["payload"]["node"] == node for r in records)
+        assert records[0]["payload"]["ts"] <= records[1]["payload"]["ts"]
+
+        def shown_offline():
+            devices = requests.get(view.url + "/api/state", timeout=5).json()["devices"]
+            row = next((d for d in devices if d["id"] == device), None)
+            return row if row and row["online"] is False else None
+        row = wait_for(shown_offline, 30, 0.2, f"the live view to show {device} offline")
+        assert row["online_since"] == records[1]["payload"]["ts"]
+        pretty = run_consumer(settings, "--presence", "--from-beginning", "--device", device,
+                              "--count", "2", "--color", "never")
+        assert [line.split()[1:3] for line in pretty.stdout.splitlines()] == [
+            [device, "connected"], [device, "disconnected"]]
+    finally:
+        view.stop()
+        bridge.stop(30)

@@ -182,6 +182,50 @@ def test_feed_updates_device_state_and_fans_out_to_subscribers():
     assert late.events.empty()
 
 
+def test_feed_shows_a_device_online_then_offline_from_its_presence_records():
+    feed = LiveFeed({"bootstrap.servers": "127.0.0.1:1"}, "webos.events", max_client_queue=10,
+                    presence_topic="webos.presence")
+    page, _ = feed.subscribe()
+    for kind, ts in (("connected", 1796194853300), ("disconnected", 1796194856354)):
+        feed.handle_presence(record(json.dumps({"type": kind, "device": "3DF92-192", "ts": ts}).encode(),
+                                    headers={"type": kind}))
+    events = [page.events.get_nowait() for _ in range(2)]
+    assert [(event, data["device"]["online"]) for event, data in events] == [
+        ("presence", True), ("presence", False)]
+    device = feed.snapshot()["devices"][0]
+    assert (device["online"], device["online_since"]) == (False, 1796194856354)
+    assert feed.snapshot()["totals"]["records"] == 0  # presence is not a device message
+
+
+def test_pretty_presence_line_names_the_node_and_client_id():
+    line = format_pretty(record(json.dumps({"type": "disconnected", "device": "3DF92-192",
+                                            "client_id": "3DF92-192", "node": "webos@localhost",
+                                            "ts": 1}).encode(), headers={"type": "disconnected"}))
+    assert "3DF92-192" in line and "disconnected" in line
+    assert "on webos@localhost (client id 3DF92-192)" in line
+
+
+def test_live_view_metrics_give_each_device_its_last_message_activity_and_presence():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app({"SETTINGS": Settings(), "START_FEED": False, "KAFKA_TOPIC": "t1"})
+    feed = app.extensions["live_feed"]
+    feed.handle(record(payload(seq=1, status="Active")))
+    feed.handle_presence(record(json.dumps({"type": "disconnected", "device": "3DF92-192",
+                                            "ts": 5}).encode(), headers={"type": "disconnected"}))
+    feed.lag = [{"partition": 0, "committed": 3, "low": 0, "high": 10, "lag": 7}]
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    device = (("device", "3DF92-192"),)
+    assert samples[("webos_device_last_message_timestamp_seconds", device)] == 1763800000.123
+    assert samples[("webos_device_active", device)] == 1
+    assert samples[("webos_device_online", device)] == 0
+    assert samples[("webos_consumer_group_lag", (("group", "webos-live-view"), ("partition", "0"),
+                                                 ("topic", "t1")))] == 7
+    assert samples[("webos_consumer_records_total", ())] == 1
+
+
 def test_app_serves_the_page_and_state_without_starting_kafka():
     app = create_app({"SETTINGS": Settings(), "START_FEED": False, "KAFKA_TOPIC": "t1"})
     client = app.test_client()

@@ -32,10 +32,11 @@ def stack_environment(tmp_path) -> dict[str, str]:
     env = {**os.environ,
            "WEBOS_STACK_DIR": str(tmp_path / "stack"),
            "WEBOS_RABBITMQ_NODE": f"webos-make-run-{os.getpid()}",
-           "WEBOS_AMQP_PORT": str(free_port(offset=20000)),  # + Erlang distribution
+           "WEBOS_AMQP_PORT": str(free_port(20000)),  # + Erlang distribution
            "WEBOS_MQTT_PORT": str(free_port()),
            "WEBOS_MANAGEMENT_PORT": str(free_port()),
-           "WEBOS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port(offset=1)}",  # + controller
+           "WEBOS_RABBITMQ_METRICS_PORT": str(free_port()),
+           "WEBOS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port(1)}",  # + controller
            "WEBOS_PUBLISHER_PORT": str(free_port()),
            "WEBOS_CONSUMER_PORT": str(free_port()),
            "WEBOS_BRIDGE_METRICS_PORT": str(free_port()),
@@ -148,14 +149,69 @@ class MakeRun:
         return output
 
 
-def test_make_run_twice_then_make_clean(tmp_path):
-    env = stack_environment(tmp_path)
+def publisher_runs(records, device: str) -> list[list[int]]:
+    """One device's seqs in Kafka order, one list per publisher process (each starts at seq 1),
+    repeats of a msg_id (redelivered after the bridge was killed) dropped."""
+    seen, runs = set(), []
+    for record in records:
+        payload = json.loads(record.value())
+        if record.key() != device.encode() or payload["msg_id"] in seen:
+            continue
+        seen.add(payload["msg_id"])
+        if payload["seq"] == 1 or not runs:
+            runs.append([])
+        runs[-1].append(payload["seq"])
+    return runs
 
+
+def kill_the_bridge_then_the_publisher(run: MakeRun) -> tuple[list, dict[str, int]]:
+    """kill -9 the bridge, then the publisher, each seen started again by make run's supervisor
+    while the brokers and the consumer run on; returns Kafka's records once both devices published
+    after the restarts, and what RabbitMQ had acknowledged to each device before the kill."""
+    brokers = {broker: run.pid(broker) for broker in ("rabbitmq", "kafka")}
+    consumer = wait_for(lambda: run.pid("consumer"), 30, message="consumer running")
+    for app in ("bridge", "publisher"):
+        killed = wait_for(lambda: run.pid(app), 30, message=f"{app} running")
+        if app == "publisher":
+            devices = requests.get(run.pages["publisher"] + "devices", timeout=5).json()["devices"]
+            acked = {device["id"]: device["acked"] for device in devices}
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: run.pid(app) not in (None, killed), 60, interval=0.5,
+                 message=f"{app} running again with a new pid (make status)")
+        wait_for(lambda: answers(run.pages[app]), 60, interval=0.5,
+                 message=f"{app}'s page answering again")
+        assert f"exited: {app} (terminated by SIGKILL; not expected)" in run.output()
+
+    assert {broker: run.pid(broker) for broker in brokers} == brokers, "a broker was restarted"
+    assert None not in brokers.values()
+    assert run.pid("consumer") == consumer, "the consumer was restarted too"
+    restarted_ms = time.time() * 1000
+
+    def fresh_devices(records) -> set[str]:
+        return {record.key().decode() for record in records
+                if json.loads(record.value())["ts"] > restarted_ms}
+    devices = set(topology.registered_devices(run.settings))
+    records = run.read_kafka(lambda records: fresh_devices(records) == devices)
+    assert fresh_devices(records) == devices, "no records after the restarts"
+    return records, acked
+
+
+def test_make_run_restarts_killed_apps_keeps_its_data_and_make_clean_deletes_it(tmp_path):
+    # One stack for three checks (a stack's start is most of each one's time).
+    env = stack_environment(tmp_path)
     with MakeRun(env, tmp_path / "first-run.log") as first_run:
         first_run.wait_until_up()
-        first = first_run.read_kafka(lambda records: len(records) >= 4)
+        first, acked = kill_the_bridge_then_the_publisher(first_run)
         first_run.ctrl_c()
-    assert len(first) >= 4, "the simulated devices' messages did not reach Kafka"
+
+    # The audit: nothing RabbitMQ acknowledged was lost, across both kills (seq counts per device
+    # from 1 in each publisher process; a repeat after the bridge's kill is not a loss).
+    for device in topology.registered_devices(first_run.settings):
+        killed_run, restarted_run = publisher_runs(first, device)
+        assert acked[device] > 0
+        assert set(range(1, acked[device] + 1)) <= set(killed_run), f"{device}: acknowledged, lost"
+        for seqs in (killed_run, restarted_run):
+            assert seqs == list(range(1, len(seqs) + 1)), f"{device}: a gap or reordering"
     kept = {identity(record) for record in first}
 
     # Again on the same data: Kafka still has the first run's records, new ones follow.
@@ -174,63 +230,6 @@ def test_make_run_twice_then_make_clean(tmp_path):
     assert not (tmp_path / "stack" / "kafka").exists(), "make clean left Kafka's data"
     # The certificates stay: real devices enrolled with them keep working after a clean.
     assert (tmp_path / "stack" / "pki" / "ca.crt").exists()
-
-
-def publisher_runs(records, device: str) -> list[list[int]]:
-    """One device's seqs in Kafka order, one list per publisher process (each starts at seq 1),
-    repeats of a msg_id (redelivered after the bridge was killed) dropped."""
-    seen, runs = set(), []
-    for record in records:
-        payload = json.loads(record.value())
-        if record.key() != device.encode() or payload["msg_id"] in seen:
-            continue
-        seen.add(payload["msg_id"])
-        if payload["seq"] == 1 or not runs:
-            runs.append([])
-        runs[-1].append(payload["seq"])
-    return runs
-
-
-def test_make_run_starts_a_killed_bridge_and_publisher_again(tmp_path):
-    with MakeRun(stack_environment(tmp_path), tmp_path / "run.log") as run:
-        run.wait_until_up()
-        brokers = {broker: run.pid(broker) for broker in ("rabbitmq", "kafka")}
-        consumer = wait_for(lambda: run.pid("consumer"), 30, message="consumer running")
-
-        for app in ("bridge", "publisher"):
-            killed = wait_for(lambda: run.pid(app), 30, message=f"{app} running")
-            if app == "publisher":
-                # What RabbitMQ had acknowledged to each device just before the kill.
-                devices = requests.get(run.pages["publisher"] + "devices", timeout=5).json()["devices"]
-                acked = {device["id"]: device["acked"] for device in devices}
-            os.kill(killed, signal.SIGKILL)
-            wait_for(lambda: run.pid(app) not in (None, killed), 60, interval=0.5,
-                     message=f"{app} running again with a new pid (make status)")
-            wait_for(lambda: answers(run.pages[app]), 60, interval=0.5,
-                     message=f"{app}'s page answering again")
-            assert f"exited: {app} (terminated by SIGKILL; not expected)" in run.output()
-
-        assert {broker: run.pid(broker) for broker in brokers} == brokers, "a broker was restarted"
-        assert None not in brokers.values()
-        assert run.pid("consumer") == consumer, "the consumer was restarted too"
-        # Both devices still reach Kafka: records published after both restarts.
-        restarted_ms = time.time() * 1000
-
-        def fresh_devices(records) -> set[str]:
-            return {record.key().decode() for record in records
-                    if json.loads(record.value())["ts"] > restarted_ms}
-        records = run.read_kafka(lambda records: fresh_devices(records) == set(topology.registered_devices(run.settings)))
-        assert fresh_devices(records) == set(topology.registered_devices(run.settings)), "no records after the restarts"
-        run.ctrl_c()
-
-    # The audit: nothing RabbitMQ acknowledged was lost, across both kills (seq counts per device
-    # from 1 in each publisher process; a repeat after the bridge's kill is not a loss).
-    for device in topology.registered_devices(run.settings):
-        killed_run, restarted_run = publisher_runs(records, device)
-        assert acked[device] > 0
-        assert set(range(1, acked[device] + 1)) <= set(killed_run), f"{device}: acknowledged, lost"
-        for seqs in (killed_run, restarted_run):
-            assert seqs == list(range(1, len(seqs) + 1)), f"{device}: a gap or reordering"
 
 
 def test_make_run_reports_an_app_that_keeps_failing_at_start(tmp_path):

@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import pika
 import pytest
-import requests
 
 from bench.pipeline_run import PipelineRun
 from bridge.forwarder import BridgeOptions
@@ -29,7 +28,7 @@ from stack.kafka_server import LocalKafka
 from stack.local import fresh_settings
 from stack.process import free_port
 from stack.rabbitmq_server import LocalRabbitMQ
-from tests.helpers import wait_for
+from tests.helpers import RESTART_RECONNECT_MAX, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -44,10 +43,9 @@ def report_line(name: str, report) -> None:
 
 def queue_messages(settings: Settings, queue: str) -> int | None:
     """`messages` (ready + unacked) of a queue as the management HTTP API shows it."""
-    answer = requests.get(f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
-                          f"{quote(queue, safe='')}",
-                          auth=(settings.admin_user, settings.admin_password),
-                         verify=str(settings.ca_file), timeout=10)
+    with topology.management_api(settings) as http:
+        answer = http.get(f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
+                          f"{quote(queue, safe='')}", timeout=10)
     answer.raise_for_status()
     return answer.json().get("messages")
 
@@ -68,7 +66,8 @@ def own_kafka(tmp_path):
 def own_rabbitmq(tmp_path, settings):
     """A RabbitMQ only this test restarts (topology applied); Kafka is the session's."""
     own = fresh_settings(tmp_path, kafka_bootstrap=settings.kafka_bootstrap,
-                         kafka_topic=settings.kafka_topic)
+                         kafka_topic=settings.kafka_topic,
+                         reconnect_max_seconds=RESTART_RECONNECT_MAX)
     broker = LocalRabbitMQ(tmp_path / "rabbitmq", own, node_name=f"webos-audit-{os.getpid()}",
                            dist_port=free_port())
     broker.start()

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from urllib.parse import quote
@@ -18,9 +15,8 @@ import requests
 from publisher.app import create_app
 from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
-from common.config import REPO_ROOT
-from stack.process import free_port
-from tests.helpers import wait_for
+from stack.process import AppProcess, free_port
+from tests.helpers import RESTART_RECONNECT_MAX, answers, wait_for
 from tests.test_publisher_api_unit import BAD_INPUT, NEW, fill
 
 PAYLOAD_KEYS = ["Producer", "command", "id", "x", "y", "status", "seq", "msg_id", "ts"]
@@ -187,6 +183,21 @@ def test_seq_has_no_gaps_per_device(publisher, amqp, client):
         reader.wait(lambda m: len(m) >= 10, 15)
         seqs = [m["seq"] for m in reader.messages]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_metrics_give_each_device_its_interval_status_and_counts(client, publisher):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = client.get("/metrics")
+    assert answer.status_code == 200 and answer.mimetype == "text/plain"
+    samples = {(sample.name, sample.labels.get("device")): sample.value
+               for family in text_string_to_metric_families(answer.get_data(as_text=True))
+               for sample in family.samples}
+    for row in client.get("/devices").get_json()["devices"]:
+        device = row["id"]
+        assert samples[("webos_publisher_device_interval_seconds", device)] == max(row["interval"])
+        assert samples[("webos_publisher_device_active", device)] == (row["status"] == "Active")
+        assert samples[("webos_publisher_messages_total", device)] >= row["messages"]
 
 
 def test_devices_list_and_page_show_every_device(client, publisher):
@@ -376,18 +387,13 @@ def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, 
     devices_file.write_text(json.dumps({"interval": [1, 2], "devices": [{"id": device}]}))
     port = free_port()
     env = {**os.environ, **settings.to_env(), "PUBLISHER_API_TOKEN": "cli-token"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "publisher", "--port", str(port), "--devices-file", str(devices_file)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    publisher = AppProcess(["publisher", "--port", str(port), "--devices-file", str(devices_file)],
+                           env, tmp_path / "publisher.log")
     base = f"http://127.0.0.1:{port}"
     reader = QueueReader(amqp, device)
     try:
-        def up():
-            try:
-                return requests.get(f"{base}/devices", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-        wait_for(up, 20, interval=0.2, message="the publisher to answer")
+        wait_for(lambda: answers(f"{base}/devices"), 20, interval=0.2,
+                 message="the publisher to answer", watch=[publisher])
         reader.wait(lambda m: len(m) >= 3, 15)
         gaps = [b["ts"] - a["ts"] for a, b in zip(reader.messages, reader.messages[1:])]
         assert all(900 <= gap <= 2150 for gap in gaps), gaps  # the seed's 1-2 s cadence
@@ -399,11 +405,10 @@ def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, 
         assert answer.status_code == 200
         reader.wait(lambda m: m[-1]["status"] == "Inactive", 5)
     finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=20)
+        code = publisher.stop(20)
         amqp.queue_delete(topology.device_queue(device))
-    assert process.returncode == 0, output
-    assert "stopped" in output
+    assert code == 0, publisher.output()
+    assert "stopped" in publisher.output()
 
 
 def test_refused_credentials_are_reported_and_the_api_keeps_answering(settings, caplog):
@@ -433,7 +438,7 @@ def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
     from stack.rabbitmq_server import LocalRabbitMQ
     from publisher.simulator import Simulator
 
-    settings = fresh_settings(tmp_path)
+    settings = fresh_settings(tmp_path, reconnect_max_seconds=RESTART_RECONNECT_MAX)
     broker = LocalRabbitMQ(tmp_path / "rabbitmq", settings, node_name=f"webos-restart-{os.getpid()}",
                            dist_port=free_port())
     device = unique("PR")

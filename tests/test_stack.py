@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from stack import apps as stack_apps
 from common import config
 from stack import kafka_server
 from stack.kafka_server import ensure_topic
+from stack.process import AppProcess
 from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
 
 DEVICE = "3DF92-192"
@@ -242,14 +242,12 @@ class SupervisedApps:
         self.env = {**os.environ, "WEBOS_STACK_DIR": str(tmp_path / "stack"), "WEBOS_MQTT_PORT": "1999"}
         self.settings = config.load_settings(env=self.env)
         self.log_path = tmp_path / "run.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", DRIVER, json.dumps([apps, startsecs, startretries])],
-                cwd=config.REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.driver = AppProcess(["-c", DRIVER, json.dumps([apps, startsecs, startretries])],
+                                 self.env, self.log_path, "run_apps", new_session=True)
+        self.process = self.driver.process
 
     def output(self) -> str:
-        return self.log_path.read_text()
+        return self.driver.output()
 
     def status(self) -> str:
         return "\n".join(stack_apps.app_status(self.settings))

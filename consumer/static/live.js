@@ -30,6 +30,10 @@ function clock(ms) {
   return time.toLocaleTimeString([], { hour12: false }) + "." + String(time.getMilliseconds()).padStart(3, "0");
 }
 
+function clockSeconds(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour12: false });
+}
+
 function ago(ms) {
   if (!ms) return "";
   const seconds = Math.max(0, (Date.now() + state.clockSkew - ms) / 1000);
@@ -61,6 +65,11 @@ function onRecord(data) {
   scheduleRender();
 }
 
+function onPresence(data) {
+  state.devices.set(data.device.id, data.device);
+  scheduleRender();
+}
+
 function onStats(data) {
   for (const [id, rate] of Object.entries(data.rates)) {
     const device = state.devices.get(id);
@@ -87,6 +96,7 @@ function connect() {
   source.addEventListener("snapshot", (event) => onSnapshot(JSON.parse(event.data)));
   source.addEventListener("record", (event) => onRecord(JSON.parse(event.data)));
   source.addEventListener("stats", (event) => onStats(JSON.parse(event.data)));
+  source.addEventListener("presence", (event) => onPresence(JSON.parse(event.data)));
 }
 
 // -- drawing ------------------------------------------------------------------------------
@@ -168,11 +178,24 @@ function drawDevices(devices) {
     const status = el("td");
     status.append(el("span", { class: "badge " + statusClass(device.status) }, device.status || "?"));
     row.append(status);
+    const presence = el("td", { class: "presence" });
+    if (device.online !== null && device.online !== undefined) {
+      const word = device.online ? "online" : "offline";
+      presence.append(el("span", { class: "badge presence-" + word, "data-online": word }, word));
+      if (device.online_since) {
+        presence.append(" since ", el("span", { title: clock(device.online_since) },
+                                       clockSeconds(device.online_since)));
+      }
+    } else {
+      presence.append("–");
+    }
+    row.append(presence);
     row.append(el("td", {}, typeof device.x === "number" ? `${device.x}, ${device.y}` : "–"));
     row.append(el("td", {}, device.seq ?? "–"));
-    row.append(el("td", { class: "last" }, `${clock(device.last_ts)} (${ago(device.last_ts)})`));
+    row.append(el("td", { class: "last", title: clock(device.last_ts) },
+                  device.last_ts ? ago(device.last_ts) : "–"));
     row.append(el("td", { class: "rate" }, `${(device.rate || 0).toFixed(1)}/s`));
-    row.append(el("td", {}, device.count));
+    row.append(el("td", { class: "count" }, device.count));
     body.append(row);
   }
 }

@@ -1,0 +1,165 @@
+"""RabbitMQ as a 3-node cluster beside a 3-broker Kafka: quorum device queues, devices spread over
+the nodes, two bridge instances sharing the queues; a node and a bridge killed mid-stream.
+
+The cluster is this module's own (three local nodes started by the same code as
+`WEBOS_RABBITMQ_NODES=3 make run`, on free ports); so is the Kafka cluster. The publisher and the
+bridges are real processes (bench/pipeline_run.py), and Kafka is audited by `seq`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+import pika
+import pytest
+
+from bench.pipeline_run import PipelineRun
+from rabbitmq import topology
+from stack.kafka_server import local_cluster
+from stack.local import fresh_settings, start_rabbitmq
+from stack.rabbitmq_server import wait_cluster
+from stack.process import free_port
+from tests.helpers import RESTART_RECONNECT_MAX, dead_command, wait_for
+
+LOGGER = logging.getLogger(__name__)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    """Three RabbitMQ nodes and three Kafka brokers, each cluster formed; settings naming them."""
+    base = tmp_path_factory.mktemp("clusters")
+    kafka = local_cluster(base / "kafka", [(free_port(), free_port()) for _ in range(3)])
+    for node in kafka:
+        node.start()
+    bootstrap = ",".join(f"127.0.0.1:{node.port}" for node in kafka)
+    settings = fresh_settings(base, rabbitmq_nodes=3, kafka_bootstrap=bootstrap,
+                              reconnect_max_seconds=RESTART_RECONNECT_MAX)
+    nodes = []
+    try:
+        nodes = start_rabbitmq(settings, base, "webos-cluster")
+        for node in kafka:
+            node.wait_ready(timeout=180)
+        topology.apply(settings, devices=[])
+        yield settings, nodes
+    finally:
+        for node in [*nodes, *kafka]:  # throwaway data: no clean shutdown needed
+            if node.pid() is not None:
+                node.kill()
+
+
+def queue_leaders(settings, queues) -> Counter:
+    """How many of `queues` each node leads (the management API's `leader` of a quorum queue)."""
+    with topology.management_api(settings) as http:
+        listed = http.get(f"{settings.management_url}/api/queues/%2F",
+                          params={"columns": "name,leader,type"}, timeout=10).json()
+    return Counter(q.get("leader") for q in listed if q["name"] in set(queues))
+
+
+def test_the_device_queues_are_quorum_queues_spread_over_the_nodes(clusters, tmp_path):
+    settings, nodes = clusters
+    with PipelineRun(settings, tmp_path, devices=30, messages=30) as run:
+        run._declare_queues()
+        with topology.management_api(settings) as http:
+            queue = http.get(f"{settings.management_url}/api/queues/%2F/{run.queues[0]}",
+                             timeout=10).json()
+            dead = http.get(f"{settings.management_url}/api/queues/%2F/{topology.DEAD_QUEUE}",
+                            timeout=10).json()
+        assert queue["type"] == "quorum" and dead["type"] == "quorum"
+        assert sorted(queue["members"]) == sorted(node.node_name for node in nodes)
+        assert queue["arguments"]["x-single-active-consumer"] is True
+        leaders = queue_leaders(settings, run.queues)
+        assert len(leaders) == 3, f"leaders not spread over the nodes: {leaders}"
+
+
+def test_a_message_delivered_too_often_ends_in_webos_dead(clusters):
+    settings, _ = clusters
+    device = "LIMIT-1"
+    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        topology.declare_device(channel, device, quorum=True)
+        channel.queue_purge(topology.DEAD_QUEUE)
+        channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+                              b'{"poison": true}')
+        # A consumer that fails on it every time (basic.get is refused with single active
+        # consumer): each requeue counts as one delivery.
+        deliveries = []
+
+        def refuse(channel, method, properties, body):
+            deliveries.append(body)
+            channel.basic_nack(method.delivery_tag, requeue=True)
+        channel.basic_consume(topology.device_queue(device), refuse, consumer_tag="refuse")
+        dead = []
+        wait_for(lambda: connection.process_data_events(0.1) or
+                 dead.append(channel.basic_get(topology.DEAD_QUEUE)) or dead[-1][0], 30,
+                 message="the message in webos.dead")
+        method, properties, body = dead[-1]
+        channel.basic_cancel("refuse")
+        channel.basic_nack(method.delivery_tag, requeue=True)  # left for the operator
+        assert body == b'{"poison": true}'
+        assert len(deliveries) == topology.DELIVERY_LIMIT + 1
+        assert properties.headers["x-first-death-reason"] == "delivery_limit"
+        assert properties.headers["x-first-death-queue"] == topology.device_queue(device)
+
+        # Listed with the broker's reason; redriven to its queue once the consumer is fixed.
+        listed = dead_command(settings, "list", "--device", device, "--format", "json")
+        assert [json.loads(line)["reason"] for line in listed.stdout.splitlines()] == [
+            "delivery_limit"], listed.stderr
+        redrive = dead_command(settings, "redrive", "--device", device)
+        assert "redriven 1 of 1" in redrive.stdout, redrive.stderr
+        back = channel.queue_declare(topology.device_queue(device), passive=True)
+        topology.delete_device(channel, device)
+    assert back.method.message_count == 1
+
+
+def test_two_bridges_share_the_queues_and_one_takes_all_when_the_other_dies(clusters, tmp_path):
+    settings, _ = clusters
+    with PipelineRun(settings, tmp_path, devices=40, messages=1600, interval=(0.5, 0.5),
+                     replication=3) as run:
+        run.start()
+        first = run.bridge
+
+        def active(bridge):
+            return run.bridge_metric("webos_bridge_active_queues", bridge)
+        wait_for(lambda: active(first) == 40, 30, 0.5, "the first bridge active on all")
+        second = run.start_bridge()
+        wait_for(lambda: 0 < (active(second) or 0) < 40 and
+                 (active(first) or 0) + active(second) == 40, 30, 0.5,
+                 "both bridges active on a share")
+        shares = active(first), active(second)
+        run.kill_bridge(first)
+        wait_for(lambda: active(second) == 40, 30, 0.5, "the second bridge active on all")
+        report = run.finish()
+    print(f"\nshares {shares}; {report.summary()}")
+    assert min(shares) >= 5, f"a lopsided share: {shares}"
+    assert report.missing == 0 and report.out_of_order == 0, report.summary()
+
+
+def test_a_node_and_a_bridge_killed_mid_stream_lose_nothing(clusters, tmp_path):
+    settings, nodes = clusters
+    # 80 messages a device, one every 0.25 s: a 20 s stream, long enough for both faults to land
+    # in it on a slow machine (at 0.1 s a busy CI machine ended it before the bridge was killed).
+    with PipelineRun(settings, tmp_path, devices=100, messages=8000, interval=(0.25, 0.25),
+                     replication=3) as run:
+        run.prepare(bridges=2)  # both consuming before the devices start
+        leaders = queue_leaders(settings, run.queues)  # they stay where they are until the kill
+        victim = next(node for node in nodes if node.node_name == leaders.most_common(1)[0][0])
+        run.stream()
+        run.wait_published(2000)
+        assert run.streaming, "the stream ended before the node could be killed"
+        run.note(f"kill -9 RabbitMQ {victim.node_name}, leader of {leaders[victim.node_name]} "
+                 f"of {len(run.queues)} device queues")
+        victim.kill()
+        run.wait_published(5000, timeout=180)
+        assert run.streaming, "the stream ended before the bridge could be killed"
+        run.kill_bridge()  # the second instance; the first takes its share
+        report = run.finish(timeout=300)
+        # Back into the cluster (its data kept), before the run deletes its queues: deleting a
+        # quorum queue waits for a member that is down.
+        victim.start()
+        wait_cluster(nodes)
+    print(f"\n{report.summary()}")
+    assert report.missing == 0, report.summary()
+    assert report.out_of_order == 0, report.summary()

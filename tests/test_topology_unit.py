@@ -1,0 +1,70 @@
+"""The management API session against a local HTTP server that drops a kept-alive connection the
+way RabbitMQ's API did now and then in a long `make run`: it reads the next request and closes
+without an answer (the bridge logged "cannot list queues ... RemoteDisconnected")."""
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from rabbitmq.topology import _ClusterSession
+
+
+class DropsSecondRequest(BaseHTTPRequestHandler):
+    """Answers the first request of each connection; closes on the second, unanswered."""
+    protocol_version = "HTTP/1.1"  # keep-alive, as the management API
+    connections = 0
+
+    def setup(self):
+        super().setup()
+        type(self).connections += 1
+        self.answered = 0
+
+    def answer(self):
+        if self.answered:
+            self.close_connection = True
+            return
+        self.answered += 1
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def api():
+    DropsSecondRequest.connections = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DropsSecondRequest)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_idempotent_call_on_a_dropped_connection_is_sent_again_on_a_new_one(api):
+    with _ClusterSession([api]) as http:
+        assert http.get(api + "/api/queues").json() == []
+        assert http.get(api + "/api/queues").json() == []  # the dropped one, sent again
+        assert http.put(api + "/api/users/x", json={}).status_code == 200
+    assert DropsSecondRequest.connections == 3
+
+
+def test_a_post_on_a_dropped_connection_is_not_sent_twice(api):
+    with _ClusterSession([api]) as http:
+        http.get(api + "/api/queues")
+        with pytest.raises(requests.ConnectionError):
+            http.post(api + "/api/definitions", json={})
+    assert DropsSecondRequest.connections == 1
