@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from rabbitmq.topology import DEAD_REASONS
+
 LOGGER = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -100,8 +102,10 @@ class StatsCollector:
             yield CounterMetricFamily(f"webos_bridge_{name}", text, value=value)
         dead = CounterMetricFamily("webos_bridge_dead_lettered",
                                    "Messages parked in webos.dead, by reason", labels=["reason"])
-        for reason, count in sorted(stats.dead_lettered.items()):
-            dead.add_metric([reason], count)
+        # Every reason from the start, at 0: a series first scraped at 1 would be no increase
+        # for Prometheus, and DeadLettersArriving would miss the first parked message.
+        for reason in sorted(set(DEAD_REASONS) | set(stats.dead_lettered)):
+            dead.add_metric([reason], stats.dead_lettered[reason])
         yield dead
         yield GaugeMetricFamily("webos_bridge_in_flight",
                                 "Deliveries received and not yet acked or nacked", value=stats.in_flight)

@@ -63,6 +63,7 @@ NOT_JSON = "not-json"
 NOT_OBJECT = "not-a-json-object"
 TOO_LARGE = "too-large"
 KAFKA_REJECTED = "kafka-rejected"
+DEAD_REASONS = (NOT_JSON, NOT_OBJECT, TOO_LARGE, KAFKA_REJECTED)
 
 
 def is_valid_device_id(device: str) -> bool:

@@ -265,6 +265,9 @@ def test_metrics_text_has_every_counter():
     samples = parse_samples(text)  # what tests and benchmarks read the text back as
     assert (samples["webos_bridge_acked_total"], samples["webos_bridge_in_flight"]) == (3, 2)
     assert samples['webos_bridge_dead_lettered_total{reason="not-json"}'] == 1
+    # the reasons nothing was parked for yet are there at 0, so the first one is an increase
+    assert samples['webos_bridge_dead_lettered_total{reason="too-large"}'] == 0
+    assert samples['webos_bridge_dead_lettered_total{reason="kafka-rejected"}'] == 0
     assert samples['webos_bridge_delivery_latency_seconds_bucket{le="+Inf"}'] == 2
 
 
