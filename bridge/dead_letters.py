@@ -31,7 +31,7 @@ from common.config import Settings, load_settings, positive_int
 from rabbitmq import topology
 from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_HISTORY_HEADER,
                                DEAD_QUEUE, DEAD_QUEUE_HEADER, DEAD_REASON_HEADER,
-                               DEAD_ROUTING_KEY_HEADER, REDRIVES_HEADER)
+                               DEAD_ROUTING_KEY_HEADER, REDRIVES_HEADER, header_text)
 
 IDLE_TIMEOUT = 2.0  # s without a delivery after which a pass ends (fewer than counted)
 MAX_PREFETCH = 65_535  # basic.qos takes a 16-bit count; 0 (no limit) above that
@@ -43,29 +43,25 @@ PARKING_HEADERS = (DEAD_REASON_HEADER, DEAD_DETAIL_HEADER, DEAD_QUEUE_HEADER,
 BROKER_DEATH_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
 
 
-def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
-
-
 def describe(properties: pika.BasicProperties, body: bytes) -> dict:
     """One parked message as the listing shows it."""
     headers = properties.headers or {}
     death = (headers.get("x-death") or [{}])[0]
-    queue = _text(headers.get(DEAD_QUEUE_HEADER) or headers.get("x-first-death-queue"))
+    queue = header_text(headers.get(DEAD_QUEUE_HEADER) or headers.get("x-first-death-queue"))
     parked = properties.timestamp or death.get("time")
     if isinstance(parked, dt.datetime):
         parked = parked.timestamp()
     return {
         "device": topology.device_of_queue(queue) or "",
         "queue": queue,
-        "reason": _text(headers.get(DEAD_REASON_HEADER) or headers.get("x-first-death-reason")),
-        "detail": _text(headers.get(DEAD_DETAIL_HEADER)),
-        "exchange": _text(headers.get(DEAD_EXCHANGE_HEADER) if DEAD_EXCHANGE_HEADER in headers
+        "reason": header_text(headers.get(DEAD_REASON_HEADER) or headers.get("x-first-death-reason")),
+        "detail": header_text(headers.get(DEAD_DETAIL_HEADER)),
+        "exchange": header_text(headers.get(DEAD_EXCHANGE_HEADER) if DEAD_EXCHANGE_HEADER in headers
                           else headers.get("x-first-death-exchange", death.get("exchange"))),
-        "routing_key": _text(headers.get(DEAD_ROUTING_KEY_HEADER)
+        "routing_key": header_text(headers.get(DEAD_ROUTING_KEY_HEADER)
                              or (death.get("routing-keys") or [""])[0]),
         "redrives": int(headers.get(REDRIVES_HEADER) or 0),
-        "history": json.loads(_text(headers.get(DEAD_HISTORY_HEADER)) or "[]"),
+        "history": json.loads(header_text(headers.get(DEAD_HISTORY_HEADER)) or "[]"),
         "size": len(body),
         "parked_at": (dt.datetime.fromtimestamp(parked, dt.timezone.utc).isoformat(timespec="seconds")
                       if parked else ""),

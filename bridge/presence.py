@@ -15,31 +15,27 @@ from __future__ import annotations
 import json
 import re
 
-from rabbitmq.topology import is_valid_device_id
+from rabbitmq.topology import header_text, is_valid_device_id
 
 EVENT_TYPES = {"connection.created": "connected", "connection.closed": "disconnected"}
 _CLIENT_ID = re.compile(r'\{client_id,longstr,<<"(.*)">>\}')
-
-
-def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
 def presence_record(event: str, headers: dict | None) -> tuple[str, bytes] | None:
     """(device, JSON value) for a device's MQTT connect or disconnect, else None."""
     kind = EVENT_TYPES.get(event)
     headers = headers or {}
-    device = _text(headers.get("user"))
-    if kind is None or "MQTT" not in _text(headers.get("protocol")) \
+    device = header_text(headers.get("user"))
+    if kind is None or "MQTT" not in header_text(headers.get("protocol")) \
             or not is_valid_device_id(device):
         return None
     client_id = ""
     for item in headers.get("client_properties") or ():
-        match = _CLIENT_ID.fullmatch(_text(item))
+        match = _CLIENT_ID.fullmatch(header_text(item))
         if match:
             client_id = match.group(1)
     value = {"type": kind, "device": device, "client_id": client_id,
-             "node": _text(headers.get("node")), "ts": int(headers.get("timestamp_in_ms") or 0)}
+             "node": header_text(headers.get("node")), "ts": int(headers.get("timestamp_in_ms") or 0)}
     if headers.get("reason"):
-        value["reason"] = _text(headers["reason"])
+        value["reason"] = header_text(headers["reason"])
     return device, json.dumps(value, separators=(",", ":")).encode()

@@ -66,6 +66,12 @@ KAFKA_REJECTED = "kafka-rejected"
 DEAD_REASONS = (NOT_JSON, NOT_OBJECT, TOO_LARGE, KAFKA_REJECTED)
 
 
+def header_text(value) -> str:
+    """An AMQP header value as text: RabbitMQ sends strings as bytes (undecodable bytes replaced),
+    a missing header is ''."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
 def is_valid_device_id(device: str) -> bool:
     """True when `device` may name a device: 1-64 of A-Z a-z 0-9 _ - (no `.`, `/`, `+`, `#`),
     not starting with `webos-` (the service users' names)."""
