@@ -324,13 +324,8 @@ class Forwarder:
     def on_queue_event(self, channel, method, properties, body) -> None:
         """One queue event: a device queue made or deleted; consume a new one at once."""
         headers = properties.headers or {}
-        name = headers.get("name")
-        if isinstance(name, bytes):
-            name = name.decode(errors="replace")
-        vhost = headers.get("vhost")
-        if isinstance(vhost, bytes):
-            vhost = vhost.decode(errors="replace")
-        if not name or vhost != self.settings.vhost:
+        name = topology.header_text(headers.get("name"))
+        if not name or topology.header_text(headers.get("vhost")) != self.settings.vhost:
             return
         if self.discovery.on_event(name, method.routing_key == "queue.created"):
             self._sync_soon = True
