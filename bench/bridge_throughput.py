@@ -25,6 +25,8 @@ from confluent_kafka import Producer
 from bench.common import machine, metric, start_bridge
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from common.config import REPO_ROOT, Settings
 
 DEFAULT_MESSAGES = 200_000
@@ -82,13 +84,13 @@ def fill_queue(settings: Settings, device: str, bodies: list[bytes]) -> None:
     """Publish `bodies` as persistent messages for `device` as admin; wait until RabbitMQ has them."""
     started = time.monotonic()
     count = len(bodies)
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+    with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
         channel = connection.channel()
         queue = topology.declare_device(channel, device, settings.cluster)
-        key = topology.routing_key(device, "info")
+        key = naming.routing_key(device, "info")
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
         for n, body in enumerate(bodies, 1):
-            channel.basic_publish(topology.TOPIC_EXCHANGE, key, body, properties)
+            channel.basic_publish(naming.TOPIC_EXCHANGE, key, body, properties)
             if n % 20_000 == 0:
                 connection.process_data_events(0)
                 _say(f"  published {n}/{count}")
@@ -115,7 +117,7 @@ def baseline_pika(settings: Settings, device: str, count: int, prefetch: int) ->
 
 def _drain_with_pika(settings: Settings, device: str, count: int, prefetch: int,
                      brokers: list) -> dict:
-    queue = topology.device_queue(device)
+    queue = naming.device_queue(device)
     state = {"n": 0, "last": 0, "first": None}
 
     def on_message(channel, method, properties, body):
@@ -124,7 +126,7 @@ def _drain_with_pika(settings: Settings, device: str, count: int, prefetch: int,
         state["n"] += 1
         state["last"] = method.delivery_tag
 
-    with pika.BlockingConnection(topology.amqp_parameters(
+    with pika.BlockingConnection(endpoints.amqp_parameters(
             settings, settings.bridge_user, settings.bridge_password,
             heartbeat=30, blocked_connection_timeout=60)) as connection:
         channel = connection.channel()
@@ -152,8 +154,8 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
     """Baseline B: a bare producer (the bridge's producer settings) writing the same records the
     bridge writes: same payloads, key and six headers."""
     count = len(bodies)
-    queue = topology.device_queue(device)
-    key = topology.routing_key(device, "info")
+    queue = naming.device_queue(device)
+    key = naming.routing_key(device, "info")
     fixed = [("routing_key", key), ("mqtt_topic", key.replace(".", "/")), ("device", device),
              ("type", "info"), ("queue", queue)]
     msg_ids = [json.loads(body)["msg_id"] for body in bodies]
@@ -192,7 +194,7 @@ def baseline_kafka(settings: Settings, device: str, bodies: list[bytes],
 
 def bridge_drain(settings: Settings, device: str, count: int, log_path: Path) -> dict:
     """The bridge draining the pre-filled queue: msgs/s between first and last ack, peak RSS."""
-    bridge, url = start_bridge(settings, [topology.device_queue(device)], log_path)
+    bridge, url = start_bridge(settings, [naming.device_queue(device)], log_path)
     rss = psutil.Process(bridge.pid)
     brokers = broker_processes(settings)
     peak = 0
@@ -328,7 +330,7 @@ def run(settings: Settings, out_dir) -> dict:
             _say(f"  {runs['bridge'][-1]}")
         result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     finally:
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
                 topology.delete_device(channel, device)

@@ -14,7 +14,7 @@ import psutil
 
 from bridge.metrics import parse_samples
 from common.config import Settings
-from rabbitmq import topology
+from rabbitmq import endpoints
 from stack.process import AppProcess, free_port
 
 
@@ -28,7 +28,7 @@ def machine() -> dict:
 def queue_depth(settings: Settings, queue: str) -> int:
     """Ready plus unacked messages of `queue`, from the management API."""
     # Unfiltered: with ?columns= RabbitMQ answers [] for a queue that has no statistics yet.
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         response = http.get(f"{settings.management_url}/api/queues/%2F/{queue}", timeout=10)
     response.raise_for_status()
     return response.json().get("messages", 0)  # absent until the first statistics

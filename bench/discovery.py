@@ -27,6 +27,7 @@ import requests
 from bench.common import machine, metric, start_bridge
 from common.config import Settings
 from rabbitmq import topology
+from rabbitmq import endpoints
 from stack.process import wait_until
 
 COMMAND = ".venv/bin/python -m bench discovery  (WEBOS_BENCH_QUEUES=1000,10000)"
@@ -45,7 +46,7 @@ def _bridge_queues(url: str) -> float:
 
 def _queue_memory(settings: Settings) -> int:
     """Bytes held by RabbitMQ's queue processes (its memory breakdown, management API)."""
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         node = http.get(f"{settings.management_url}/api/overview", timeout=30).json()["node"]
         breakdown = http.get(f"{settings.management_url}/api/nodes/{node}/memory",
                              timeout=30).json()["memory"]
@@ -54,7 +55,7 @@ def _queue_memory(settings: Settings) -> int:
 
 def _listing(settings: Settings) -> tuple[int, float]:
     """One full queue listing as the bridge used to make it: (bytes, seconds)."""
-    with topology.management_api(settings, settings.bridge_user, settings.bridge_password) as http:
+    with endpoints.management_api(settings, settings.bridge_user, settings.bridge_password) as http:
         started = time.perf_counter()
         response = http.get(f"{settings.management_url}/api/queues/%2F",
                             params={"columns": "name"}, timeout=120)
@@ -65,7 +66,7 @@ def _listing(settings: Settings) -> tuple[int, float]:
 def _declare(settings: Settings, devices: list[str], delete: bool = False) -> float:
     started = time.monotonic()
     if delete:
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
                 topology.delete_device(channel, device)

@@ -50,6 +50,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process, machine,
                           queue_depth, start_bridge)
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from common.config import REPO_ROOT, Settings
 from common.pki import PKI, client_context
 from stack.kafka_server import ensure_topic, topic_partitions
@@ -316,7 +318,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     topology.enrol_devices(settings, devices)
     topology.declare_devices(settings, devices)
     ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    bridge, metrics_url = start_bridge(settings, [topology.device_queue(d) for d in devices],
+    bridge, metrics_url = start_bridge(settings, [naming.device_queue(d) for d in devices],
                                         log_path, ["--topic-template", topic])
     reader = ArrivalReader(settings, topic)
     clients: list[mqtt.Client] = []
@@ -324,7 +326,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
     try:
         acked = [0] * device_count
         clients = connect_devices(settings, devices, acked, plain)
-        topics = [topology.mqtt_topic(device, "info") for device in devices]
+        topics = [naming.mqtt_topic(device, "info") for device in devices]
         # Warm up until every device's first message made the whole trip (bridge consuming each
         # queue, reader fetching): otherwise the first records measure start-up, not the path.
         deadline = time.monotonic() + 60
@@ -369,7 +371,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             clients[index].publish(topics[index], json.dumps(fields), qos=1)
             if time.perf_counter() >= next_report:
                 next_report += 2
-                waiting = sum(queue_depth(settings, topology.device_queue(d)) for d in devices)
+                waiting = sum(queue_depth(settings, naming.device_queue(d)) for d in devices)
                 peak_waiting = max(peak_waiting, waiting)
                 _say(f"  sent {seq + 1}/{warm_total + total}, in RabbitMQ {waiting} (management "
                      f"API, a few s old), timed arrivals {len(reader.latencies_ms)}")
@@ -389,7 +391,7 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             client.disconnect()
             client.loop_stop()
         bridge.stop(60)
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
                 topology.delete_device(channel, device)

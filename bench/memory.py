@@ -21,6 +21,8 @@ from confluent_kafka.admin import AdminClient
 
 from bench.common import ResourceSampler, listening_process, machine, metric, start_bridge
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from common.config import Settings
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port, wait_until
@@ -81,7 +83,7 @@ def run(settings: Settings, out_dir) -> dict:
                    watch=processes.values())
         _say("publisher: every device connected")
         processes["bridge"], metrics_url = start_bridge(
-            settings, [topology.device_queue(d) for d in devices], logs / "bridge.log",
+            settings, [naming.device_queue(d) for d in devices], logs / "bridge.log",
             ["--topic-template", topic])
         wait_until(lambda: _bridgemetric(metrics_url, "webos_bridge_queues") >= count, 120, 0.25,
                    "the bridge consuming", watch=processes.values())
@@ -108,7 +110,7 @@ def run(settings: Settings, out_dir) -> dict:
     finally:
         exit_codes = {name: process.stop(60) for name, process in reversed(processes.items())}
         AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics([topic])
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
             for device in devices:
                 topology.delete_device(channel, device)

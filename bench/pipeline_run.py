@@ -39,6 +39,8 @@ from bench.audit import AuditReport, audit_records
 from bridge.metrics import parse_samples
 from common.config import Settings
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack.kafka_server import ensure_topic, topic_partitions
 from stack.process import AppProcess, answers, free_port, wait_until
 
@@ -166,7 +168,7 @@ class PipelineRun:
         self.run_id = uuid.uuid4().hex[:8]
         prefix = prefix or f"A{self.run_id}"
         self.devices = [f"{prefix}-{i:04d}" for i in range(devices)]
-        self.queues = [topology.device_queue(d) for d in self.devices]
+        self.queues = [naming.device_queue(d) for d in self.devices]
         self.messages = messages
         # Each device's share of the messages; the first ones take the remainder.
         base, extra = divmod(messages, devices)
@@ -412,7 +414,7 @@ class PipelineRun:
             self.tally.stop()
         if self.declare:
             try:
-                with pika.BlockingConnection(topology.admin_parameters(self.settings)) as connection:
+                with pika.BlockingConnection(endpoints.admin_parameters(self.settings)) as connection:
                     channel = connection.channel()
                     for device in self.devices:
                         topology.delete_device(channel, device)

@@ -35,9 +35,10 @@ import pika.exceptions
 import psutil
 import requests
 
-from publisher.device_config import DeviceConfig
+from common.devices import DeviceConfig
 from publisher.simulator import Simulator
 from rabbitmq import topology
+from rabbitmq import endpoints
 from common.config import Settings
 
 LOGGER = logging.getLogger("bench.publisher_scale")
@@ -100,7 +101,7 @@ def broker_memory(settings: Settings, broker: psutil.Process | None) -> dict:
         except psutil.Error:
             pass
     try:
-        with topology.management_api(settings) as http:
+        with endpoints.management_api(settings) as http:
             node = http.get(f"{settings.management_url}/api/overview", timeout=30).json()["node"]
             response = http.get(f"{settings.management_url}/api/nodes/{node}/memory", timeout=30)
         response.raise_for_status()
@@ -175,7 +176,7 @@ def _schedstat(thread_id: int | None) -> tuple[float, float]:
 
 def _declare_queues(settings: Settings, devices: list[str], delete: bool = False) -> None:
     # A broker still busy with thousands of closing connections answers slowly: be patient.
-    parameters = topology.admin_parameters(settings, stack_timeout=120, socket_timeout=30,
+    parameters = endpoints.admin_parameters(settings, stack_timeout=120, socket_timeout=30,
                                            connection_attempts=5, retry_delay=2)
     started = time.monotonic()
     next_progress = started + PROGRESS_PERIOD

@@ -28,10 +28,9 @@ import pika
 import pika.exceptions
 
 from common.config import Settings, load_settings, positive_int
-from rabbitmq import topology
-from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_HISTORY_HEADER,
-                               DEAD_QUEUE, DEAD_QUEUE_HEADER, DEAD_REASON_HEADER,
-                               DEAD_ROUTING_KEY_HEADER, REDRIVES_HEADER, header_text)
+from rabbitmq import naming
+from rabbitmq import endpoints
+from rabbitmq.naming import DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_HISTORY_HEADER, DEAD_QUEUE, DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, REDRIVES_HEADER, header_text
 
 IDLE_TIMEOUT = 2.0  # s without a delivery after which a pass ends (fewer than counted)
 MAX_PREFETCH = 65_535  # basic.qos takes a 16-bit count; 0 (no limit) above that
@@ -52,7 +51,7 @@ def describe(properties: pika.BasicProperties, body: bytes) -> dict:
     if isinstance(parked, dt.datetime):
         parked = parked.timestamp()
     return {
-        "device": topology.device_of_queue(queue) or "",
+        "device": naming.device_of_queue(queue) or "",
         "queue": queue,
         "reason": header_text(headers.get(DEAD_REASON_HEADER) or headers.get("x-first-death-reason")),
         "detail": header_text(headers.get(DEAD_DETAIL_HEADER)),
@@ -136,7 +135,7 @@ def sweep(settings: Settings, act: Callable | None, selection: Selection = Selec
     `act(connection, channel, method, properties, body, row)`, which acks it or returns why it
     stays; without `act` it is listed. Whatever is not acked goes back in place when the
     connection closes."""
-    parameters = topology.amqp_parameters(settings, user or settings.bridge_user,
+    parameters = endpoints.amqp_parameters(settings, user or settings.bridge_user,
                                           password or settings.bridge_password,
                                           connection_attempts=2, retry_delay=1)
     outcome = Outcome()
@@ -208,7 +207,7 @@ class Redriver:
         # copy removed.
         # A record Kafka refused in a delivery report is parked without its exchange: a device
         # routing key came by the topic exchange (a queue's own name, by the default one).
-        exchange = row["exchange"] or (topology.TOPIC_EXCHANGE
+        exchange = row["exchange"] or (naming.TOPIC_EXCHANGE
                                        if row["routing_key"] != row["queue"] else "")
         try:
             self._publisher.basic_publish(exchange, row["routing_key"], body,

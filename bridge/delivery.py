@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from rabbitmq import topology
-from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
+from rabbitmq import naming
+from rabbitmq.naming import NOT_JSON, NOT_OBJECT, TOO_LARGE
 
 TEMPLATE_FIELDS = ("device", "type", "queue", "routing_key")
 UNKNOWN_TYPE = "unknown"
@@ -51,8 +51,8 @@ class Route:
 
 def route_for(template: str, queue: str, routing_key: str) -> Route:
     """The Kafka topic, key and fixed headers for a delivery from `queue` with `routing_key`."""
-    device = topology.device_of_queue(queue) or queue
-    parsed = topology.parse_routing_key(routing_key)
+    device = naming.device_of_queue(queue) or queue
+    parsed = naming.parse_routing_key(routing_key)
     # A broadcast (webos.fanout) copy may carry any routing key; the queue still says whose it is.
     message_type = parsed[1] if parsed and parsed[0] == device else UNKNOWN_TYPE
     mqtt_topic = routing_key.replace(".", "/")

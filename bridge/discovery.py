@@ -10,7 +10,8 @@ from urllib.parse import quote
 
 import requests
 
-from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ LOGGER = logging.getLogger(__name__)
 def select_queues(names, pattern: re.Pattern | None) -> frozenset[str]:
     """The device queues among `names` (optionally only those matching `pattern`)."""
     return frozenset(name for name in names
-                     if topology.device_of_queue(name) is not None
+                     if naming.device_of_queue(name) is not None
                      and (pattern is None or pattern.search(name)))
 
 
@@ -142,7 +143,7 @@ class QueueDiscovery:
 
     def _run(self) -> None:
         next_listing = next_count = 0.0
-        with topology.management_api(self.settings, self.settings.bridge_user,
+        with endpoints.management_api(self.settings, self.settings.bridge_user,
                                      self.settings.bridge_password) as http:
             while not self._stop.is_set():
                 now = time.monotonic()

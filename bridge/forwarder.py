@@ -29,9 +29,9 @@ from bridge.discovery import QueueDiscovery, bridge_consumer_tag
 from bridge.metrics import BridgeStats
 from bridge.delivery import AckTracker, Route, RouteCache, inspect_body, message_headers
 from bridge.presence import EVENT_TYPES, presence_record
-from rabbitmq import topology
-from rabbitmq.topology import (DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER,
-                               DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED)
+from rabbitmq import naming
+from rabbitmq import endpoints
+from rabbitmq.naming import DEAD_DETAIL_HEADER, DEAD_EXCHANGE_HEADER, DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, DEAD_ROUTING_KEY_HEADER, KAFKA_REJECTED
 from common.config import ConfigError, Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Forwarder:
         if topic_limit is not None and topic_limit < self.max_message_bytes:
             LOGGER.info("topic %s takes at most %d bytes per batch: payloads above %d go to %s",
                         self.options.topic_template, topic_limit, topic_limit - RECORD_OVERHEAD,
-                        topology.DEAD_QUEUE)
+                        naming.DEAD_QUEUE)
             self.max_message_bytes = topic_limit - RECORD_OVERHEAD
         config = self.options.producer_config(self.settings, self.max_message_bytes)
         self.producer = Producer({**config, "error_cb": self.on_kafka_error,
@@ -264,7 +264,7 @@ class Forwarder:
             return None
 
     def _connect(self, first: bool) -> None:
-        parameters = topology.amqp_parameters(
+        parameters = endpoints.amqp_parameters(
             self.settings, self.settings.bridge_user, self.settings.bridge_password,
             heartbeat=30, blocked_connection_timeout=60, connection_attempts=1,
             # Which bridge process a connection is, in the management UI and API.
@@ -309,12 +309,12 @@ class Forwarder:
         channel = self.connection.channel()
         try:
             events = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            for key in topology.QUEUE_EVENTS:
-                channel.queue_bind(events, topology.EVENT_EXCHANGE, routing_key=key)
+            for key in naming.QUEUE_EVENTS:
+                channel.queue_bind(events, naming.EVENT_EXCHANGE, routing_key=key)
             channel.basic_consume(events, self.on_queue_event, auto_ack=True)
         except amqp_errors.ChannelClosedByBroker as error:
             LOGGER.warning("no queue events from %s (%s): finding new queues by listing them "
-                           "every %.0f s", topology.EVENT_EXCHANGE, error.reply_text,
+                           "every %.0f s", naming.EVENT_EXCHANGE, error.reply_text,
                            self.discovery.fallback_interval)
             self.discovery.events_working = False
             return
@@ -324,18 +324,18 @@ class Forwarder:
     def on_queue_event(self, channel, method, properties, body) -> None:
         """One queue event: a device queue made or deleted; consume a new one at once."""
         headers = properties.headers or {}
-        name = topology.header_text(headers.get("name"))
-        if not name or topology.header_text(headers.get("vhost")) != self.settings.vhost:
+        name = naming.header_text(headers.get("name"))
+        if not name or naming.header_text(headers.get("vhost")) != self.settings.vhost:
             return
         if self.discovery.on_event(name, method.routing_key == "queue.created"):
             self._sync_soon = True
 
     def _check_dead_queue(self, probe_channel) -> None:
         try:
-            probe_channel.queue_declare(topology.DEAD_QUEUE, passive=True)
+            probe_channel.queue_declare(naming.DEAD_QUEUE, passive=True)
         except amqp_errors.ChannelClosedByBroker as error:
             raise ConfigurationError(
-                f"queue {topology.DEAD_QUEUE} is missing ({error.reply_text}): apply the "
+                f"queue {naming.DEAD_QUEUE} is missing ({error.reply_text}): apply the "
                 "topology first (python -m rabbitmq.topology)") from None
 
     def _close_connection(self) -> None:
@@ -401,7 +401,7 @@ class Forwarder:
             if strict:
                 raise ConfigurationError(
                     f"cannot consume queue {queue!r}: {error.reply_code} {error.reply_text}. "
-                    f"Declare it (python -m rabbitmq.topology {topology.device_of_queue(queue) or '<device>'}) "
+                    f"Declare it (python -m rabbitmq.topology {naming.device_of_queue(queue) or '<device>'}) "
                     "or fix --queues") from None
             if queue not in self.missing_warned:
                 LOGGER.warning("queue %s is not there (%s); will look again", queue, error.reply_text)
@@ -502,7 +502,7 @@ class Forwarder:
         channel = self.connection.channel()
         try:
             channel.basic_qos(prefetch_count=PRESENCE_PREFETCH)
-            channel.basic_consume(topology.PRESENCE_QUEUE, self.session.on_presence,
+            channel.basic_consume(naming.PRESENCE_QUEUE, self.session.on_presence,
                                   consumer_tag=f"webos-bridge-presence {self.options.instance}")
         except amqp_errors.ChannelClosedByBroker as error:
             LOGGER.warning("not forwarding device presence: %s (apply the topology: python -m "
@@ -511,7 +511,7 @@ class Forwarder:
             return
         self.session.presence_channel = channel
         LOGGER.info("consuming %s: device presence to Kafka topic %s (one bridge instance at "
-                    "a time)", topology.PRESENCE_QUEUE, self.presence_topic)
+                    "a time)", naming.PRESENCE_QUEUE, self.presence_topic)
 
     def _forward_presence(self) -> None:
         """Produce this turn's connection events of devices to the presence topic, keyed by
@@ -628,7 +628,7 @@ class Forwarder:
               routing_key: str, exchange: str, original_headers) -> None:
         """Publish to webos.dead (confirmed) with the reason, then let the original be acked."""
         LOGGER.warning("parking a message from %s (routing key %s) in %s: %s (%s)", queue,
-                       routing_key, topology.DEAD_QUEUE, reason, detail)
+                       routing_key, naming.DEAD_QUEUE, reason, detail)
         headers = dict(original_headers or {})
         headers.update({DEAD_REASON_HEADER: reason, DEAD_DETAIL_HEADER: detail,
                         DEAD_QUEUE_HEADER: queue, DEAD_ROUTING_KEY_HEADER: routing_key,
@@ -636,12 +636,12 @@ class Forwarder:
         try:
             # confirm_delivery is on: this returns once RabbitMQ has the copy.
             self.session.dead_channel.basic_publish(
-                "", topology.DEAD_QUEUE, body, mandatory=True,
+                "", naming.DEAD_QUEUE, body, mandatory=True,
                 properties=pika.BasicProperties(delivery_mode=2, headers=headers,
                                                 timestamp=int(time.time())))
         except (amqp_errors.UnroutableError, amqp_errors.NackError) as error:
             raise _ParkingRefused(
-                f"{topology.DEAD_QUEUE} did not take a parked message: {error!r}") from None
+                f"{naming.DEAD_QUEUE} did not take a parked message: {error!r}") from None
         self.session.tracker.confirm(tag)
         self.stats.dead_lettered[reason] += 1
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from rabbitmq.topology import header_text, is_valid_device_id
+from rabbitmq.naming import header_text, is_valid_device_id
 
 EVENT_TYPES = {"connection.created": "connected", "connection.closed": "disconnected"}
 _CLIENT_ID = re.compile(r'\{client_id,longstr,<<"(.*)">>\}')

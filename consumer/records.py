@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable
 
-from rabbitmq import topology
+from rabbitmq import naming
 
 DEFAULT_DEDUPE_WINDOW = 100_000
 
@@ -28,7 +28,7 @@ def type_from_headers(headers: dict[str, str]) -> str | None:
     """The message type: the `type` header, else the last part of `routing_key` or `mqtt_topic`."""
     if headers.get("type"):
         return headers["type"]
-    parsed = topology.parse_routing_key(headers.get("routing_key", ""))
+    parsed = naming.parse_routing_key(headers.get("routing_key", ""))
     if parsed:
         return parsed[1]
     parts = headers.get("mqtt_topic", "").split("/")

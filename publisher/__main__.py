@@ -6,7 +6,7 @@ import gc
 import logging
 
 
-from publisher.device_config import DeviceConfig, parse_interval
+from common.devices import DeviceConfig, parse_interval
 from publisher.simulator import MQTT_VERSIONS
 from common.config import load_settings, run
 from common.web import serve

@@ -20,6 +20,8 @@ import requests
 
 from publisher.simulator import now_ms
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -86,12 +88,12 @@ class AdminLink:
 
         def publish(channel, payload):
             channel.basic_publish(
-                topology.FANOUT_EXCHANGE, "", json.dumps(payload).encode("utf-8"),
+                naming.FANOUT_EXCHANGE, "", json.dumps(payload).encode("utf-8"),
                 pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                      message_id=payload["msg_id"]),
                 mandatory=True)
         self.call(publish, payload)
-        LOGGER.info("broadcast %s sent on %s", payload["msg_id"], topology.FANOUT_EXCHANGE)
+        LOGGER.info("broadcast %s sent on %s", payload["msg_id"], naming.FANOUT_EXCHANGE)
         return payload
 
     # -- the thread -------------------------------------------------------------------------
@@ -99,7 +101,7 @@ class AdminLink:
     def _ensure_channel(self):
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
-                self._connection = pika.BlockingConnection(topology.admin_parameters(
+                self._connection = pika.BlockingConnection(endpoints.admin_parameters(
                     self.settings, heartbeat=30, blocked_connection_timeout=10,
                     connection_attempts=2, retry_delay=0.5))
             self._channel = self._connection.channel()

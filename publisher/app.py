@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Flask
 
 from publisher.admin_link import AdminLink
-from publisher.device_config import load_devices
+from common.devices import load_devices
 from publisher.simulator import MQTT_VERSIONS, Simulator
 from publisher.views import api
 from common.config import load_settings

@@ -25,8 +25,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from publisher.device_config import ACTIVE, INACTIVE, STATUSES, DeviceConfig
-from rabbitmq import topology
+from common.devices import ACTIVE, INACTIVE, STATUSES, DeviceConfig
+from rabbitmq import naming
 from common.config import Settings
 from common.pki import PKI, client_context
 
@@ -455,7 +455,7 @@ class Simulator:
             client.tls_set_context(client_context(self.settings.ca_file,
                                                   self.pki.ensure_device(config.id)))
         entry = _Device(state, client,
-                        topics={t: topology.mqtt_topic(config.id, t) for t in topology.MESSAGE_TYPES},
+                        topics={t: naming.mqtt_topic(config.id, t) for t in naming.MESSAGE_TYPES},
                         node=len(self._devices) % len(self.addresses))
         client.user_data_set(entry)
         client.max_queued_messages_set(self.max_queued_messages)
@@ -506,7 +506,7 @@ class Simulator:
         return True
 
     def _send_message(self, device: str, message_type: str, text: str) -> dict:
-        if message_type not in topology.MESSAGE_TYPES:
+        if message_type not in naming.MESSAGE_TYPES:
             raise ValueError(f"invalid message type {message_type!r}")
         entry = self._entry(device)
         payload = entry.state.message("message", type=message_type, text=text)

@@ -12,9 +12,9 @@ from werkzeug.exceptions import HTTPException
 from common.web import prometheus_text
 
 from publisher.admin_link import BrokerUnavailable
-from publisher.device_config import STATUSES, DeviceConfig
+from common.devices import STATUSES, DeviceConfig
 from publisher.simulator import DuplicateDevice, UnknownDevice
-from rabbitmq import topology
+from rabbitmq import naming
 
 LOGGER = logging.getLogger(__name__)
 MAX_TEXT = 1000  # characters in an operator or broadcast message
@@ -43,7 +43,7 @@ def wait(future):
 
 def known(device: str) -> str:
     """`device` if it is a valid id of a running device, else 400 or 404."""
-    if not topology.is_valid_device_id(device):
+    if not naming.is_valid_device_id(device):
         abort(400, f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -")
     if device not in simulator():
         abort(404, f"unknown device {device}")
@@ -233,8 +233,8 @@ def send_message(device):
     body = json_object()
     message_type = body.get("type", "info")
     text = body.get("text")
-    if message_type not in topology.MESSAGE_TYPES:
-        abort(400, f"type must be one of {', '.join(topology.MESSAGE_TYPES)}")
+    if message_type not in naming.MESSAGE_TYPES:
+        abort(400, f"type must be one of {', '.join(naming.MESSAGE_TYPES)}")
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
         abort(400, f"text must be a non-empty string of at most {MAX_TEXT} characters")
     try:
@@ -252,5 +252,5 @@ def broadcast():
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
         abort(400, f"message must be a non-empty string of at most {MAX_TEXT} characters")
     payload = admin().broadcast(text)
-    return jsonify(message=f"Broadcast sent to every queue on {topology.FANOUT_EXCHANGE}",
+    return jsonify(message=f"Broadcast sent to every queue on {naming.FANOUT_EXCHANGE}",
                    payload=payload), 202

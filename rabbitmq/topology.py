@@ -1,6 +1,6 @@
-"""The whole RabbitMQ topology and its users, declared in this one place.
-
-Every component imports its names from here. Applying it twice changes nothing.
+"""Provisioning: the RabbitMQ topology (exchanges, queues, bindings) and its users and
+permissions, declared in this one place from the names in rabbitmq/naming.py. Applying it twice
+changes nothing.
 """
 from __future__ import annotations
 
@@ -13,111 +13,17 @@ import secrets
 from urllib.parse import quote
 
 import pika
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from common.config import ConfigError, Settings, load_settings, run
-from common.pki import PKI, client_context
+from common.devices import load_devices
+from common.pki import PKI
+from rabbitmq.endpoints import admin_parameters, management_api
+from rabbitmq.naming import (CONNECTION_EVENTS, DEAD_QUEUE, DELIVERY_LIMIT, EVENT_EXCHANGE,
+                             FANOUT_EXCHANGE, MESSAGE_TYPES, PRESENCE_MAX_LENGTH, PRESENCE_QUEUE,
+                             TOPIC_EXCHANGE, UNROUTED_EXCHANGE, UNROUTED_QUEUE, checked_device,
+                             device_queue)
 
 LOGGER = logging.getLogger(__name__)
-
-TOPIC_EXCHANGE = "webos.topic"
-FANOUT_EXCHANGE = "webos.fanout"
-UNROUTED_EXCHANGE = "webos.unrouted"
-UNROUTED_QUEUE = "webos.unrouted"
-DEAD_QUEUE = "webos.dead"
-# Devices' MQTT connects and disconnects, from RabbitMQ's event exchange, for the bridge to
-# forward to Kafka's webos.presence. Bounded: without a bridge, the oldest events go first.
-PRESENCE_QUEUE = "webos.presence"
-CONNECTION_EVENTS = ("connection.created", "connection.closed")
-PRESENCE_MAX_LENGTH = 100_000
-MESSAGE_TYPES = ("info", "warning", "error")
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# A device logs in as the user its certificate names: no device may take a service user's name,
-# nor a name whose queue would be one of the shared queues.
-RESERVED_ID_PREFIX = "webos-"
-DEVICE_QUEUE_PREFIX = "webos."
-RESERVED_IDS = frozenset(name[len(DEVICE_QUEUE_PREFIX):]
-                         for name in (UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE))
-# Where rabbitmq_event_exchange publishes what happens in the broker (headers name, vhost, ...),
-# and the events the bridge finds new device queues by.
-EVENT_EXCHANGE = "amq.rabbitmq.event"
-QUEUE_EVENTS = ("queue.created", "queue.deleted")
-# How often a quorum queue delivers a message before it dead-letters it to webos.dead (a
-# message that makes its consumer crash each time, say). A classic queue has no such limit.
-DELIVERY_LIMIT = 20
-# What a message parked in webos.dead carries: why (and in detail), and where it came from.
-DEAD_REASON_HEADER = "x-webos-dead-reason"
-DEAD_DETAIL_HEADER = "x-webos-dead-detail"
-DEAD_QUEUE_HEADER = "x-webos-queue"
-DEAD_ROUTING_KEY_HEADER = "x-webos-routing-key"
-DEAD_EXCHANGE_HEADER = "x-webos-exchange"
-# What `python -m bridge dead redrive` adds when it puts a parked message back on its route: how
-# often it was redriven, and each earlier parking (JSON list of {reason, detail, parked_at}).
-REDRIVES_HEADER = "x-webos-redrives"
-DEAD_HISTORY_HEADER = "x-webos-dead-history"
-
-# Reasons a message is parked in webos.dead (the value of the x-webos-dead-reason header).
-NOT_JSON = "not-json"
-NOT_OBJECT = "not-a-json-object"
-TOO_LARGE = "too-large"
-KAFKA_REJECTED = "kafka-rejected"
-DEAD_REASONS = (NOT_JSON, NOT_OBJECT, TOO_LARGE, KAFKA_REJECTED)
-
-
-def header_text(value) -> str:
-    """An AMQP header value as text: RabbitMQ sends strings as bytes (undecodable bytes replaced),
-    a missing header is ''."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
-
-
-def is_valid_device_id(device: str) -> bool:
-    """True when `device` may name a device: 1-64 of A-Z a-z 0-9 _ - (no `.`, `/`, `+`, `#`),
-    not starting with `webos-` (the service users' names)."""
-    return (isinstance(device, str) and DEVICE_ID_PATTERN.fullmatch(device) is not None
-            and not device.startswith(RESERVED_ID_PREFIX) and device not in RESERVED_IDS)
-
-
-def _checked(device: str) -> str:
-    if not is_valid_device_id(device):
-        raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -, "
-                         f"not starting with {RESERVED_ID_PREFIX} and not "
-                         f"{', '.join(sorted(RESERVED_IDS))}")
-    return device
-
-
-def device_queue(device: str) -> str:
-    """The queue that holds one device's messages."""
-    return DEVICE_QUEUE_PREFIX + _checked(device)
-
-
-def routing_key(device: str, message_type: str) -> str:
-    """The routing key a device message carries on `webos.topic`."""
-    return f"webos.{_checked(device)}.{message_type}"
-
-
-def mqtt_topic(device: str, message_type: str) -> str:
-    """The MQTT topic a device publishes to; the MQTT plugin maps `/` to `.`."""
-    return f"webos/{_checked(device)}/{message_type}"
-
-
-def device_of_queue(queue: str) -> str | None:
-    """The device id a queue belongs to, or None for a queue that is not a device queue."""
-    if not queue.startswith(DEVICE_QUEUE_PREFIX):
-        return None
-    device = queue[len(DEVICE_QUEUE_PREFIX):]
-    if not is_valid_device_id(device):
-        return None
-    return device
-
-
-def parse_routing_key(key: str) -> tuple[str, str] | None:
-    """(device, type) from `webos.<device>.<type>`, or None when the key has another shape."""
-    parts = key.split(".")
-    if len(parts) == 3 and parts[0] == "webos" and is_valid_device_id(parts[1]):
-        return parts[1], parts[2]
-    return None
 
 
 def queue_arguments(quorum: bool, device: bool = True) -> dict:
@@ -191,69 +97,6 @@ def declare_devices(settings: Settings, devices) -> None:
             declare_device(channel, device, settings.cluster)
 
 
-def amqp_parameters(settings: Settings, user: str, password: str,
-                    **extra) -> list[pika.ConnectionParameters]:
-    """pika connection parameters for one of the project's users, one per RabbitMQ node (pika
-    tries them in order): AMQPS, the broker's certificate checked against the stack's authority."""
-    tls = pika.SSLOptions(client_context(settings.ca_file), server_hostname=settings.rabbitmq_host)
-    return [pika.ConnectionParameters(
-                host=node.rabbitmq_host, port=node.amqp_port, virtual_host=settings.vhost,
-                credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
-            for node in settings.rabbitmq_addresses()]
-
-
-class _ClusterSession(requests.Session):
-    """A requests session that sends a call meant for the first node's management API to the
-    other nodes when that one does not answer (any node's API serves the whole cluster), and then
-    to the node that answered first."""
-
-    def __init__(self, bases: list[str]):
-        super().__init__()
-        self.primary = bases[0]
-        self.bases = list(bases)
-        # The API closes a kept-alive connection now and then (every minute or two in a run
-        # here): a call that finds it closed is sent again, once, on a new connection, if it is
-        # idempotent (GET, PUT, DELETE, not POST). A node that does not answer fails at once.
-        adapter = HTTPAdapter(max_retries=Retry(total=1, connect=0, redirect=0, status=0))
-        self.mount("https://", adapter)
-        self.mount("http://", adapter)
-
-    def request(self, method, url, *args, **kwargs):
-        if len(self.bases) == 1 or not url.startswith(self.primary):
-            return super().request(method, url, *args, **kwargs)
-        path = url[len(self.primary):]
-        for base in list(self.bases):
-            try:
-                response = super().request(method, base + path, *args, **kwargs)
-            except requests.ConnectionError as error:
-                failure = error
-                continue
-            self.bases.remove(base)
-            self.bases.insert(0, base)
-            return response
-        raise failure
-
-
-def management_api(settings: Settings, user: str | None = None,
-                   password: str | None = None) -> requests.Session:
-    """An HTTPS session with the management API (default: as webos-admin), the broker's
-    certificate checked against the stack's authority; on a cluster a call moves to the next
-    node when one does not answer."""
-    http = _ClusterSession([node.management_url for node in settings.rabbitmq_addresses()])
-    http.auth = (user or settings.admin_user,
-                 settings.admin_password if password is None else password)
-    http.verify = str(settings.ca_file)
-    # Else REQUESTS_CA_BUNDLE in the environment would win over `verify` (a known requests
-    # behaviour), and a proxy variable could route this loopback call elsewhere.
-    http.trust_env = False
-    return http
-
-
-def admin_parameters(settings: Settings, **extra) -> list[pika.ConnectionParameters]:
-    """pika connection parameters for `webos-admin`, one per node."""
-    return amqp_parameters(settings, settings.admin_user, settings.admin_password, **extra)
-
-
 def user_definitions(settings: Settings) -> list[dict]:
     """The least-privilege users besides the administrator (who is created at broker start)."""
     return [
@@ -302,7 +145,7 @@ def enrol_devices(settings: Settings, devices, timeout: float = 60.0) -> None:
     """Give each device what it needs to connect: its certificate (issued when missing) and its
     broker user with its permissions, in one definitions import however many devices. The user
     has no password (it logs in with its certificate) unless the plain listeners are on."""
-    devices = [_checked(device) for device in devices]
+    devices = [checked_device(device) for device in devices]
     if not devices:
         return
     pki = PKI(settings.pki_path)
@@ -336,7 +179,7 @@ def remove_enrolments(settings: Settings, devices, timeout: float = 10.0) -> Non
     with management_api(settings) as http:
         for device in devices:
             response = http.delete(
-                f"{settings.management_url}/api/users/{quote(_checked(device), safe='')}",
+                f"{settings.management_url}/api/users/{quote(checked_device(device), safe='')}",
                 timeout=timeout)
             if response.status_code not in (204, 404):
                 response.raise_for_status()
@@ -355,8 +198,6 @@ def password_hash(password: str) -> str:
 
 def registered_devices(settings: Settings) -> list[str]:
     """The ids in the devices file (WEBOS_DEVICES_FILE); ConfigError if it cannot be read."""
-    from publisher.device_config import load_devices  # publisher imports this module
-
     try:
         return [device.id for device in load_devices(settings.devices_path)]
     except ValueError as error:

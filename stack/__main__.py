@@ -141,13 +141,13 @@ def banner(settings: Settings, apps: bool = True) -> str:
 
 def pki_command(settings: Settings, args) -> int:
     """`python -m stack pki`: create what is missing, issue or rotate one device, print files."""
-    from rabbitmq import topology
+    from rabbitmq import naming, topology
 
     pki = PKI(settings.pki_path)
     created = pki.ensure()
     for device in filter(None, (args.issue, args.rotate)):
         try:
-            topology.device_queue(device)  # the one check of a device id, with its message
+            naming.device_queue(device)  # the one check of a device id, with its message
         except ValueError as error:
             raise ConfigError(str(error)) from None
     devices = [args.issue] if args.issue else [] if args.rotate else topology.registered_devices(settings)

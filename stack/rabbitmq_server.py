@@ -15,7 +15,7 @@ import requests
 
 from common.config import REPO_ROOT, Settings
 from common.pki import PKI, write_private
-from rabbitmq import topology
+from rabbitmq import endpoints
 from stack.process import BrokerError, LocalProcess, port_open, wait_until
 from stack.rabbitmq_runtime import CTL_SCRIPT, SERVER_SCRIPT, Runtime, RuntimeMissing, ensure_runtime
 
@@ -157,7 +157,7 @@ class LocalRabbitMQ(LocalProcess):
     def cluster_members(self) -> list[str]:
         """The names of the cluster's running nodes, as this node's management API lists them."""
         try:
-            with topology.management_api(self.settings) as http:
+            with endpoints.management_api(self.settings) as http:
                 response = http.get(f"{self.settings.management_url}/api/nodes",
                                     params={"columns": "name,running"}, timeout=5)
             response.raise_for_status()
@@ -171,7 +171,7 @@ class LocalRabbitMQ(LocalProcess):
         if not (port_open(s.amqp_port) and port_open(s.mqtt_port)):
             return False
         try:
-            with topology.management_api(s) as http:
+            with endpoints.management_api(s) as http:
                 response = http.get(f"{s.management_url}/api/overview", timeout=2)
             if response.status_code == 401:
                 raise BrokerError(
@@ -180,7 +180,7 @@ class LocalRabbitMQ(LocalProcess):
                     "the data with `make clean`.")
             if response.status_code != 200:
                 return False
-            params = topology.admin_parameters(s, connection_attempts=1, socket_timeout=2,
+            params = endpoints.admin_parameters(s, connection_attempts=1, socket_timeout=2,
                                                blocked_connection_timeout=2)
             pika.BlockingConnection(params).close()
             return True

@@ -21,6 +21,7 @@ import pika
 import pytest
 
 from rabbitmq import topology
+from rabbitmq import endpoints
 from common.config import REPO_ROOT, Settings, load_settings
 from common.pki import PKI
 from stack.kafka_server import LocalKafka, ensure_pipeline_topics
@@ -153,7 +154,7 @@ def settings(brokers) -> Settings:
 @pytest.fixture
 def admin_channel(settings):
     """A pika channel as webos-admin, closed after the test."""
-    connection = pika.BlockingConnection(topology.admin_parameters(settings))
+    connection = pika.BlockingConnection(endpoints.admin_parameters(settings))
     yield connection.channel()
     connection.close()
 

@@ -25,7 +25,8 @@ from paho.mqtt.properties import Properties
 from bridge.forwarder import BridgeOptions
 from bridge.metrics import parse_samples
 from rabbitmq import topology
-from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
+from rabbitmq import naming
+from rabbitmq.naming import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from common.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import AppProcess, free_port
@@ -141,7 +142,7 @@ def queue_depth(admin_channel, queue: str) -> int:
 def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
         settings, new_device, bridges, kafka_topic, admin_channel):
     devices = [new_device("K"), new_device("K")]
-    bridge = bridges("--queues", ",".join(topology.device_queue(d) for d in devices),
+    bridge = bridges("--queues", ",".join(naming.device_queue(d) for d in devices),
                      "--topic-template", kafka_topic)
     bridge.wait_consuming(2)
     assert requests.get(bridge.url + "/healthz", timeout=2).status_code == 200
@@ -150,10 +151,10 @@ def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
     try:
         for seq in range(60):
             for client, device in zip(clients, devices):
-                message_type = topology.MESSAGE_TYPES[seq % 3]
+                message_type = naming.MESSAGE_TYPES[seq % 3]
                 payload = body(device, seq)
                 sent[(device, seq)] = (message_type, payload)
-                assert client.publish(topology.mqtt_topic(device, message_type), payload)
+                assert client.publish(naming.mqtt_topic(device, message_type), payload)
     finally:
         for client in clients:
             client.close()
@@ -166,10 +167,10 @@ def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
         seq = json.loads(record.value())["seq"]
         message_type, payload = sent[(device, seq)]
         assert record.value() == payload  # the bytes, unchanged
-        assert headers == {"routing_key": topology.routing_key(device, message_type),
-                           "mqtt_topic": topology.mqtt_topic(device, message_type),
+        assert headers == {"routing_key": naming.routing_key(device, message_type),
+                           "mqtt_topic": naming.mqtt_topic(device, message_type),
                            "device": device, "type": message_type,
-                           "queue": topology.device_queue(device), "msg_id": f"{device}-{seq}"}
+                           "queue": naming.device_queue(device), "msg_id": f"{device}-{seq}"}
     for device in devices:
         assert seqs_of(records, device) == list(range(60))  # per-device order kept
 
@@ -183,13 +184,13 @@ def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
     assert bridge.stop(signal.SIGTERM) == 0
     assert "bridge stopped: consumed=120 produced=120 acked=120" in bridge.output
     for device in devices:  # acked, not merely delivered: nothing came back when it disconnected
-        assert queue_depth(admin_channel, topology.device_queue(device)) == 0
+        assert queue_depth(admin_channel, naming.device_queue(device)) == 0
 
 
 def test_mqtt5_content_type_and_user_properties_reach_kafka_as_headers(
         settings, new_device, bridges, kafka_topic):
     device = new_device("M")
-    bridge = bridges("--queues", topology.device_queue(device), "--topic-template", kafka_topic)
+    bridge = bridges("--queues", naming.device_queue(device), "--topic-template", kafka_topic)
     bridge.wait_consuming(1)
     client = MqttDevice(settings, device, protocol=mqtt.MQTTv5)
     assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
@@ -198,8 +199,8 @@ def test_mqtt5_content_type_and_user_properties_reach_kafka_as_headers(
     # A user property named like one of the bridge's headers cannot pose as it.
     properties.UserProperty = [("site", "hall 3"), ("device", "someone-else")]
     try:
-        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 1), properties=properties)
-        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 2))
+        assert client.publish(naming.mqtt_topic(device, "info"), body(device, 1), properties=properties)
+        assert client.publish(naming.mqtt_topic(device, "info"), body(device, 2))
     finally:
         client.close()
 
@@ -224,7 +225,7 @@ def test_new_device_queue_is_consumed_within_5_s(settings, new_device, bridges, 
     picked_up = time.monotonic() - declared
     client = device_client(settings, device)
     try:
-        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 0))
+        assert client.publish(naming.mqtt_topic(device, "info"), body(device, 0))
     finally:
         client.close()
     records = read_records(settings, kafka_topic, lambda got: len(got) >= 1)
@@ -256,7 +257,7 @@ def dead_messages_of(admin_channel, queue: str, count: int, timeout: float = 20.
     found = {}
 
     def collect():
-        method, properties, payload = admin_channel.basic_get(topology.DEAD_QUEUE, auto_ack=False)
+        method, properties, payload = admin_channel.basic_get(naming.DEAD_QUEUE, auto_ack=False)
         if method is None:
             return False
         headers = properties.headers or {}
@@ -278,7 +279,7 @@ def bridge_to_a_50_kb_topic(settings, bridges, device):
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "50000"})])[topic] \
         .result(30)
-    bridge = bridges("--queues", topology.device_queue(device), "--topic-template",
+    bridge = bridges("--queues", naming.device_queue(device), "--topic-template",
                      "test.bridge.{device}")
     bridge.wait_consuming(1)
     return topic, admin, bridge
@@ -287,27 +288,27 @@ def bridge_to_a_50_kb_topic(settings, bridges, device):
 def test_poison_messages_are_parked_with_reasons_and_the_queue_keeps_flowing(
         settings, new_device, bridges, admin_channel):
     device = new_device("P")
-    queue = topology.device_queue(device)
+    queue = naming.device_queue(device)
     topic, admin, bridge = bridge_to_a_50_kb_topic(settings, bridges, device)
     client = device_client(settings, device)
     try:
-        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 0))
-        assert client.publish(topology.mqtt_topic(device, "error"), b"\x00 not json")
-        assert client.publish(topology.mqtt_topic(device, "warning"), b"[1, 2, 3]")
+        assert client.publish(naming.mqtt_topic(device, "info"), body(device, 0))
+        assert client.publish(naming.mqtt_topic(device, "error"), b"\x00 not json")
+        assert client.publish(naming.mqtt_topic(device, "warning"), b"[1, 2, 3]")
         records = read_records(settings, topic, lambda got: len(got) >= 1)
         properties = pika.BasicProperties(delivery_mode=2)
-        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+        admin_channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
                                     b'{"pad": "' + b"x" * 1_200_000 + b'"}', properties)
-        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+        admin_channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
                                     body(device, 1, pad="y" * 100_000), properties)
-        assert client.publish(topology.mqtt_topic(device, "info"), body(device, 2))
+        assert client.publish(naming.mqtt_topic(device, "info"), body(device, 2))
     finally:
         client.close()
     parked = dead_messages_of(admin_channel, queue, 4)
     assert set(parked) == {"not-json", "not-a-json-object", "too-large", "kafka-rejected"}
     assert parked["not-json"][1] == b"\x00 not json"  # parked unchanged
     assert parked["not-a-json-object"][0]["x-webos-routing-key"] == \
-        topology.routing_key(device, "warning")
+        naming.routing_key(device, "warning")
     assert "MSG_SIZE_TOO_LARGE" in parked["kafka-rejected"][0]["x-webos-dead-detail"]
     records = read_records(settings, topic, lambda got: len(got) >= 2)
     assert seqs_of(records, device) == [0, 2]  # the good message after the poison still flows
@@ -327,7 +328,7 @@ def publish_in_background(settings: Settings, device: str, count: int):
         client = device_client(settings, device)
         try:
             for seq in range(count):
-                if not client.publish(topology.mqtt_topic(device, "info"), body(device, seq)):
+                if not client.publish(naming.mqtt_topic(device, "info"), body(device, seq)):
                     failures.append(seq)
         finally:
             client.close()
@@ -350,18 +351,18 @@ def assert_complete_and_ordered(records, device: str, count: int) -> int:
 def test_dead_list_shows_parked_messages_and_leaves_them_in_place(
         settings, new_device, bridges, admin_channel):
     device = new_device("DL")
-    queue = topology.device_queue(device)
+    queue = naming.device_queue(device)
     bridge = bridges("--queues", queue)
     bridge.wait_consuming(1)
     properties = pika.BasicProperties(delivery_mode=2)
     for payload in (b"\x00 not json", b"[1, 2, 3]"):
-        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+        admin_channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
                                     payload, properties)
     wait_for(lambda: sum(bridge.metric(f'webos_bridge_dead_lettered_total{{reason="{reason}"}}')
                          for reason in ("not-json", "not-a-json-object")) >= 2, 20,
              message="both messages parked")
     assert bridge.stop(signal.SIGINT) == 0
-    depth = admin_channel.queue_declare(topology.DEAD_QUEUE, passive=True).method.message_count
+    depth = admin_channel.queue_declare(naming.DEAD_QUEUE, passive=True).method.message_count
 
     def dead_list(*flags):
         return dead_command(settings, "list", *flags)
@@ -371,11 +372,11 @@ def test_dead_list_shows_parked_messages_and_leaves_them_in_place(
     ours = [json.loads(line) for line in listed.stdout.splitlines()
             if json.loads(line)["queue"] == queue]
     assert [(row["device"], row["reason"], row["size"], row["routing_key"]) for row in ours] == [
-        (device, "not-json", 10, topology.routing_key(device, "info")),
-        (device, "not-a-json-object", 9, topology.routing_key(device, "info"))]
+        (device, "not-json", 10, naming.routing_key(device, "info")),
+        (device, "not-a-json-object", 9, naming.routing_key(device, "info"))]
     assert all(row["parked_at"] and row["detail"] for row in ours)
     # Nothing was taken out.
-    assert admin_channel.queue_declare(topology.DEAD_QUEUE,
+    assert admin_channel.queue_declare(naming.DEAD_QUEUE,
                                        passive=True).method.message_count == depth
     table = dead_list()
     assert table.returncode == 0 and f"{depth} message(s) in webos.dead" in table.stdout
@@ -396,7 +397,7 @@ def test_dead_redrive_forwards_what_was_fixed_and_parks_again_what_was_not(
     properties = pika.BasicProperties(delivery_mode=2)
     for payload in (b"\x00 not json", b"[1, 2, 3]", body(device, 1, pad="y" * 100_000),
                     b'{"pad": "' + b"x" * 1_200_000 + b'"}'):
-        admin_channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+        admin_channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
                                     payload, properties)
     wait_for(lambda: bridge.metric("webos_bridge_acked_total") == 4, 30, message="all 4 parked")
     rows = parked_rows(settings, device)
@@ -444,14 +445,14 @@ def test_dead_redrive_forwards_what_was_fixed_and_parks_again_what_was_not(
 def test_a_redrive_killed_halfway_loses_nothing(
         settings, new_device, bridges, kafka_topic, admin_channel, tmp_path):
     device = new_device("RK")
-    queue = topology.device_queue(device)
+    queue = naming.device_queue(device)
     count = 5000
     for seq in range(count):  # parked as the bridge parks a message Kafka refused
-        admin_channel.basic_publish("", topology.DEAD_QUEUE, body(device, seq), pika.BasicProperties(
+        admin_channel.basic_publish("", naming.DEAD_QUEUE, body(device, seq), pika.BasicProperties(
             delivery_mode=2, timestamp=int(time.time()), headers={
                 "x-webos-dead-reason": "kafka-rejected", "x-webos-dead-detail": "test",
-                "x-webos-queue": queue, "x-webos-exchange": topology.TOPIC_EXCHANGE,
-                "x-webos-routing-key": topology.routing_key(device, "info")}))
+                "x-webos-queue": queue, "x-webos-exchange": naming.TOPIC_EXCHANGE,
+                "x-webos-routing-key": naming.routing_key(device, "info")}))
     wait_for(lambda: len(parked_rows(settings, device)) == count, 30, 0.2, f"{count} parked")
     redrive = AppProcess(["bridge", "dead", "redrive", "--device", device],
                          {**os.environ, **settings.to_env()}, tmp_path / "redrive.log")
@@ -476,7 +477,7 @@ def test_a_redrive_killed_halfway_loses_nothing(
 def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(
         settings, new_device, bridges, kafka_topic, admin_channel):
     device = new_device("X")
-    queue = topology.device_queue(device)
+    queue = naming.device_queue(device)
     active = bridges("--queues", queue, "--topic-template", kafka_topic)
     active.wait_consuming(1)
     standby = bridges("--queues", queue, "--topic-template", kafka_topic)
@@ -505,7 +506,7 @@ def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(
 
 def test_connection_lost_reconnects_and_loses_nothing(settings, new_device, bridges, kafka_topic):
     device = new_device("R")
-    bridge = bridges("--queues", topology.device_queue(device), "--topic-template", kafka_topic)
+    bridge = bridges("--queues", naming.device_queue(device), "--topic-template", kafka_topic)
     bridge.wait_consuming(1)
     count = 2000
     publisher = publish_in_background(settings, device, count)
@@ -542,7 +543,7 @@ def test_with_kafka_down_messages_wait_in_rabbitmq_then_all_arrive(
         own = dataclasses.replace(settings, kafka_bootstrap=kafka.bootstrap)
         ensure_topic(own.kafka_bootstrap, own.kafka_topic, 3)
         device = new_device("O")
-        queue = topology.device_queue(device)
+        queue = naming.device_queue(device)
         prefetch = 50
         bridge = bridges("--queues", queue, "--prefetch", str(prefetch), on=own)
         bridge.wait_consuming(1)

@@ -16,8 +16,8 @@ from bridge.forwarder import PRIORITIES, share_priority
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
 from bridge.delivery import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
-from rabbitmq import topology
-from rabbitmq.topology import NOT_JSON, NOT_OBJECT, TOO_LARGE
+from rabbitmq import naming
+from rabbitmq.naming import NOT_JSON, NOT_OBJECT, TOO_LARGE
 from common.config import Settings, load_settings
 
 
@@ -459,5 +459,5 @@ def test_other_connections_are_not_presence(event, headers):
 
 def test_shared_queue_names_are_no_device_ids():
     for name in ("dead", "unrouted", "presence"):
-        assert not topology.is_valid_device_id(name)
-        assert topology.device_of_queue(f"webos.{name}") is None
+        assert not naming.is_valid_device_id(name)
+        assert naming.device_of_queue(f"webos.{name}") is None

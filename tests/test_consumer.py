@@ -20,7 +20,7 @@ import requests
 from confluent_kafka import Producer
 
 from common.config import REPO_ROOT, Settings
-from rabbitmq import topology
+from rabbitmq import endpoints
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess, free_port
 from tests.helpers import wait_for
@@ -447,12 +447,12 @@ def test_live_view_streams_a_produced_record_and_shows_lag(settings, topic):
 DEVICE_PROCESS = """
 import sys, threading
 from common.config import load_settings
-from rabbitmq import topology
+from rabbitmq import naming
 from tests.helpers import MqttDevice
 device = sys.argv[1]
 client = MqttDevice(load_settings(), device)
 assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
-assert client.publish(topology.mqtt_topic(device, "info"), b'{"seq": 1, "status": "Active"}')
+assert client.publish(naming.mqtt_topic(device, "info"), b'{"seq": 1, "status": "Active"}')
 print("published", flush=True)
 threading.Event().wait()
 """
@@ -479,7 +479,7 @@ def test_presence_of_a_killed_device_reaches_kafka_and_the_live_view(
         records = [json.loads(line) for line in shown.stdout.splitlines()]
         assert [(r["key"], r["headers"]["type"], r["payload"]["type"]) for r in records] == [
             (device, "connected", "connected"), (device, "disconnected", "disconnected")]
-        with topology.management_api(settings) as http:
+        with endpoints.management_api(settings) as http:
             node = http.get(f"{settings.management_url}/api/overview", timeout=10).json()["node"]
         assert all(r["payload"]["client_id"] == device and r["payload"]["device"] == device
                    and r["payload"]["node"] == node for r in records)

@@ -21,8 +21,10 @@ import requests
 
 from common.pki import PKI, client_context
 from publisher.app import create_app
-from publisher.device_config import DeviceConfig
+from common.devices import DeviceConfig
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack.process import free_port, port_open
 from tests.helpers import MqttDevice, get_message, wait_for
 from tests.test_bridge import BridgeProcess, kafka_topic, read_records  # noqa: F401 (fixture)
@@ -64,12 +66,12 @@ def broker_log(brokers):
 def test_a_device_publishes_as_itself_and_reaches_kafka_keyed_by_its_id(settings, pair, tmp_path,
                                                                        kafka_topic):
     a, _ = pair
-    bridge = BridgeProcess(settings, tmp_path, "--queues", topology.device_queue(a),
+    bridge = BridgeProcess(settings, tmp_path, "--queues", naming.device_queue(a),
                            "--topic-template", kafka_topic)
     try:
         bridge.wait_consuming(1)
         marker = uuid.uuid4().hex
-        done = mosquitto_pub(settings, topology.mqtt_topic(a, "info"), body(a, marker), device=a)
+        done = mosquitto_pub(settings, naming.mqtt_topic(a, "info"), body(a, marker), device=a)
         assert done.returncode == 0, done.stderr
         records = read_records(settings, kafka_topic,
                                lambda got: any(marker.encode() in r.value() for r in got))
@@ -84,23 +86,23 @@ def test_a_device_cannot_publish_to_another_devices_topic(settings, pair, admin_
     a, b = pair
     forged = uuid.uuid4().hex
     # mosquitto_pub: the broker closes the connection instead of acknowledging.
-    done = mosquitto_pub(settings, topology.mqtt_topic(b, "info"), body(b, forged), device=a)
+    done = mosquitto_pub(settings, naming.mqtt_topic(b, "info"), body(b, forged), device=a)
     assert done.returncode != 0
     # paho: the same, seen as a lost connection and no PUBACK.
     client = MqttDevice(settings, a)
     try:
         assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
-        assert not client.publish(topology.mqtt_topic(b, "warning"), body(b, forged), timeout=3)
+        assert not client.publish(naming.mqtt_topic(b, "warning"), body(b, forged), timeout=3)
         assert client.disconnected.wait(5)
     finally:
         client.close()
     # B's own message arrives after the attempts: nothing forged came before it.
     genuine = uuid.uuid4().hex
-    assert mosquitto_pub(settings, topology.mqtt_topic(b, "info"), body(b, genuine),
+    assert mosquitto_pub(settings, naming.mqtt_topic(b, "info"), body(b, genuine),
                          device=b).returncode == 0
-    _, _, received = get_message(admin_channel, topology.device_queue(b))
+    _, _, received = get_message(admin_channel, naming.device_queue(b))
     assert genuine.encode() in received
-    assert admin_channel.basic_get(topology.device_queue(b))[0] is None
+    assert admin_channel.basic_get(naming.device_queue(b))[0] is None
     if broker_log is not None:
         wait_for(lambda: f"webos.{b}.info" in broker_log.read_text()
                  and "authorization failure" in broker_log.read_text(), 10,
@@ -117,7 +119,7 @@ def test_a_device_asking_for_another_devices_client_id_is_refused_and_the_other_
 
     def keep_publishing():
         while not stop.is_set():
-            if device_b.publish(topology.mqtt_topic(b, "info"), body(b, "steady"), timeout=5):
+            if device_b.publish(naming.mqtt_topic(b, "info"), body(b, "steady"), timeout=5):
                 published.append(time.monotonic())
             time.sleep(0.05)
 
@@ -132,7 +134,7 @@ def test_a_device_asking_for_another_devices_client_id_is_refused_and_the_other_
             assert intruder.reason_code == "Client identifier not valid"
         finally:
             intruder.close()
-        done = mosquitto_pub(settings, topology.mqtt_topic(b, "info"), body(b, "intruder"),
+        done = mosquitto_pub(settings, naming.mqtt_topic(b, "info"), body(b, "intruder"),
                              device=a, client_id=b)
         assert done.returncode != 0
         attempts_done = time.monotonic()
@@ -145,9 +147,9 @@ def test_a_device_asking_for_another_devices_client_id_is_refused_and_the_other_
         stop.set()
         publisher.join(10)
         device_b.close()
-    wait_for(lambda: admin_channel.queue_declare(topology.device_queue(b), passive=True)
+    wait_for(lambda: admin_channel.queue_declare(naming.device_queue(b), passive=True)
              .method.message_count >= len(published), 10, message="B's messages in its queue")
-    while (message := admin_channel.basic_get(topology.device_queue(b), auto_ack=True))[0]:
+    while (message := admin_channel.basic_get(naming.device_queue(b), auto_ack=True))[0]:
         assert b"intruder" not in message[2]
 
 
@@ -163,16 +165,16 @@ def test_no_certificate_another_authority_and_a_password_are_all_refused(setting
     # No certificate and no credentials; a device's name with a password.
     assert refused(MqttDevice(settings))
     assert refused(MqttDevice(settings, user=a, password="anything"))
-    assert mosquitto_pub(settings, topology.mqtt_topic(a, "info"), b"{}", client_id=a,
+    assert mosquitto_pub(settings, naming.mqtt_topic(a, "info"), b"{}", client_id=a,
                          extra=["-u", a, "-P", "anything"]).returncode != 0
     # A certificate for the same id, from another authority: the TLS handshake fails.
     stranger = PKI(tmp_path / "other-ca").ensure_device(a)
     assert refused(MqttDevice(settings, a, identity=stranger))
-    done = mosquitto_pub(settings, topology.mqtt_topic(a, "info"), b"{}", device=a, cert=stranger)
+    done = mosquitto_pub(settings, naming.mqtt_topic(a, "info"), b"{}", device=a, cert=stranger)
     assert done.returncode != 0
     # The client refuses a broker it cannot verify: here, against another authority.
     other_ca = PKI(tmp_path / "other-ca").ca_cert
-    done = mosquitto_pub(settings, topology.mqtt_topic(a, "info"), b"{}", device=a, ca=other_ca)
+    done = mosquitto_pub(settings, naming.mqtt_topic(a, "info"), b"{}", device=a, ca=other_ca)
     assert done.returncode != 0 and "TLS error" in done.stderr
 
 
@@ -220,7 +222,7 @@ def test_amqp_and_management_clients_verify_the_broker(settings, tmp_path):
                      auth=(settings.admin_user, settings.admin_password), timeout=10)
     # With the stack's authority both work, and the management API is HTTPS.
     assert settings.management_url.startswith("https://")
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         assert http.get(f"{settings.management_url}/api/whoami", timeout=10).json()["name"] == \
             settings.admin_user
     context = client_context(settings.ca_file)
@@ -245,7 +247,7 @@ def test_a_device_added_at_run_time_gets_a_certificate_before_connecting_and_rem
                  message="the added device's messages acknowledged")
         assert client.delete(f"/devices/{added}?delete_queue=true").status_code == 200
         assert not pki.device(added).cert.exists()
-        with topology.management_api(settings) as http:
+        with endpoints.management_api(settings) as http:
             assert http.get(f"{settings.management_url}/api/users/{added}",
                             timeout=10).status_code == 404
         assert refused(MqttDevice(settings, added, identity=pki.ensure_device(added)))
@@ -278,13 +280,13 @@ def test_with_plain_listeners_on_each_device_has_its_own_password(tmp_path):
                                  port=settings.mqtt_plain_port, ca=False,
                                  extra=["-u", user, "-P", secret])
 
-        assert plain(topology.mqtt_topic(a, "info"), a, password).returncode == 0
-        assert plain(topology.mqtt_topic(b, "info"), a, password).returncode != 0
-        assert plain(topology.mqtt_topic(a, "info"), a, "wrong").returncode != 0
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        assert plain(naming.mqtt_topic(a, "info"), a, password).returncode == 0
+        assert plain(naming.mqtt_topic(b, "info"), a, password).returncode != 0
+        assert plain(naming.mqtt_topic(a, "info"), a, "wrong").returncode != 0
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
-            assert channel.queue_declare(topology.device_queue(a), passive=True).method.message_count == 1
-            assert channel.queue_declare(topology.device_queue(b), passive=True).method.message_count == 0
+            assert channel.queue_declare(naming.device_queue(a), passive=True).method.message_count == 1
+            assert channel.queue_declare(naming.device_queue(b), passive=True).method.message_count == 0
         assert port_open(settings.amqp_plain_port) and port_open(settings.management_plain_port)
     finally:
         broker.stop()
@@ -292,6 +294,6 @@ def test_with_plain_listeners_on_each_device_has_its_own_password(tmp_path):
 
 def test_a_device_id_may_not_take_a_service_users_name():
     for name in ("webos-admin", "webos-bridge", "webos-anything"):
-        assert not topology.is_valid_device_id(name)
+        assert not naming.is_valid_device_id(name)
         with pytest.raises(ValueError, match="not starting with webos-"):
-            topology.device_queue(name)
+            naming.device_queue(name)

@@ -20,7 +20,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from rabbitmq import topology
+from rabbitmq import naming
 from stack.kafka_server import ensure_topic, local_cluster
 from stack.process import free_port
 from tests.helpers import MqttDevice, wait_for
@@ -140,7 +140,7 @@ def test_one_broker_of_three_killed_mid_stream_loses_nothing(
 
     devices = [new_device("KC") for _ in range(DEVICES)]
     bridge = BridgeProcess(cluster_settings, tmp_path, "--topic-template", topic,
-                           "--queues", ",".join(topology.device_queue(d) for d in devices))
+                           "--queues", ",".join(naming.device_queue(d) for d in devices))
     reader = PartitionReader(bootstrap, topic, PARTITIONS)
     clients = []
     try:
@@ -169,7 +169,7 @@ def test_one_broker_of_three_killed_mid_stream_loses_nothing(
                             leader, devices[0], n)
             seq, index = divmod(n, DEVICES)
             device = devices[index]
-            pending.append(clients[index].client.publish(topology.mqtt_topic(device, "info"),
+            pending.append(clients[index].client.publish(naming.mqtt_topic(device, "info"),
                                                          body(device, seq), qos=1))
             pause = stream_started + (n + 1) / RATE - time.perf_counter()
             if pause > 0:

@@ -13,7 +13,7 @@ import pytest
 
 from common.config import REPO_ROOT
 from common.pki import PKI
-from rabbitmq import topology
+from rabbitmq import naming
 from stack.kafka_server import LocalKafka, SecureListener, ensure_topic
 from stack.process import free_port
 from tests.helpers import MqttDevice
@@ -54,13 +54,13 @@ def test_bridge_and_consumer_work_over_sasl_ssl_and_a_wrong_password_is_refused(
     device = new_device("SASL")
     as_bridge = dataclasses.replace(settings, **listener.client("webos-bridge"))
     assert as_bridge.kafka_client()["security.protocol"] == "SASL_SSL"
-    bridge = BridgeProcess(as_bridge, tmp_path, "--queues", topology.device_queue(device),
+    bridge = BridgeProcess(as_bridge, tmp_path, "--queues", naming.device_queue(device),
                            "--topic-template", topic)
     client = MqttDevice(settings, device)
     try:
         bridge.wait_consuming(1)
         marker = uuid.uuid4().hex
-        assert client.publish(topology.mqtt_topic(device, "info"),
+        assert client.publish(naming.mqtt_topic(device, "info"),
                               json.dumps({"id": device, "marker": marker}).encode())
         as_reader = dataclasses.replace(settings, **listener.client("webos-reader"))
         read = consume_cli(as_reader, topic)

@@ -22,6 +22,7 @@ import psutil
 import requests
 
 from rabbitmq import topology
+from rabbitmq import naming
 from common.config import REPO_ROOT, load_settings
 from stack.process import free_port, port_open
 from tests.helpers import answers, consume, kafka_consumer, wait_for
@@ -103,7 +104,7 @@ class MakeRun:
         """Until the pages of `apps` and a device queue in the management API answer."""
         admin = (self.settings.admin_user, self.settings.admin_password)
         device_queue = (f"{self.settings.management_url}/api/queues/{quote(self.settings.vhost, safe='')}/"
-                        f"{topology.device_queue(topology.registered_devices(self.settings)[0])}")
+                        f"{naming.device_queue(topology.registered_devices(self.settings)[0])}")
 
         def everything_answers() -> bool:
             assert self.make.poll() is None, f"make run exited early:\n{self.output()[-3000:]}"

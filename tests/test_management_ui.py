@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from rabbitmq import topology
+from rabbitmq import naming
 from tests.helpers import MqttDevice
 
 pytestmark = pytest.mark.browser
@@ -29,7 +29,7 @@ def test_admin_logs_in_finds_device_queue_and_reads_a_message(settings, admin_ch
     device = MqttDevice(settings, "3DF92-192")  # the registered device's own certificate
     try:
         body = json.dumps({"Producer": "3DF92-192", "command": "position", "marker": marker})
-        assert device.publish(topology.mqtt_topic("3DF92-192", "info"), body.encode())
+        assert device.publish(naming.mqtt_topic("3DF92-192", "info"), body.encode())
     finally:
         device.close()
 

@@ -22,7 +22,9 @@ import pytest
 from bench.pipeline_run import PipelineRun
 from bridge.forwarder import BridgeOptions
 from rabbitmq import topology
-from rabbitmq.topology import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, NOT_JSON, NOT_OBJECT, TOO_LARGE
+from rabbitmq import naming
+from rabbitmq import endpoints
+from rabbitmq.naming import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, NOT_JSON, NOT_OBJECT, TOO_LARGE
 from common.config import Settings
 from stack.kafka_server import LocalKafka
 from stack.local import fresh_settings
@@ -43,7 +45,7 @@ def report_line(name: str, report) -> None:
 
 def queue_messages(settings: Settings, queue: str) -> int | None:
     """`messages` (ready + unacked) of a queue as the management HTTP API shows it."""
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         answer = http.get(f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
                           f"{quote(queue, safe='')}", timeout=10)
     answer.raise_for_status()
@@ -210,12 +212,12 @@ def malformed_payload(index: int) -> tuple[bytes, str]:
 def parked_for(settings: Settings, queues: set[str], count: int, timeout: float = 60.0) -> list:
     """(reason, body) of `count` messages parked in webos.dead for `queues` (acked, so removed)."""
     found = []
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+    with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
         channel = connection.channel()
 
         def collect():
             while len(found) < count:
-                method, properties, body = channel.basic_get(topology.DEAD_QUEUE)
+                method, properties, body = channel.basic_get(naming.DEAD_QUEUE)
                 if method is None:
                     return False
                 headers = properties.headers or {}
@@ -238,15 +240,15 @@ def test_malformed_payloads_at_volume_are_parked_and_the_good_stream_is_complete
         sent = []
         # Over AMQP as webos-admin, onto the route each device's messages take: a device's own
         # certificate may publish only as that device, and its MQTT session is the publisher's.
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
             channel.confirm_delivery()
             for index in range(count):
                 payload, reason = malformed_payload(index)
                 target = run.devices[index % len(run.devices)]
                 channel.basic_publish(
-                    topology.TOPIC_EXCHANGE,
-                    topology.routing_key(target, topology.MESSAGE_TYPES[index % 3]), payload,
+                    naming.TOPIC_EXCHANGE,
+                    naming.routing_key(target, naming.MESSAGE_TYPES[index % 3]), payload,
                     pika.BasicProperties(delivery_mode=2), mandatory=True)  # raises if refused
                 sent.append((reason, hashlib.sha256(payload).hexdigest()))
         published_meanwhile = run.published

@@ -13,8 +13,10 @@ import pytest
 import requests
 
 from publisher.app import create_app
-from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
+from common.devices import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack.process import AppProcess, free_port
 from tests.helpers import RESTART_RECONNECT_MAX, answers, wait_for
 from tests.test_publisher_api_unit import BAD_INPUT, NEW, fill
@@ -41,7 +43,7 @@ class QueueReader:
     """Collects a device queue's messages across calls (reads as webos-admin)."""
 
     def __init__(self, channel, device: str):
-        self.channel, self.queue, self.messages = channel, topology.device_queue(device), []
+        self.channel, self.queue, self.messages = channel, naming.device_queue(device), []
 
     def purge(self) -> None:
         self.channel.queue_purge(self.queue)
@@ -58,7 +60,7 @@ class QueueReader:
 @pytest.fixture(scope="module")
 def amqp(settings):
     """A module-wide admin channel for reading queues."""
-    connection = pika.BlockingConnection(topology.admin_parameters(settings))
+    connection = pika.BlockingConnection(endpoints.admin_parameters(settings))
     yield connection.channel()
     connection.close()
 
@@ -76,7 +78,7 @@ def publisher(settings, amqp):
     yield app
     app.extensions["publisher"].close()
     for device in app.created:
-        amqp.queue_delete(topology.device_queue(device))
+        amqp.queue_delete(naming.device_queue(device))
 
 
 @pytest.fixture
@@ -120,8 +122,8 @@ def test_active_device_reports_positions_in_order_with_the_contract_payload(devi
 
 def test_routing_key_is_the_device_info_key(device_a, amqp):
     device, _ = device_a
-    routing_key, payload = wait_for(lambda: drain(amqp, topology.device_queue(device)), 5)[0]
-    assert routing_key == topology.routing_key(device, "info")
+    routing_key, payload = wait_for(lambda: drain(amqp, naming.device_queue(device)), 5)[0]
+    assert routing_key == naming.routing_key(device, "info")
     assert payload["Producer"] == device
 
 
@@ -245,15 +247,15 @@ def test_operator_message_goes_to_the_device_queue_with_its_type(
     msg_id = answer.get_json()["payload"]["msg_id"]
 
     def found():
-        return [(key, p) for key, p in drain(amqp, topology.device_queue(device)) if p["msg_id"] == msg_id]
+        return [(key, p) for key, p in drain(amqp, naming.device_queue(device)) if p["msg_id"] == msg_id]
     routing_key, payload = wait_for(found, 5, message="the operator message")[0]
-    assert routing_key == topology.routing_key(device, message_type)
+    assert routing_key == naming.routing_key(device, message_type)
     assert (payload["command"], payload["type"], payload["text"]) == ("message", message_type, "check pump")
     assert list(payload)[:2] == ["Producer", "command"]
 
 
 def test_broadcast_reaches_every_device_queue(client, publisher, amqp, new_device):
-    queues = [topology.device_queue(d) for d in publisher.device_ids + [new_device()]]
+    queues = [naming.device_queue(d) for d in publisher.device_ids + [new_device()]]
     answer = client.post("/broadcast", json={"message": "evacuate hall 3"})
     assert answer.status_code == 202
     msg_id = answer.get_json()["payload"]["msg_id"]
@@ -293,13 +295,13 @@ def test_devices_speak_the_configured_mqtt_version(settings, amqp, version, prot
         assert connection["protocol"] == protocol
         method, properties, body = wait_for(
             lambda: (lambda got: got if got[0] else None)(
-                amqp.basic_get(topology.device_queue(device), auto_ack=True)),
+                amqp.basic_get(naming.device_queue(device), auto_ack=True)),
             10, message="a message from the device")
         assert json.loads(body)["id"] == device
         assert properties.content_type == content_type
     finally:
         app.extensions["publisher"].close()
-        amqp.queue_delete(topology.device_queue(device))
+        amqp.queue_delete(naming.device_queue(device))
 
 
 def test_device_reconnects_after_the_broker_drops_its_connection(publisher, settings, amqp):
@@ -361,7 +363,7 @@ def test_bad_input_changes_nothing_on_the_broker(case, method, path, kwargs, sta
     progress_of(amqp, publisher.device_ids[1], 2)  # time for a stray message to arrive
     assert all(m["command"] == "position" and m["status"] == "Active" for m in reader.read())
     if NEW in repr((path, kwargs)):
-        assert not queue_exists(amqp, topology.device_queue(new))  # no queue declared for it
+        assert not queue_exists(amqp, naming.device_queue(new))  # no queue declared for it
 
 
 def test_a_state_change_without_the_token_changes_nothing_on_the_broker(
@@ -406,7 +408,7 @@ def test_cli_runs_the_configured_devices_and_stops_cleanly_on_sigterm(settings, 
         reader.wait(lambda m: m[-1]["status"] == "Inactive", 5)
     finally:
         code = publisher.stop(20)
-        amqp.queue_delete(topology.device_queue(device))
+        amqp.queue_delete(naming.device_queue(device))
     assert code == 0, publisher.output()
     assert "stopped" in publisher.output()
 
@@ -466,8 +468,8 @@ def test_devices_reconnect_after_a_rabbitmq_restart_and_lose_nothing(tmp_path):
         simulator.close()
         simulator = None
 
-        with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
-            seqs = {payload["seq"] for _, payload in drain(connection.channel(), topology.device_queue(device))}
+        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
+            seqs = {payload["seq"] for _, payload in drain(connection.channel(), naming.device_queue(device))}
         assert set(range(1, last_seq + 1)) <= seqs  # every message, the outage's included
     finally:
         if simulator is not None:
@@ -568,7 +570,7 @@ def test_messages_published_before_the_connack_wait_behind_the_outage_backlog(se
     """Regression: paho writes at once after CONNECT but resends the backlog only on CONNACK."""
     import dataclasses
 
-    from publisher.device_config import INACTIVE
+    from common.devices import INACTIVE
     from publisher.simulator import Simulator
 
     device = new_device("PO")
@@ -596,7 +598,7 @@ def test_messages_published_before_the_connack_wait_behind_the_outage_backlog(se
         wait_for(lambda: simulator.device(device)["acked"] == 7, 10, message="seq 1-7 acknowledged")
         assert simulator.device(device)["dropped"] == 0
 
-        seqs = [payload["seq"] for _, payload in drain(amqp, topology.device_queue(device))]
+        seqs = [payload["seq"] for _, payload in drain(amqp, naming.device_queue(device))]
         first_seen = list(dict.fromkeys(seqs))  # QoS 1 may repeat a message, never reorder it
         assert first_seen == list(range(1, 8)), seqs
     finally:

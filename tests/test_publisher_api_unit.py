@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from publisher.app import create_app
-from publisher.device_config import ACTIVE, DEFAULT_ROUTE, DeviceConfig
+from common.devices import ACTIVE, DEFAULT_ROUTE, DeviceConfig
 from publisher.simulator import DuplicateDevice, UnknownDevice
 from common.config import Settings
 

@@ -10,8 +10,10 @@ import pytest
 from werkzeug.serving import make_server
 
 from publisher.app import create_app
-from publisher.device_config import DeviceConfig
+from common.devices import DeviceConfig
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.browser
@@ -32,7 +34,7 @@ def served_publisher(settings):
     yield f"http://127.0.0.1:{server.server_port}", list(created), created
     server.shutdown()
     app.extensions["publisher"].close()
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+    with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
         channel = connection.channel()
         for device in created:
             topology.delete_device(channel, device)
@@ -41,14 +43,14 @@ def served_publisher(settings):
 def read_queue(channel, device):
     payloads = []
     while True:
-        method, _, body = channel.basic_get(topology.device_queue(device), auto_ack=True)
+        method, _, body = channel.basic_get(naming.device_queue(device), auto_ack=True)
         if method is None:
             return payloads
         payloads.append(json.loads(body))
 
 
 def message_count(channel, device) -> int:
-    return channel.queue_declare(topology.device_queue(device), passive=True).method.message_count
+    return channel.queue_declare(naming.device_queue(device), passive=True).method.message_count
 
 
 def test_clicking_a_toggle_shows_inactive_and_stops_the_devices_messages(
@@ -64,7 +66,7 @@ def test_clicking_a_toggle_shows_inactive_and_stops_the_devices_messages(
     # The message counter moves without a reload.
     wait_for(lambda: shown_count(row) >= 3, 10, message="the counter to grow on the page")
 
-    admin_channel.queue_purge(topology.device_queue(device))
+    admin_channel.queue_purge(naming.device_queue(device))
     row.locator("button.toggle", has_text="Deactivate").click()
     row.locator(".status", has_text="Inactive").wait_for()
     row.locator("button.toggle", has_text="Activate").wait_for()
@@ -74,7 +76,7 @@ def test_clicking_a_toggle_shows_inactive_and_stops_the_devices_messages(
     wait_for(lambda: received.extend(read_queue(admin_channel, device)) or
              any(m["status"] == "Inactive" for m in received), 5, message="the Inactive message")
     count_on_page = shown_count(row)
-    admin_channel.queue_purge(topology.device_queue(other))
+    admin_channel.queue_purge(naming.device_queue(other))
     other_on_page = shown_count(other_row)
     wait_for(lambda: message_count(admin_channel, other) >= 4, 10,
              message="the other device to keep reporting")

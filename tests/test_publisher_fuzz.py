@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from publisher.app import create_app
-from publisher.device_config import DEFAULT_ROUTE, DeviceConfig
+from common.devices import DEFAULT_ROUTE, DeviceConfig
 from rabbitmq import topology
+from rabbitmq import endpoints
 from tests.helpers import wait_for
 
 LOGGER = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def fuzzed_app(settings):
     yield app
     created = {d["id"] for d in app.extensions["publisher"].simulator.snapshot()}
     app.extensions["publisher"].close()
-    connection = pika.BlockingConnection(topology.admin_parameters(settings))
+    connection = pika.BlockingConnection(endpoints.admin_parameters(settings))
     channel = connection.channel()
     for device in created | set(app.initial_ids) | app.extra_queues:
         topology.delete_device(channel, device)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from publisher.device_config import (ACTIVE, INACTIVE, DeviceConfig, load_devices,
+from common.devices import (ACTIVE, INACTIVE, DeviceConfig, load_devices,
                                      parse_interval, parse_route)
 from common.config import Settings
 from publisher.simulator import DeviceState, Lateness

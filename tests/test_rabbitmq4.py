@@ -15,6 +15,8 @@ from paho.mqtt.properties import Properties
 
 from bench.common import queue_depth
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack import rabbitmq_runtime
 from stack.rabbitmq_runtime import DATA_MOUNT, Runtime
 from tests.helpers import MqttDevice, get_message
@@ -23,7 +25,7 @@ PROTOCOLS = pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], id
 
 
 def overview(settings) -> dict:
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         response = http.get(f"{settings.management_url}/api/overview", timeout=10)
     response.raise_for_status()
     return response.json()
@@ -54,11 +56,11 @@ def test_qos1_publish_reaches_the_device_queue(settings, admin_channel, new_devi
     client = device(protocol, target)
     body = json.dumps({"id": target, "seq": 1}).encode()
 
-    assert client.publish(topology.mqtt_topic(target, "warning"), body), "no PUBACK"
+    assert client.publish(naming.mqtt_topic(target, "warning"), body), "no PUBACK"
 
     assert client.last_puback_reason == 0
-    method, properties, received = get_message(admin_channel, topology.device_queue(target))
-    assert (received, method.routing_key) == (body, topology.routing_key(target, "warning"))
+    method, properties, received = get_message(admin_channel, naming.device_queue(target))
+    assert (received, method.routing_key) == (body, naming.routing_key(target, "warning"))
     assert properties.delivery_mode == 2
 
 
@@ -68,17 +70,17 @@ def test_publish_for_a_device_without_queue_is_acknowledged_and_kept(settings, a
     # MQTT 5's PUBACK would say 16 "No matching subscribers" for a message routed nowhere (a
     # 3.1.1 PUBACK cannot say it); webos.topic's alternate exchange routes it to webos.unrouted,
     # so it is a plain Success and the message waits there.
-    admin_channel.queue_purge(topology.UNROUTED_QUEUE)
+    admin_channel.queue_purge(naming.UNROUTED_QUEUE)
     stranger = f"nobody-{uuid.uuid4().hex[:8]}"
     topology.enrol_devices(settings, [stranger])  # a device that may log in, with no queue
     request.addfinalizer(lambda: topology.remove_enrolment(settings, stranger))
     client = device(protocol, stranger)
 
-    assert client.publish(topology.mqtt_topic(stranger, "info"), b'{"stray": true}')
+    assert client.publish(naming.mqtt_topic(stranger, "info"), b'{"stray": true}')
 
     assert client.last_puback_reason == 0, client.last_puback_reason
-    method, _, received = get_message(admin_channel, topology.UNROUTED_QUEUE)
-    assert (received, method.routing_key) == (b'{"stray": true}', topology.routing_key(stranger, "info"))
+    method, _, received = get_message(admin_channel, naming.UNROUTED_QUEUE)
+    assert (received, method.routing_key) == (b'{"stray": true}', naming.routing_key(stranger, "info"))
 
 
 def test_mqtt5_user_properties_and_content_type_arrive_as_amqp_properties(admin_channel, new_device,
@@ -89,9 +91,9 @@ def test_mqtt5_user_properties_and_content_type_arrive_as_amqp_properties(admin_
     properties.ContentType = "application/json"
     properties.UserProperty = [("site", "hall 3"), ("firmware", "2.1")]
 
-    assert client.publish(topology.mqtt_topic(target, "info"), b"{}", properties=properties)
+    assert client.publish(naming.mqtt_topic(target, "info"), b"{}", properties=properties)
 
-    _, received, _ = get_message(admin_channel, topology.device_queue(target))
+    _, received, _ = get_message(admin_channel, naming.device_queue(target))
     assert received.content_type == "application/json"
     assert received.headers == {"site": "hall 3", "firmware": "2.1"}
 
@@ -101,7 +103,7 @@ def test_a_new_queue_is_answered_as_one_object_without_a_column_filter(settings,
     # column-filtered query with an empty list; unfiltered, it is the queue's object (without
     # "messages" until the first statistics). bench's queue_depth asks unfiltered.
     api = f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}"
-    http = topology.management_api(settings)
+    http = endpoints.management_api(settings)
     for _ in range(5):
         queue = f"test.new.{uuid.uuid4().hex[:8]}"
         admin_channel.queue_declare(queue, durable=False, exclusive=True)
@@ -114,7 +116,7 @@ def test_a_new_queue_is_answered_as_one_object_without_a_column_filter(settings,
 def test_deprecated_features_the_product_does_not_use_are_refused(settings):
     # rabbitmq.conf refuses them, so the suite passing shows none is used; a transient
     # non-exclusive queue (deprecated in 4.0) is one.
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+    with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
         with pytest.raises(pika.exceptions.ConnectionClosedByBroker, match="transient_nonexcl_queues"):
             connection.channel().queue_declare(f"test.transient.{uuid.uuid4().hex[:8]}",
                                                durable=False, exclusive=False)

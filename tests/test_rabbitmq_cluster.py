@@ -16,6 +16,8 @@ import pytest
 
 from bench.pipeline_run import PipelineRun
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack.kafka_server import local_cluster
 from stack.local import fresh_settings, start_rabbitmq
 from stack.rabbitmq_server import wait_cluster
@@ -51,7 +53,7 @@ def clusters(tmp_path_factory):
 
 def queue_leaders(settings, queues) -> Counter:
     """How many of `queues` each node leads (the management API's `leader` of a quorum queue)."""
-    with topology.management_api(settings) as http:
+    with endpoints.management_api(settings) as http:
         listed = http.get(f"{settings.management_url}/api/queues/%2F",
                           params={"columns": "name,leader,type"}, timeout=10).json()
     return Counter(q.get("leader") for q in listed if q["name"] in set(queues))
@@ -61,10 +63,10 @@ def test_the_device_queues_are_quorum_queues_spread_over_the_nodes(clusters, tmp
     settings, nodes = clusters
     with PipelineRun(settings, tmp_path, devices=30, messages=30) as run:
         run._declare_queues()
-        with topology.management_api(settings) as http:
+        with endpoints.management_api(settings) as http:
             queue = http.get(f"{settings.management_url}/api/queues/%2F/{run.queues[0]}",
                              timeout=10).json()
-            dead = http.get(f"{settings.management_url}/api/queues/%2F/{topology.DEAD_QUEUE}",
+            dead = http.get(f"{settings.management_url}/api/queues/%2F/{naming.DEAD_QUEUE}",
                             timeout=10).json()
         assert queue["type"] == "quorum" and dead["type"] == "quorum"
         assert sorted(queue["members"]) == sorted(node.node_name for node in nodes)
@@ -76,12 +78,12 @@ def test_the_device_queues_are_quorum_queues_spread_over_the_nodes(clusters, tmp
 def test_a_message_delivered_too_often_ends_in_webos_dead(clusters):
     settings, _ = clusters
     device = "LIMIT-1"
-    with pika.BlockingConnection(topology.admin_parameters(settings)) as connection:
+    with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
         channel = connection.channel()
         channel.confirm_delivery()
         topology.declare_device(channel, device, quorum=True)
-        channel.queue_purge(topology.DEAD_QUEUE)
-        channel.basic_publish(topology.TOPIC_EXCHANGE, topology.routing_key(device, "info"),
+        channel.queue_purge(naming.DEAD_QUEUE)
+        channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
                               b'{"poison": true}')
         # A consumer that fails on it every time (basic.get is refused with single active
         # consumer): each requeue counts as one delivery.
@@ -90,18 +92,18 @@ def test_a_message_delivered_too_often_ends_in_webos_dead(clusters):
         def refuse(channel, method, properties, body):
             deliveries.append(body)
             channel.basic_nack(method.delivery_tag, requeue=True)
-        channel.basic_consume(topology.device_queue(device), refuse, consumer_tag="refuse")
+        channel.basic_consume(naming.device_queue(device), refuse, consumer_tag="refuse")
         dead = []
         wait_for(lambda: connection.process_data_events(0.1) or
-                 dead.append(channel.basic_get(topology.DEAD_QUEUE)) or dead[-1][0], 30,
+                 dead.append(channel.basic_get(naming.DEAD_QUEUE)) or dead[-1][0], 30,
                  message="the message in webos.dead")
         method, properties, body = dead[-1]
         channel.basic_cancel("refuse")
         channel.basic_nack(method.delivery_tag, requeue=True)  # left for the operator
         assert body == b'{"poison": true}'
-        assert len(deliveries) == topology.DELIVERY_LIMIT + 1
+        assert len(deliveries) == naming.DELIVERY_LIMIT + 1
         assert properties.headers["x-first-death-reason"] == "delivery_limit"
-        assert properties.headers["x-first-death-queue"] == topology.device_queue(device)
+        assert properties.headers["x-first-death-queue"] == naming.device_queue(device)
 
         # Listed with the broker's reason; redriven to its queue once the consumer is fixed.
         listed = dead_command(settings, "list", "--device", device, "--format", "json")
@@ -109,7 +111,7 @@ def test_a_message_delivered_too_often_ends_in_webos_dead(clusters):
             "delivery_limit"], listed.stderr
         redrive = dead_command(settings, "redrive", "--device", device)
         assert "redriven 1 of 1" in redrive.stdout, redrive.stderr
-        back = channel.queue_declare(topology.device_queue(device), passive=True)
+        back = channel.queue_declare(naming.device_queue(device), passive=True)
         topology.delete_device(channel, device)
     assert back.method.message_count == 1
 

@@ -20,6 +20,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from rabbitmq import topology
+from rabbitmq import naming
+from rabbitmq import endpoints
 from stack import apps as stack_apps
 from common import config
 from stack import kafka_server
@@ -44,10 +46,10 @@ def device_client(settings):
 
 
 def test_mqtt_qos1_publish_lands_in_device_queue_with_routing_key(settings, admin_channel, device_client):
-    admin_channel.queue_purge(topology.device_queue(DEVICE))
+    admin_channel.queue_purge(naming.device_queue(DEVICE))
     body = payload(DEVICE)
 
-    assert device_client.publish(topology.mqtt_topic(DEVICE, "info"), body), "no PUBACK"
+    assert device_client.publish(naming.mqtt_topic(DEVICE, "info"), body), "no PUBACK"
 
     method, properties, received = get_message(admin_channel, "webos.3DF92-192")
     assert received == body
@@ -57,7 +59,7 @@ def test_mqtt_qos1_publish_lands_in_device_queue_with_routing_key(settings, admi
 
 
 def test_publish_for_unknown_device_is_kept_in_unrouted(settings, admin_channel, request):
-    admin_channel.queue_purge(topology.UNROUTED_QUEUE)
+    admin_channel.queue_purge(naming.UNROUTED_QUEUE)
     stranger = f"nobody-{uuid.uuid4().hex[:6]}"
     topology.enrol_devices(settings, [stranger])  # it may log in, but has no queue
     request.addfinalizer(lambda: topology.remove_enrolment(settings, stranger))
@@ -74,21 +76,21 @@ def test_publish_for_unknown_device_is_kept_in_unrouted(settings, admin_channel,
 
 def test_fanout_reaches_every_device_queue(admin_channel, new_device):
     devices = [new_device(), new_device()]
-    default_queues = [topology.device_queue(d) for d in ("3DF92-192", "4HHC2-392")]
+    default_queues = [naming.device_queue(d) for d in ("3DF92-192", "4HHC2-392")]
     for queue in default_queues:
         admin_channel.queue_purge(queue)
     body = b'{"Producer": "server", "command": "emergency"}'
 
     admin_channel.basic_publish("webos.fanout", "", body)
 
-    for queue in default_queues + [topology.device_queue(d) for d in devices]:
+    for queue in default_queues + [naming.device_queue(d) for d in devices]:
         assert get_message(admin_channel, queue)[2] == body
 
 
 def test_management_api_lists_queues_and_get_messages_returns_payload(settings, admin_channel, device_client):
-    admin_channel.queue_purge(topology.device_queue(DEVICE))
+    admin_channel.queue_purge(naming.device_queue(DEVICE))
     body = payload(DEVICE, seq=42)
-    assert device_client.publish(topology.mqtt_topic(DEVICE, "error"), body)
+    assert device_client.publish(naming.mqtt_topic(DEVICE, "error"), body)
     api = f"{settings.management_url}/api"
     auth = (settings.admin_user, settings.admin_password)
 
@@ -133,7 +135,7 @@ def test_kafka_topic_creation_is_idempotent(settings):
 
 
 def test_guest_is_refused_over_amqp(settings):
-    params = topology.amqp_parameters(settings, "guest", "guest", connection_attempts=1)
+    params = endpoints.amqp_parameters(settings, "guest", "guest", connection_attempts=1)
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         pika.BlockingConnection(params)
     users = requests.get(f"{settings.management_url}/api/users",
@@ -154,28 +156,28 @@ def test_mqtt_without_a_certificate_or_valid_credentials_is_refused(settings, us
 
 
 def test_device_user_cannot_publish_outside_webos(settings, admin_channel, device_client):
-    admin_channel.queue_purge(topology.UNROUTED_QUEUE)
+    admin_channel.queue_purge(naming.UNROUTED_QUEUE)
 
     acked = device_client.publish("other/3DF92-192/info", b'{"x": 1}', timeout=3)
 
     # RabbitMQ refuses the routing key `other.3DF92-192.info` and drops the connection.
     assert not acked
     assert device_client.disconnected.wait(5)
-    assert admin_channel.basic_get(topology.UNROUTED_QUEUE, auto_ack=True)[0] is None
+    assert admin_channel.basic_get(naming.UNROUTED_QUEUE, auto_ack=True)[0] is None
 
 
 @pytest.mark.parametrize("password", ["", "anything"])
 def test_a_device_user_cannot_log_in_over_amqp(settings, password):
     # A device's user has no password: it logs in over MQTT with its certificate, nowhere else.
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
-        pika.BlockingConnection(topology.amqp_parameters(settings, DEVICE, password,
+        pika.BlockingConnection(endpoints.amqp_parameters(settings, DEVICE, password,
                                                          connection_attempts=1))
 
 
 def test_applying_topology_twice_is_harmless(settings, admin_channel, device_client):
-    queue = topology.device_queue(DEVICE)
+    queue = naming.device_queue(DEVICE)
     admin_channel.queue_purge(queue)
-    assert device_client.publish(topology.mqtt_topic(DEVICE, "info"), payload(DEVICE))
+    assert device_client.publish(naming.mqtt_topic(DEVICE, "info"), payload(DEVICE))
     wait_for(lambda: admin_channel.queue_declare(queue, passive=True).method.message_count == 1, 10)
 
     topology.apply(settings)
@@ -188,7 +190,7 @@ def test_applying_topology_twice_is_harmless(settings, admin_channel, device_cli
     assert sorted((b["source"], b["routing_key"]) for b in bindings if b["source"]) == [
         ("webos.fanout", ""), ("webos.topic", "webos.3DF92-192.*")]
     # the device user still works after it was enrolled again
-    assert device_client.publish(topology.mqtt_topic(DEVICE, "info"), payload(DEVICE))
+    assert device_client.publish(naming.mqtt_topic(DEVICE, "info"), payload(DEVICE))
 
 
 def test_cluster_id_never_starts_with_a_dash(monkeypatch):

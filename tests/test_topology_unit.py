@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from rabbitmq.topology import _ClusterSession
+from rabbitmq.endpoints import ClusterSession
 
 
 class DropsSecondRequest(BaseHTTPRequestHandler):
@@ -55,7 +55,7 @@ def api():
 
 
 def test_an_idempotent_call_on_a_dropped_connection_is_sent_again_on_a_new_one(api):
-    with _ClusterSession([api]) as http:
+    with ClusterSession([api]) as http:
         assert http.get(api + "/api/queues").json() == []
         assert http.get(api + "/api/queues").json() == []  # the dropped one, sent again
         assert http.put(api + "/api/users/x", json={}).status_code == 200
@@ -63,7 +63,7 @@ def test_an_idempotent_call_on_a_dropped_connection_is_sent_again_on_a_new_one(a
 
 
 def test_a_post_on_a_dropped_connection_is_not_sent_twice(api):
-    with _ClusterSession([api]) as http:
+    with ClusterSession([api]) as http:
         http.get(api + "/api/queues")
         with pytest.raises(requests.ConnectionError):
             http.post(api + "/api/definitions", json={})

@@ -1,7 +1,8 @@
-"""Device configuration: ids, routes, intervals and first status, from devices.json or the API.
+"""The device registry's entries: ids, routes, intervals and first status, from devices.json or
+the API.
 
 Validated at the edge (ValueError names what is wrong) and shared by the devices file, the
-command line and the REST API.
+command line, the REST API and the broker's provisioning (rabbitmq/topology.py).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rabbitmq import topology
+from rabbitmq import naming
 
 ACTIVE = "Active"
 INACTIVE = "Inactive"
@@ -68,7 +69,7 @@ class DeviceConfig:
         device = raw.get("id")
         if device is None:
             raise ValueError("missing device id")
-        if not topology.is_valid_device_id(device):
+        if not naming.is_valid_device_id(device):
             raise ValueError(f"invalid device id {device!r}: use 1-64 of A-Z a-z 0-9 _ -")
         status = raw.get("status", ACTIVE)
         if status not in STATUSES:

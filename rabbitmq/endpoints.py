@@ -1,0 +1,76 @@
+"""How the project's services reach RabbitMQ: AMQPS connection parameters for one of its users,
+one per node, and an HTTPS session with the management API that moves to the next node when one
+does not answer.
+"""
+from __future__ import annotations
+
+import pika
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from common.config import Settings
+from common.pki import client_context
+
+
+def amqp_parameters(settings: Settings, user: str, password: str,
+                    **extra) -> list[pika.ConnectionParameters]:
+    """pika connection parameters for one of the project's users, one per RabbitMQ node (pika
+    tries them in order): AMQPS, the broker's certificate checked against the stack's authority."""
+    tls = pika.SSLOptions(client_context(settings.ca_file), server_hostname=settings.rabbitmq_host)
+    return [pika.ConnectionParameters(
+                host=node.rabbitmq_host, port=node.amqp_port, virtual_host=settings.vhost,
+                credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
+            for node in settings.rabbitmq_addresses()]
+
+
+class ClusterSession(requests.Session):
+    """A requests session that sends a call meant for the first node's management API to the
+    other nodes when that one does not answer (any node's API serves the whole cluster), and then
+    to the node that answered first."""
+
+    def __init__(self, bases: list[str]):
+        super().__init__()
+        self.primary = bases[0]
+        self.bases = list(bases)
+        # The API closes a kept-alive connection now and then (every minute or two in a run
+        # here): a call that finds it closed is sent again, once, on a new connection, if it is
+        # idempotent (GET, PUT, DELETE, not POST). A node that does not answer fails at once.
+        adapter = HTTPAdapter(max_retries=Retry(total=1, connect=0, redirect=0, status=0))
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
+
+    def request(self, method, url, *args, **kwargs):
+        if len(self.bases) == 1 or not url.startswith(self.primary):
+            return super().request(method, url, *args, **kwargs)
+        path = url[len(self.primary):]
+        for base in list(self.bases):
+            try:
+                response = super().request(method, base + path, *args, **kwargs)
+            except requests.ConnectionError as error:
+                failure = error
+                continue
+            self.bases.remove(base)
+            self.bases.insert(0, base)
+            return response
+        raise failure
+
+
+def management_api(settings: Settings, user: str | None = None,
+                   password: str | None = None) -> requests.Session:
+    """An HTTPS session with the management API (default: as webos-admin), the broker's
+    certificate checked against the stack's authority; on a cluster a call moves to the next
+    node when one does not answer."""
+    http = ClusterSession([node.management_url for node in settings.rabbitmq_addresses()])
+    http.auth = (user or settings.admin_user,
+                 settings.admin_password if password is None else password)
+    http.verify = str(settings.ca_file)
+    # Else REQUESTS_CA_BUNDLE in the environment would win over `verify` (a known requests
+    # behaviour), and a proxy variable could route this loopback call elsewhere.
+    http.trust_env = False
+    return http
+
+
+def admin_parameters(settings: Settings, **extra) -> list[pika.ConnectionParameters]:
+    """pika connection parameters for `webos-admin`, one per node."""
+    return amqp_parameters(settings, settings.admin_user, settings.admin_password, **extra)
