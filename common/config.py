@@ -52,6 +52,17 @@ class Settings:
     kafka_topic: str = "webos.events"
     kafka_partitions: int = 6
     presence_topic: str = "webos.presence"       # devices' connects and disconnects (the bridge)
+    # The other direction (python -m bridge relay): commands in, one final feedback record per
+    # command and device out, and each device's desired and reported state (compacted).
+    commands_topic: str = "webos.commands"
+    feedback_topic: str = "webos.command-feedback"
+    state_topic: str = "webos.state"
+    # Commands waiting per device for its session (Azure IoT Hub allows 50): more are refused
+    # with feedback rejected / queue-full. A command's TTL when it names none, and the longest
+    # (RabbitMQ drops an MQTT session idle longer than a day, and its waiting commands with it).
+    command_queue_limit: int = 100
+    command_ttl_seconds: float = 3600.0
+    command_max_ttl_seconds: float = 86400.0
     # A local Prometheus with monitoring/'s scrape config and alert rules, under `make run`.
     prometheus: bool = False
     prometheus_port: int = 9090

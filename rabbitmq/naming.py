@@ -17,13 +17,25 @@ PRESENCE_QUEUE = "webos.presence"
 CONNECTION_EVENTS = ("connection.created", "connection.closed")
 PRESENCE_MAX_LENGTH = 100_000
 MESSAGE_TYPES = ("info", "warning", "error")
+# The other direction: a command to a device (key webos.<device>.command, or webos.broadcast.command
+# for every device) lands only in the device's MQTT subscription queue; its answer comes back on
+# webos.<device>.reply into REPLIES_QUEUE. A command that outlives its TTL in a subscription queue
+# is dead-lettered into EXPIRED_QUEUE, so its expiry is reported, not lost.
+COMMAND_TYPE = "command"
+REPLY_TYPE = "reply"
+BROADCAST = "broadcast"
+REPLIES_QUEUE = "webos.replies"
+EXPIRED_QUEUE = "webos.expired"
+# What the MQTT plugin names a session's queue for its QoS 1 subscriptions (RabbitMQ 4.0).
+SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"
+SUBSCRIPTION_QUEUE_SUFFIX = "qos1"
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A device logs in as the user its certificate names: no device may take a service user's name,
 # nor a name whose queue would be one of the shared queues.
 RESERVED_ID_PREFIX = "webos-"
 DEVICE_QUEUE_PREFIX = "webos."
-RESERVED_IDS = frozenset(name[len(DEVICE_QUEUE_PREFIX):]
-                         for name in (UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE))
+RESERVED_IDS = frozenset([BROADCAST, *(name[len(DEVICE_QUEUE_PREFIX):] for name in (
+    UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE, REPLIES_QUEUE, EXPIRED_QUEUE))])
 # Where rabbitmq_event_exchange publishes what happens in the broker (headers name, vhost, ...),
 # and the events the bridge finds new device queues by.
 EVENT_EXCHANGE = "amq.rabbitmq.event"
@@ -102,3 +114,31 @@ def parse_routing_key(key: str) -> tuple[str, str] | None:
     if len(parts) == 3 and parts[0] == "webos" and is_valid_device_id(parts[1]):
         return parts[1], parts[2]
     return None
+
+
+def command_routing_key(target: str) -> str:
+    """The routing key of a command to `target`: a device id, or BROADCAST for every device."""
+    return f"webos.{target if target == BROADCAST else checked_device(target)}.{COMMAND_TYPE}"
+
+
+def command_topic(target: str) -> str:
+    """The MQTT topic a device subscribes to for commands to it (or, BROADCAST, to all)."""
+    return command_routing_key(target).replace(".", "/")
+
+
+def reply_topic(device: str) -> str:
+    """The MQTT topic a device answers commands on."""
+    return mqtt_topic(device, REPLY_TYPE)
+
+
+def subscription_queue(device: str) -> str:
+    """The queue RabbitMQ's MQTT plugin keeps a device's QoS 1 subscriptions (its commands) in."""
+    return f"{SUBSCRIPTION_QUEUE_PREFIX}{checked_device(device)}{SUBSCRIPTION_QUEUE_SUFFIX}"
+
+
+def device_of_subscription_queue(queue: str) -> str | None:
+    """The device whose MQTT subscription queue `queue` is, or None."""
+    if not (queue.startswith(SUBSCRIPTION_QUEUE_PREFIX) and queue.endswith(SUBSCRIPTION_QUEUE_SUFFIX)):
+        return None
+    device = queue[len(SUBSCRIPTION_QUEUE_PREFIX):-len(SUBSCRIPTION_QUEUE_SUFFIX)]
+    return device if is_valid_device_id(device) else None

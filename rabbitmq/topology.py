@@ -18,10 +18,12 @@ from common.config import ConfigError, Settings, load_settings, run
 from common.devices import load_devices
 from common.pki import PKI
 from rabbitmq.endpoints import admin_parameters, management_api
-from rabbitmq.naming import (CONNECTION_EVENTS, DEAD_QUEUE, DELIVERY_LIMIT, EVENT_EXCHANGE,
-                             FANOUT_EXCHANGE, MESSAGE_TYPES, PRESENCE_MAX_LENGTH, PRESENCE_QUEUE,
+from rabbitmq.naming import (BROADCAST, COMMAND_TYPE, CONNECTION_EVENTS, DEAD_QUEUE,
+                             DELIVERY_LIMIT, EVENT_EXCHANGE, EXPIRED_QUEUE, FANOUT_EXCHANGE,
+                             MESSAGE_TYPES, PRESENCE_MAX_LENGTH, PRESENCE_QUEUE, REPLIES_QUEUE,
+                             REPLY_TYPE, SUBSCRIPTION_QUEUE_PREFIX, SUBSCRIPTION_QUEUE_SUFFIX,
                              TOPIC_EXCHANGE, UNROUTED_EXCHANGE, UNROUTED_QUEUE, checked_device,
-                             device_queue)
+                             device_queue, subscription_queue)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,11 +51,41 @@ def queue_arguments(quorum: bool, device: bool = True) -> dict:
     return {**arguments, "x-delivery-limit": -1}
 
 
-def declare_base(channel, quorum: bool = False) -> None:
-    """Exchanges and shared queues every deployment has (`quorum`: on a cluster)."""
-    channel.exchange_declare(UNROUTED_EXCHANGE, "fanout", durable=True)
+# What webos.topic's alternate exchange keeps: every key no queue took, except a command's
+# (`*.*.command`): a command no device session is subscribed to must stay unroutable, so that the
+# broker returns it to the relay (mandatory publish) instead of parking it where no device looks.
+UNROUTED_KEYS = ("*", "*.*", *(f"*.*.{kind}" for kind in (*MESSAGE_TYPES, REPLY_TYPE)), "*.*.*.*.#")
+# The MQTT plugin's QoS 1 subscription queues are the devices' command queues: at most
+# Settings.command_queue_limit commands wait per device (more are refused, and the relay reports
+# them `rejected`), and a command that outlives its TTL is dead-lettered into webos.expired.
+COMMANDS_POLICY = "webos-commands"
+
+
+def declare_unrouted(channel, quorum: bool = False):
+    """webos.unrouted: the topic exchange (webos.topic's alternate) and the queue it keeps into.
+
+    Until commands came it was a fanout; an exchange keeps its type, so a fanout left by an older
+    stack is replaced (its queue and messages stay)."""
+    try:
+        channel.exchange_declare(UNROUTED_EXCHANGE, "topic", durable=True)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:
+            raise
+        LOGGER.info("replacing the fanout %s by a topic exchange (commands must stay unroutable)",
+                    UNROUTED_EXCHANGE)
+        channel = channel.connection.channel()
+        channel.exchange_delete(UNROUTED_EXCHANGE)
+        channel.exchange_declare(UNROUTED_EXCHANGE, "topic", durable=True)
     channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=queue_arguments(quorum, False))
-    channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
+    for key in UNROUTED_KEYS:
+        channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE, routing_key=key)
+    return channel
+
+
+def declare_base(channel, quorum: bool = False):
+    """Exchanges and shared queues every deployment has (`quorum`: on a cluster); returns the
+    channel to go on with (declaring the unrouted exchange may have needed a new one)."""
+    channel = declare_unrouted(channel, quorum)
     channel.exchange_declare(TOPIC_EXCHANGE, "topic", durable=True,
                              arguments={"alternate-exchange": UNROUTED_EXCHANGE})
     channel.exchange_declare(FANOUT_EXCHANGE, "fanout", durable=True)
@@ -64,14 +96,23 @@ def declare_base(channel, quorum: bool = False) -> None:
         "x-max-length": PRESENCE_MAX_LENGTH, "x-overflow": "drop-head"})
     for event in CONNECTION_EVENTS:
         channel.queue_bind(PRESENCE_QUEUE, EVENT_EXCHANGE, routing_key=event)
+    # Devices' answers to commands, for the relay to turn into feedback records in Kafka.
+    channel.queue_declare(REPLIES_QUEUE, durable=True, arguments=queue_arguments(quorum, False))
+    channel.queue_bind(REPLIES_QUEUE, TOPIC_EXCHANGE, routing_key=f"webos.*.{REPLY_TYPE}")
+    channel.queue_declare(EXPIRED_QUEUE, durable=True, arguments=queue_arguments(quorum, False))
+    return channel
 
 
 def declare_device(channel, device: str, quorum: bool = False) -> str:
-    """One device's durable queue, bound `webos.<device>.*` on the topic exchange and to the
-    fanout (`quorum`: on a cluster)."""
+    """One device's durable queue, bound `webos.<device>.<type>` on the topic exchange for each
+    message type and to the fanout (`quorum`: on a cluster). Not `webos.<device>.*`: that would
+    copy the commands to the device, and its replies, into its telemetry (an older stack's such
+    binding is removed)."""
     queue = device_queue(device)
     channel.queue_declare(queue, durable=True, arguments=queue_arguments(quorum))
-    channel.queue_bind(queue, TOPIC_EXCHANGE, routing_key=f"webos.{device}.*")
+    for message_type in MESSAGE_TYPES:
+        channel.queue_bind(queue, TOPIC_EXCHANGE, routing_key=f"webos.{device}.{message_type}")
+    channel.queue_unbind(queue, TOPIC_EXCHANGE, routing_key=f"webos.{device}.*")
     channel.queue_bind(queue, FANOUT_EXCHANGE, routing_key="")
     return queue
 
@@ -83,7 +124,7 @@ def delete_device(channel, device: str) -> None:
 
 def declare(channel, devices, quorum: bool = False) -> None:
     """The base topology plus a queue for every device (`quorum`: on a cluster)."""
-    declare_base(channel, quorum)
+    channel = declare_base(channel, quorum)
     for device in devices:
         declare_device(channel, device, quorum)
 
@@ -104,12 +145,14 @@ def user_definitions(settings: Settings) -> list[dict]:
             # Reads device queues; writes parked messages to webos.dead through the default
             # exchange; learns of new device queues from the event exchange, into a server-named
             # exclusive queue (amq.gen-*) of its own; "management" lets it list queues and
-            # consumers.
+            # consumers. The relay (python -m bridge relay) publishes commands on webos.topic,
+            # command keys only, and reads devices' replies and expired commands (webos.*).
             "name": settings.bridge_user, "password": settings.bridge_password, "tags": "management",
             "permissions": {"configure": r"^amq\.gen-.*$",
-                            "write": r"^(amq\.default|amq\.gen-.*)$",
+                            "write": rf"^(amq\.default|amq\.gen-.*|{re.escape(TOPIC_EXCHANGE)})$",
                             "read": r"^(webos\..+|amq\.gen-.*|amq\.rabbitmq\.event)$"},
-            "topic_permissions": None,
+            "topic_permissions": {"exchange": TOPIC_EXCHANGE, "read": "^$",
+                                  "write": rf"^webos\.[^.]+\.{COMMAND_TYPE}$"},
         },
     ]
 
@@ -135,10 +178,35 @@ def apply_users(settings: Settings, timeout: float = 10.0) -> None:
             response.raise_for_status()
 
 
-# A device's rights: publish on webos.topic (write on the exchange), only to its own topics.
-# {username} is the certificate's CN, which the broker checked: a device cannot choose it.
-DEVICE_PERMISSIONS = {"configure": "^$", "write": f"^{re.escape(TOPIC_EXCHANGE)}$", "read": "^$"}
-DEVICE_TOPIC_WRITE = r"^webos\.{username}\.(" + "|".join(MESSAGE_TYPES) + r")$"
+def apply_policies(settings: Settings, timeout: float = 10.0) -> None:
+    """The commands policy on the devices' MQTT subscription queues (see COMMANDS_POLICY)."""
+    pattern = f"^{re.escape(SUBSCRIPTION_QUEUE_PREFIX)}.+{SUBSCRIPTION_QUEUE_SUFFIX}$"
+    policy = {"pattern": pattern, "apply-to": "queues", "priority": 0,
+              "definition": {"max-length": settings.command_queue_limit,
+                             "overflow": "reject-publish", "dead-letter-exchange": "",
+                             "dead-letter-routing-key": EXPIRED_QUEUE}}
+    with management_api(settings) as http:
+        http.put(f"{settings.management_url}/api/policies/{quote(settings.vhost, safe='')}/"
+                 f"{COMMANDS_POLICY}", json=policy, timeout=timeout).raise_for_status()
+
+
+# A device's rights on webos.topic's routing keys: publish its own telemetry and replies, and
+# subscribe to its own commands and the broadcast, nothing else. {username} is the certificate's
+# CN, which the broker checked: a device cannot choose it.
+DEVICE_TOPIC_WRITE = r"^webos\.{username}\.(" + "|".join((*MESSAGE_TYPES, REPLY_TYPE)) + r")$"
+DEVICE_TOPIC_READ = rf"^webos\.({{username}}|{BROADCAST})\.{COMMAND_TYPE}$"
+
+
+def device_permissions(device: str) -> dict:
+    """A device's rights on resources: publish on webos.topic, and for its QoS 1 subscriptions
+    what the MQTT plugin does in its name (measured on RabbitMQ 4.0.5, each one needed): declare
+    its session's queue (configure), bind it to webos.topic (write on the queue, read on the
+    exchange) and consume it (read). Regular expressions take no {username} here: the queue name
+    is written out. A QoS 0 subscription (queue ...qos0) is refused: commands are QoS 1."""
+    queue = re.escape(subscription_queue(device))
+    exchange = re.escape(TOPIC_EXCHANGE)
+    return {"configure": f"^{queue}$", "write": f"^({exchange}|{queue})$",
+            "read": f"^({exchange}|{queue})$"}
 
 
 def enrol_devices(settings: Settings, devices, timeout: float = 60.0) -> None:
@@ -157,10 +225,11 @@ def enrol_devices(settings: Settings, devices, timeout: float = 60.0) -> None:
                    "password_hash": (password_hash(pki.device_password(device))
                                      if settings.plain_listeners else "")}
                   for device in devices],
-        "permissions": [{"user": device, "vhost": vhost, **DEVICE_PERMISSIONS}
+        "permissions": [{"user": device, "vhost": vhost, **device_permissions(device)}
                         for device in devices],
         "topic_permissions": [{"user": device, "vhost": vhost, "exchange": TOPIC_EXCHANGE,
-                               "write": DEVICE_TOPIC_WRITE, "read": "^$"} for device in devices],
+                               "write": DEVICE_TOPIC_WRITE, "read": DEVICE_TOPIC_READ}
+                              for device in devices],
     }
     with management_api(settings) as http:
         http.post(f"{settings.management_url}/api/definitions", json=definitions,
@@ -207,13 +276,15 @@ def registered_devices(settings: Settings) -> list[str]:
 def apply(settings: Settings, devices=None) -> None:
     """Users, exchanges, queues and bindings for `devices` (default: the registered ones)."""
     apply_users(settings)
+    apply_policies(settings)
     devices = registered_devices(settings) if devices is None else devices
     enrol_devices(settings, devices)
     with pika.BlockingConnection(admin_parameters(settings)) as connection:
         declare(connection.channel(), devices, quorum=settings.cluster)
     LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,
                 ", ".join([device_queue(d) for d in devices]
-                          + [UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE]))
+                          + [UNROUTED_QUEUE, DEAD_QUEUE, PRESENCE_QUEUE, REPLIES_QUEUE,
+                             EXPIRED_QUEUE]))
 
 
 def main(argv=None) -> int:

@@ -177,13 +177,13 @@ def local_cluster(base_dir: Path, ports: list[tuple[int, int]]) -> list[LocalKaf
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: int = 1,
-                 timeout: float = 30.0) -> bool:
-    """Create `topic` unless it exists; True when this call created it."""
+                 timeout: float = 30.0, config: dict | None = None) -> bool:
+    """Create `topic` (with topic `config`) unless it exists; True when this call created it."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
     metadata = admin.list_topics(timeout=timeout)
     if topic in metadata.topics:
         return False
-    future = admin.create_topics([NewTopic(topic, partitions, replication)],
+    future = admin.create_topics([NewTopic(topic, partitions, replication, config=config or {})],
                                  request_timeout=timeout)[topic]
     try:
         future.result(timeout)
@@ -196,9 +196,13 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: i
 
 
 def ensure_pipeline_topics(settings) -> None:
-    """The topics the pipeline writes: the device messages' and the devices' presence."""
-    for topic in (settings.kafka_topic, settings.presence_topic):
+    """The topics the pipeline writes: the device messages', the devices' presence, and the
+    commands with their feedback and the devices' state (compacted: the latest per device)."""
+    for topic in (settings.kafka_topic, settings.presence_topic, settings.commands_topic,
+                  settings.feedback_topic):
         ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
+    ensure_topic(settings.kafka_bootstrap, settings.state_topic, settings.kafka_partitions,
+                 config={"cleanup.policy": "compact"})
 
 
 def topic_partitions(client, topic: str, timeout: float = 30.0) -> list[int]:
