@@ -171,6 +171,10 @@ def main(argv=None) -> int:
         from bridge import dead_letters
 
         return dead_letters.main(argv[1:])
+    if argv[:1] == ["relay"]:
+        from bridge import relay
+
+        return relay.main(argv[1:])
     settings = load_settings()
     args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

@@ -183,6 +183,8 @@ class Relay:
                     LOGGER.info("connected to RabbitMQ; waiting for commands")
                     backoff = 1.0
                     self._loop(session, consumer, writer)
+                except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError):
+                    raise  # only a person can fix a password: main() says so
                 except (amqp_errors.AMQPError, KafkaException, OSError) as error:
                     LOGGER.warning("relay interrupted (%r); again in %.0f s", error, backoff)
                     self.stop.wait(backoff)
@@ -241,3 +243,50 @@ def _rewind(consumer, unhandled) -> None:
         first.setdefault((record.topic(), record.partition()), record.offset())
     for (topic, partition), offset in first.items():
         consumer.seek(TopicPartition(topic, partition, offset))
+
+
+DESCRIPTION = """\
+Relay commands from Kafka to the devices and their outcomes back (the bridge's other direction).
+Reads Kafka webos.commands (key = device id or "broadcast", value {"command_id", "name", "args",
+"ttl_s"}), publishes each to RabbitMQ's webos.topic with key webos.<device>.command (persistent,
+mandatory, confirmed) and commits the offset after the broker confirmed. Writes to Kafka
+webos.command-feedback (key = device id) "sent", then exactly one final record per command and
+device: succeeded | failed | rejected (device refused, unknown device, invalid record, queue full)
+| expired (its TTL ran out in the device's queue) | undeliverable (no device session). Keeps each
+device's desired and reported state in the compacted Kafka topic webos.state. Broker addresses
+and the webos-bridge password come from WEBOS_* variables (environment or .env).
+"""
+
+
+def main(argv=None) -> int:
+    """`python -m bridge relay`: run the relay until SIGINT or SIGTERM."""
+    import argparse
+    import signal
+
+    from common.config import ConfigError, load_settings
+
+    argparse.ArgumentParser(prog="python -m bridge relay", description=DESCRIPTION,
+                            epilog="exit codes: 0 after SIGTERM/SIGINT; 2 when a Kafka topic is "
+                            "missing or a password is wrong (the message says what to fix)."
+                            ).parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pika logs every returned (unroutable) command and every refused probe at WARNING; the relay
+    # reports both as feedback and logs its own line.
+    logging.getLogger("pika").setLevel(logging.ERROR)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        LOGGER.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        return Relay(settings, stop).run()
+    except KafkaException as error:
+        raise ConfigError(f"{error.args[0]}") from None
+    except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError) as error:
+        raise ConfigError(f"RabbitMQ refused {settings.bridge_user!r} ({error!r}): check "
+                          "WEBOS_BRIDGE_PASSWORD") from None

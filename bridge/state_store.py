@@ -12,14 +12,14 @@ from common.config import Settings
 from common.device_state import DeviceState
 
 LOGGER = logging.getLogger(__name__)
-RELAY_GROUP = "webos-relay"
 
 
 def commands_consumer(settings: Settings) -> Consumer:
     """The consumer of `webos.commands`: offsets stored only once a command is handled (the broker
     confirmed it, or its feedback is produced), committed after its feedback is in Kafka."""
     consumer = Consumer(settings.kafka_client(**{
-        "group.id": RELAY_GROUP, "client.id": "webos-relay", "enable.auto.commit": False,
+        "group.id": settings.relay_group, "group.instance.id": settings.relay_instance,
+        "session.timeout.ms": 10_000, "client.id": "webos-relay", "enable.auto.commit": False,
         "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
         # A command is waited on by someone: do not let an idle fetch sit for the default 500 ms.
         "fetch.wait.max.ms": 20, "logger": logging.getLogger("bridge.kafka")}))
@@ -91,7 +91,7 @@ class FeedbackWriter:
         self.settings = settings
         self.producer = producer
         self.states = states
-        self.sent: dict[str, tuple[str, int]] = {}      # command_id -> (name, sent_at)
+        self.sent: dict[str, tuple[str, int, bool]] = {}  # command_id -> name, sent_at, broadcast
         self.finals: dict[tuple[str, str], None] = {}  # (device, command_id) written final
         self.failed: list[str] = []                     # delivery errors since the last check
 
@@ -109,7 +109,7 @@ class FeedbackWriter:
 
     def sent_to(self, command: records.Command, now_ms: int) -> None:
         """The broker confirmed `command` into the device's (or devices') queue."""
-        self.sent[command.command_id] = (command.name, now_ms)
+        self.sent[command.command_id] = (command.name, now_ms, command.broadcast)
         _forget_oldest(self.sent, self.REMEMBERED)
         self._produce(self.settings.feedback_topic, command.target, records.feedback(
             command.target, command.command_id, records.SENT, name=command.name,
@@ -122,10 +122,10 @@ class FeedbackWriter:
             return False
         self.finals[(device, command_id)] = None
         _forget_oldest(self.finals, self.REMEMBERED)
-        known_name, sent_at = self.sent.get(command_id, (name, None))
+        known_name, sent_at, to_all = self.sent.get(command_id, (name, None, broadcast))
         self._produce(self.settings.feedback_topic, device, records.feedback(
             device, command_id, status, detail, name=name or known_name,
-            broadcast=broadcast, sent_at=sent_at, completed_at=now_ms))
+            broadcast=broadcast or to_all, sent_at=sent_at, completed_at=now_ms))
         return True
 
     def state(self, device: str, state: DeviceState) -> None:

@@ -57,6 +57,10 @@ class Settings:
     commands_topic: str = "webos.commands"
     feedback_topic: str = "webos.command-feedback"
     state_topic: str = "webos.state"
+    # The relay's consumer group, and its static member id: a relay restarted under the same id
+    # takes its partitions back at once instead of after the session timeout.
+    relay_group: str = "webos-relay"
+    relay_instance: str = "webos-relay-1"
     # Commands waiting per device for its session (Azure IoT Hub allows 50): more are refused
     # with feedback rejected / queue-full. A command's TTL when it names none, and the longest
     # (RabbitMQ drops an MQTT session idle longer than a day, and its waiting commands with it).

@@ -1,0 +1,217 @@
+"""Commands to devices on the real brokers: Kafka webos.commands -> relay (python -m bridge relay)
+-> RabbitMQ -> the device's MQTT session -> its reply -> one final record in
+webos.command-feedback, and the desired and reported state in webos.state."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from rabbitmq import naming
+from stack.kafka_server import ensure_topic
+from stack.process import AppProcess
+from tests.helpers import MqttDevice, wait_for
+from tests.support.command_device import CommandDevice
+from tests.support.commands import CommandLine, mosquitto_sub, read_state
+
+
+def start_relay(settings, log_path) -> AppProcess:
+    """`python -m bridge relay` as a child, once it waits for commands."""
+    relay = AppProcess(["bridge", "relay"], {**os.environ, **settings.to_env()}, log_path, "relay")
+    wait_for(lambda: "waiting for commands" in relay.output(), 60,
+             message="the relay to connect", watch=[relay])
+    return relay
+
+
+@pytest.fixture(scope="module")
+def relay(settings, tmp_path_factory):
+    relay = start_relay(settings, tmp_path_factory.mktemp("relay") / "relay.log")
+    yield relay
+    assert relay.stop() == 0, relay.output(30)
+
+
+@pytest.fixture
+def commands(settings, relay):
+    line = CommandLine(settings)
+    yield line
+    line.close()
+
+
+@pytest.fixture
+def device(settings, new_device):
+    """A connected, subscribed device (MQTT 5) that acts on commands; disconnected after."""
+    devices = []
+
+    def make(protocol=mqtt.MQTTv5) -> CommandDevice:
+        made = CommandDevice(settings, new_device("CMD"), protocol).connect()
+        assert made.subscribed.wait(10) and all(code.value == 1 for code in made.granted), made.granted
+        devices.append(made)
+        return made
+
+    yield make
+    for made in devices:
+        made.disconnect()
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
+def test_a_command_goes_to_the_device_and_its_reply_is_the_final_feedback(commands, device,
+                                                                          protocol):
+    target = device(protocol)
+    command_id = commands.send(target.device, "ping")
+    [final] = commands.wait_final(command_id)
+    assert final["status"] == "succeeded" and final["detail"] == "pong"
+    assert final["device"] == target.device and final["name"] == "ping"
+    assert final["sent_at"] <= final["completed_at"]
+    assert [value["status"] for value in commands.feedback[command_id]] == ["sent", "succeeded"]
+    assert target.applied == [command_id]
+    if protocol == mqtt.MQTTv5:  # the command id as MQTT 5 Correlation Data
+        assert target.correlations == [command_id.encode()]
+
+
+@pytest.mark.parametrize("topic", ["webos/{other}/command", "webos/+/command", "webos/#",
+                                   "webos/{me}/reply", "webos/{other}/info"])
+def test_a_device_may_subscribe_to_nothing_but_its_commands_and_the_broadcast(settings,
+                                                                              new_device, topic):
+    me, other = new_device("SUBA"), new_device("SUBB")
+    printed = mosquitto_sub(settings, me, topic.format(me=me, other=other))
+    assert "All subscription requests were denied" in printed, printed
+
+
+def test_a_device_cannot_answer_for_another(settings, new_device, commands, device):
+    target = device()
+    forger = MqttDevice(settings, new_device("FORGE"), protocol=mqtt.MQTTv5)
+    try:
+        assert forger.connected.wait(10)
+        command_id = commands.send(target.device, "set-status", {"status": "Inactive"}, ttl_s=5)
+        assert not forger.publish(naming.reply_topic(target.device),
+                                  b'{"command_id": "%s", "status": "failed"}' % command_id.encode(),
+                                  timeout=3)
+    finally:
+        forger.close()
+    [final] = commands.wait_final(command_id)
+    assert final["status"] == "succeeded"
+
+
+def test_commands_sent_while_a_device_is_away_arrive_in_order_when_it_returns(commands, device):
+    target = device()
+    target.disconnect()
+    sent = [commands.send(target.device, "ping") for _ in range(20)]
+    wait_for(lambda: commands.read() or all(commands.feedback.get(c) for c in sent), 20,
+             message="the broker to confirm the commands")
+    target.connect()
+    wait_for(lambda: len(target.applied) == 20, 20, message="the queued commands")
+    assert target.applied == sent
+    assert all(commands.wait_final(c)[0]["status"] == "succeeded" for c in sent)
+
+
+def test_a_command_whose_ttl_runs_out_is_reported_expired(commands, device):
+    target = device()
+    target.disconnect()
+    command_id = commands.send(target.device, "ping", ttl_s=0.5)
+    [final] = commands.wait_final(command_id)
+    assert final["status"] == "expired" and final["name"] == "ping"
+    target.connect()
+    assert target.subscribed.wait(10)
+    later = commands.send(target.device, "ping")
+    assert commands.wait_final(later)[0]["status"] == "succeeded"
+    assert command_id not in target.applied
+
+
+def test_more_commands_than_a_device_may_queue_are_rejected_queue_full(settings, commands, device):
+    target = device()
+    target.disconnect()
+    sent = [commands.send(target.device, "ping") for _ in range(settings.command_queue_limit + 5)]
+    refused = wait_for(lambda: commands.read() or [c for c in sent[-5:] if commands.finals(c)], 20,
+                       message="the overflow's feedback")
+    wait_for(lambda: commands.read() or len([c for c in sent[-5:] if commands.finals(c)]) == 5, 20)
+    assert all(commands.finals(c)[0]["status"] == "rejected"
+               and commands.finals(c)[0]["detail"].startswith("queue-full") for c in sent[-5:])
+    assert refused
+    target.connect()
+    wait_for(lambda: len(target.applied) == settings.command_queue_limit, 30,
+             message="the queued commands")
+    assert target.applied == sent[:settings.command_queue_limit]
+
+
+def test_unknown_devices_sessionless_devices_and_bad_records_get_feedback(commands, new_device):
+    unknown = commands.send(f"NOBODY{uuid.uuid4().hex[:6]}", "ping")
+    away = commands.send(new_device("AWAY"), "ping")
+    bad = commands.send("D1", "ping", ttl_s=-3)
+    assert commands.wait_final(unknown)[0]["detail"].startswith("unknown-device")
+    assert commands.wait_final(unknown)[0]["status"] == "rejected"
+    assert commands.wait_final(away)[0]["status"] == "undeliverable"
+    assert commands.wait_final(bad)[0]["detail"].startswith("invalid-command")
+    # A record that is not even JSON is logged and skipped: the next one still goes through.
+    commands.send("D1", "ping", raw=b"\xff not json")
+    after = commands.send(f"NOBODY{uuid.uuid4().hex[:6]}", "ping")
+    assert commands.wait_final(after)[0]["status"] == "rejected"
+
+
+def test_a_device_refuses_a_command_it_does_not_know(commands, device):
+    target = device()
+    [final] = commands.wait_final(commands.send(target.device, "reboot"))
+    assert final["status"] == "rejected" and final["detail"].startswith("unknown-command")
+
+
+def test_a_broadcast_reaches_every_connected_device(commands, device):
+    targets = [device() for _ in range(3)]
+    command_id = commands.send(naming.BROADCAST, "ping")
+    finals = commands.wait_final(command_id, count=3)
+    assert {final["device"] for final in finals} == {target.device for target in targets}
+    assert all(final["broadcast"] and final["status"] == "succeeded" for final in finals)
+
+
+def test_desired_state_is_sent_applied_reported_and_never_applied_twice(settings, commands, device):
+    target = device()
+    first = commands.send(target.device, "set-status", {"status": "Inactive"})
+    assert commands.wait_final(first)[0]["status"] == "succeeded"
+    state = wait_for(lambda: (s := read_state(settings, target.device)) and s["reported"] and s,
+                     10, message="the reported state")
+    assert state["desired"] == {"status": "Inactive"} and state["reported"]["status"] == "Inactive"
+    version = state["version"]
+    second = commands.send(target.device, "set-status", {"status": "Active"})
+    assert commands.wait_final(second)[0]["status"] == "succeeded"
+    state = wait_for(lambda: (s := read_state(settings, target.device))
+                     and s["reported"]["status"] == "Active" and s, 10)
+    assert state["version"] == version + 1 and state["desired"] == {"status": "Active"}
+    # An old desired value (version 1 again), as a stale copy would bring it: refused.
+    stale = commands.send(target.device, "ping")  # a barrier: the device answered all before
+    commands.wait_final(stale)
+    answer = target.commands.handle(b'{"command_id": "old", "name": "set-status", '
+                                    b'"args": {"status": "Inactive", "version": %d}}' % version)
+    assert answer.status == "rejected" and target.status == "Active"
+
+
+@pytest.mark.faults
+def test_a_relay_killed_mid_stream_applies_each_command_exactly_once(settings, new_device,
+                                                                     tmp_path):
+    own = dataclasses.replace(settings, commands_topic=f"test.commands.{uuid.uuid4().hex[:6]}",
+                              relay_group=f"test-relay-{uuid.uuid4().hex[:6]}")
+    ensure_topic(own.kafka_bootstrap, own.commands_topic, 6)
+    targets = [CommandDevice(own, new_device("KILL")).connect() for _ in range(5)]
+    assert all(target.subscribed.wait(10) for target in targets)
+    line = CommandLine(own)
+    relay = start_relay(own, tmp_path / "relay.log")
+    try:
+        sent = {target.device: [line.send(target.device, "ping") for _ in range(200)]
+                for target in targets}
+        wait_for(lambda: sum(len(t.applied) for t in targets) >= 200, 60,
+                 message="a fifth of the commands applied")
+        relay.kill()
+        at_kill = sum(len(t.applied) for t in targets)
+        assert at_kill < 1000, "every command was applied before the relay could be killed"
+        relay = start_relay(own, tmp_path / "relay-again.log")
+        wait_for(lambda: all(len(t.applied) == 200 for t in targets), 120,
+                 message="every command applied", watch=[relay])
+        for target in targets:
+            assert target.applied == sent[target.device]  # each once, in order
+        last = [ids[-1] for ids in sent.values()]
+        assert all(line.wait_final(c)[0]["status"] == "succeeded" for c in last)
+    finally:
+        relay.stop()
+        line.close()
+        for target in targets:
+            target.disconnect()
