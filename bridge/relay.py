@@ -21,7 +21,7 @@ import pika
 from confluent_kafka import KafkaException, TopicPartition
 from pika import exceptions as amqp_errors
 
-from bridge import command_records as records
+from common import command_records as records
 from bridge.state_store import FeedbackWriter, commands_consumer, feedback_producer, load_states
 from common.config import Settings
 from common.device_state import DeviceState
@@ -152,7 +152,8 @@ class RelaySession:
             LOGGER.warning("dropping a reply from %s: %s", device, error)
             return
         if reply.command_id is not None:
-            self.writer.final(device, reply.command_id, reply.status, reply.detail, now)
+            self.writer.final(device, reply.command_id, reply.status, reply.detail, now,
+                              name=reply.name)
         if reply.reported:
             state = self.writer.states.get(device, DeviceState()).report(reply.reported, now)
             if state is not None:

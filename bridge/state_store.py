@@ -7,7 +7,7 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from bridge import command_records as records
+from common import command_records as records
 from common.config import Settings
 from common.device_state import DeviceState
 
@@ -124,7 +124,7 @@ class FeedbackWriter:
         _forget_oldest(self.finals, self.REMEMBERED)
         known_name, sent_at, to_all = self.sent.get(command_id, (name, None, broadcast))
         self._produce(self.settings.feedback_topic, device, records.feedback(
-            device, command_id, status, detail, name=name or known_name,
+            device, command_id, status, detail, name=known_name or name,
             broadcast=broadcast or to_all, sent_at=sent_at, completed_at=now_ms))
         return True
 

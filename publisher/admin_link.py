@@ -1,7 +1,7 @@
 """The publisher's one AMQP connection as webos-admin, owned by one thread.
 
-Declaring a new device's queue (through `rabbitmq.topology`) and the emergency broadcast on
-`webos.fanout` go through here, and so does enrolling a device (its certificate and broker user,
+Declaring a new device's queue (through `rabbitmq.topology`) and the emergency broadcast (on
+`webos.fanout`, and to the devices on webos/broadcast/command) go through here, and so does enrolling a device (its certificate and broker user,
 through the management API) or removing it. pika connections must not be shared across threads, so request
 threads hand work over through a queue and wait on a Future.
 """
@@ -22,6 +22,7 @@ from publisher.simulator import now_ms
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
+from common.command_records import Command
 from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -82,9 +83,14 @@ class AdminLink:
         self.call(topology.delete_device, device)
 
     def broadcast(self, text: str, message_type: str = "error") -> dict:
-        """Publish one emergency message on `webos.fanout` (every device queue gets a copy)."""
+        """One emergency message: on `webos.fanout` into every device queue (so into Kafka), and
+        as the command `emergency` on webos/broadcast/command to every device with a session
+        (its replies become feedback, command id = the message's msg_id). The payload, with
+        `devices_reached` False when no device session was subscribed."""
         payload = {"Producer": "publisher", "command": "emergency", "type": message_type,
                    "message": text, "msg_id": uuid.uuid4().hex, "ts": now_ms()}
+        command = Command(naming.BROADCAST, payload["msg_id"], "emergency",
+                          {"text": text, "type": message_type}, self.settings.command_ttl_seconds)
 
         def publish(channel, payload):
             channel.basic_publish(
@@ -92,8 +98,19 @@ class AdminLink:
                 pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                      message_id=payload["msg_id"]),
                 mandatory=True)
-        self.call(publish, payload)
-        LOGGER.info("broadcast %s sent on %s", payload["msg_id"], naming.FANOUT_EXCHANGE)
+            try:
+                channel.basic_publish(
+                    naming.TOPIC_EXCHANGE, command.routing_key, command.body(payload["ts"]),
+                    pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                         correlation_id=command.command_id,
+                                         expiration=str(int(command.ttl_s * 1000))),
+                    mandatory=True)
+            except pika.exceptions.UnroutableError:
+                return False
+            return True
+        payload["devices_reached"] = self.call(publish, payload)
+        LOGGER.info("broadcast %s sent on %s and to %s", payload["msg_id"], naming.FANOUT_EXCHANGE,
+                    "the devices' sessions" if payload["devices_reached"] else "no device session")
         return payload
 
     # -- the thread -------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from common.command_records import REJECTED, SUCCEEDED
 from common.devices import STATUSES, parse_interval
 
-SUCCEEDED, FAILED, REJECTED = "succeeded", "failed", "rejected"
 KNOWN = ("set-status", "set-interval", "ping", "emergency")
 REMEMBERED_IDS = 1000  # command ids a device remembers (a redelivery comes within these)
 
@@ -25,14 +25,15 @@ class Answer:
     """What to publish on the reply topic (JSON) for one command."""
 
     command_id: str
+    name: str
     status: str
     detail: str
     reported: dict
 
     def to_json(self) -> bytes:
-        return json.dumps({"command_id": self.command_id, "status": self.status,
-                           "detail": self.detail, "reported": self.reported},
-                          separators=(",", ":")).encode()
+        return json.dumps({"command_id": self.command_id, "name": self.name,
+                           "status": self.status, "detail": self.detail,
+                           "reported": self.reported}, separators=(",", ":")).encode()
 
 
 class DeviceCommands:
@@ -64,18 +65,16 @@ class DeviceCommands:
             self.seen.popitem(last=False)
         name, args = message.get("name"), message.get("args") or {}
         if name not in KNOWN:
-            return self._answer(command_id, REJECTED, f"unknown-command: {name!r} (this device "
-                                f"knows {', '.join(KNOWN)})")
+            return Answer(command_id, str(name), REJECTED, f"unknown-command: {name!r} (this "
+                          f"device knows {', '.join(KNOWN)})", self.reported())
         if not isinstance(args, dict):
-            return self._answer(command_id, REJECTED, "invalid-args: args must be an object")
+            return Answer(command_id, name, REJECTED, "invalid-args: args must be an object",
+                          self.reported())
         try:
             status, detail = getattr(self, "_" + name.replace("-", "_"))(args)
         except ValueError as error:
             status, detail = REJECTED, f"invalid-args: {error}"
-        return self._answer(command_id, status, detail)
-
-    def _answer(self, command_id: str, status: str, detail: str) -> Answer:
-        return Answer(command_id, status, detail, self.reported())
+        return Answer(command_id, name, status, detail, self.reported())
 
     def _newer(self, args: dict) -> bool:
         """True (and remembered) when a desired value's version is newer than the last applied;

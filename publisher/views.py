@@ -246,11 +246,13 @@ def send_message(device):
 
 @api.post("/broadcast")
 def broadcast():
-    """An emergency message to every device queue, through webos.fanout."""
+    """An emergency message to every device queue (webos.fanout) and every device session."""
     body = json_object()
     text = body.get("message")
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
         abort(400, f"message must be a non-empty string of at most {MAX_TEXT} characters")
     payload = admin().broadcast(text)
-    return jsonify(message=f"Broadcast sent to every queue on {naming.FANOUT_EXCHANGE}",
+    reached = ("and to every device session" if payload["devices_reached"]
+               else "(no device session is subscribed to webos/broadcast/command)")
+    return jsonify(message=f"Broadcast sent to every queue on {naming.FANOUT_EXCHANGE} {reached}",
                    payload=payload), 202

@@ -243,15 +243,17 @@ def remove_enrolment(settings: Settings, device: str, timeout: float = 10.0) -> 
 
 
 def remove_enrolments(settings: Settings, devices, timeout: float = 10.0) -> None:
-    """remove_enrolment for each of `devices`, over one management API session."""
+    """remove_enrolment for each of `devices`, over one management API session; the device's
+    MQTT session queue goes too (with the commands waiting in it: it will never collect them)."""
     pki = PKI(settings.pki_path)
+    api, vhost = f"{settings.management_url}/api", quote(settings.vhost, safe="")
     with management_api(settings) as http:
         for device in devices:
-            response = http.delete(
-                f"{settings.management_url}/api/users/{quote(checked_device(device), safe='')}",
-                timeout=timeout)
-            if response.status_code not in (204, 404):
-                response.raise_for_status()
+            for url in (f"{api}/users/{quote(checked_device(device), safe='')}",
+                        f"{api}/queues/{vhost}/{quote(subscription_queue(device), safe='')}"):
+                response = http.delete(url, timeout=timeout)
+                if response.status_code not in (204, 404):
+                    response.raise_for_status()
             pki.remove_device(device)
 
 

@@ -10,6 +10,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
+from publisher.admin_link import AdminLink
 from rabbitmq import naming
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess
@@ -183,6 +184,21 @@ def test_desired_state_is_sent_applied_reported_and_never_applied_twice(settings
     answer = target.commands.handle(b'{"command_id": "old", "name": "set-status", '
                                     b'"args": {"status": "Inactive", "version": %d}}' % version)
     assert answer.status == "rejected" and target.status == "Active"
+
+
+def test_the_publishers_emergency_broadcast_reaches_every_device_session(settings, commands,
+                                                                        device):
+    targets = [device(), device()]
+    link = AdminLink(settings)
+    try:
+        payload = link.broadcast("evacuate hall 3")
+    finally:
+        link.close()
+    assert payload["devices_reached"]
+    finals = commands.wait_final(payload["msg_id"], count=2)
+    assert {(final["device"], final["name"], final["status"]) for final in finals} == {
+        (target.device, "emergency", "succeeded") for target in targets}
+    assert all(target.commands.emergencies == ["evacuate hall 3"] for target in targets)
 
 
 @pytest.mark.faults

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bridge import command_records as records
+from common import command_records as records
 from common.device_state import DeviceState
 from publisher.device_commands import DeviceCommands
 from rabbitmq import naming

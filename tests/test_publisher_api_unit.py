@@ -97,7 +97,7 @@ class RecordingAdminLink:
 
     def broadcast(self, text):
         self.calls.append(("broadcast", text))
-        return {"command": "emergency", "message": text}
+        return {"command": "emergency", "message": text, "devices_reached": True}
 
     def close(self):
         pass

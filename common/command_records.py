@@ -6,7 +6,8 @@ Kafka `webos.commands`, key = device id or `broadcast`:
 To the device, on `webos/<device>/command` (or `webos/broadcast/command`), JSON:
     {"command_id", "name", "args", "reply_to", "sent_at", "expires_at"}
 The device answers on `webos/<device>/reply`:
-    {"command_id", "status": "succeeded" | "failed" | "rejected", "detail", "reported": {...}}
+    {"command_id", "name", "status": "succeeded" | "failed" | "rejected", "detail",
+     "reported": {...}} (name and reported optional)
 or reports a change of its own without a command: {"reported": {...}}.
 Kafka `webos.command-feedback`, key = device id: FEEDBACK_FIELDS.
 """
@@ -104,6 +105,7 @@ class Reply:
     status: str | None
     detail: str
     reported: dict | None
+    name: str = ""
 
 
 def parse_reply(device: str, body: bytes) -> Reply:
@@ -127,8 +129,9 @@ def parse_reply(device: str, body: bytes) -> Reply:
         raise ValueError("command_id must be 1-128 printable ASCII characters")
     if status not in DEVICE_STATUSES:
         raise ValueError(f"status must be one of {', '.join(DEVICE_STATUSES)}")
-    detail = message.get("detail", "")
-    return Reply(device, command_id, status, str(detail)[:MAX_DETAIL], reported)
+    detail, name = message.get("detail", ""), message.get("name", "")
+    return Reply(device, command_id, status, str(detail)[:MAX_DETAIL], reported,
+                 name if isinstance(name, str) and COMMAND_NAME.fullmatch(name) else "")
 
 
 def expired_command(headers: dict | None, body: bytes) -> tuple[str, str, str] | None:
