@@ -4,19 +4,23 @@ webos.command-feedback, and the desired and reported state in webos.state."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 
+from common.config import REPO_ROOT
 from publisher.admin_link import AdminLink
 from rabbitmq import naming
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess
 from tests.helpers import MqttDevice, wait_for
 from tests.support.command_device import CommandDevice
-from tests.support.commands import CommandLine, mosquitto_sub, read_state
+from tests.support.commands import CommandSender, mosquitto_sub, read_state
 
 
 def start_relay(settings, log_path) -> AppProcess:
@@ -36,7 +40,7 @@ def relay(settings, tmp_path_factory):
 
 @pytest.fixture
 def commands(settings, relay):
-    line = CommandLine(settings)
+    line = CommandSender(settings)
     yield line
     line.close()
 
@@ -169,15 +173,16 @@ def test_desired_state_is_sent_applied_reported_and_never_applied_twice(settings
     target = device()
     first = commands.send(target.device, "set-status", {"status": "Inactive"})
     assert commands.wait_final(first)[0]["status"] == "succeeded"
-    state = wait_for(lambda: (s := read_state(settings, target.device)) and s["reported"] and s,
+    state = wait_for(lambda: (s := read_state(settings, target.device)) and s.reported and s,
                      10, message="the reported state")
-    assert state["desired"] == {"status": "Inactive"} and state["reported"]["status"] == "Inactive"
-    version = state["version"]
+    assert state.desired == {"status": "Inactive"} and state.reported["status"] == "Inactive"
+    version = state.version
     second = commands.send(target.device, "set-status", {"status": "Active"})
     assert commands.wait_final(second)[0]["status"] == "succeeded"
     state = wait_for(lambda: (s := read_state(settings, target.device))
-                     and s["reported"]["status"] == "Active" and s, 10)
-    assert state["version"] == version + 1 and state["desired"] == {"status": "Active"}
+                     and s.reported["status"] == "Active" and s, 10)
+    assert state.version == version + 1 and state.desired == {"status": "Active"}
+    assert state.delta() == {}
     # An old desired value (version 1 again), as a stale copy would bring it: refused.
     stale = commands.send(target.device, "ping")  # a barrier: the device answered all before
     commands.wait_final(stale)
@@ -209,7 +214,7 @@ def test_a_relay_killed_mid_stream_applies_each_command_exactly_once(settings, n
     ensure_topic(own.kafka_bootstrap, own.commands_topic, 6)
     targets = [CommandDevice(own, new_device("KILL")).connect() for _ in range(5)]
     assert all(target.subscribed.wait(10) for target in targets)
-    line = CommandLine(own)
+    line = CommandSender(own)
     relay = start_relay(own, tmp_path / "relay.log")
     try:
         sent = {target.device: [line.send(target.device, "ping") for _ in range(200)]
@@ -231,3 +236,39 @@ def test_a_relay_killed_mid_stream_applies_each_command_exactly_once(settings, n
         line.close()
         for target in targets:
             target.disconnect()
+
+
+def consumer_cli(settings, *args: str) -> subprocess.CompletedProcess:
+    """`python -m consumer ARGS` run to its end, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "consumer", *args], cwd=REPO_ROOT,
+                          env={**os.environ, **settings.to_env()}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_cli_sends_a_command_waits_for_its_answer_and_shows_the_state(settings, relay,
+                                                                         device):
+    target = device()
+    done = consumer_cli(settings, "command", target.device, "set-status", "--arg",
+                        "status=Inactive", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert f"{target.device}: set-status" in done.stdout and "succeeded" in done.stdout
+    assert target.status == "Inactive"
+    refused = consumer_cli(settings, "command", target.device, "reboot", "--wait")
+    assert refused.returncode == 1 and "rejected" in refused.stdout, refused.stderr
+    state = wait_for(lambda: (done := consumer_cli(settings, "state", target.device, "--format",
+                                                   "json")).returncode == 0
+                     and json.loads(done.stdout), 20, message="the device's state")
+    assert state["desired"] == {"status": "Inactive"} and state["delta"] == {}
+    assert state["reported"]["status"] == "Inactive"
+    answers = consumer_cli(settings, "broadcast", "ping", "--wait", "3")
+    assert f"{target.device}: ping" in answers.stdout and answers.returncode == 0, answers.stderr
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["command", "bad.id", "ping"], "not a device id"),
+    (["command", "D1", "Ping!"], "command name"),
+    (["command", "D1", "ping", "--arg", "novalue"], "KEY=VALUE"),
+])
+def test_the_cli_refuses_bad_usage_with_a_reason(settings, args, problem):
+    done = consumer_cli(settings, *args)
+    assert done.returncode == 2 and problem in done.stderr
