@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common.devices import ACTIVE, INACTIVE, STATUSES, DeviceConfig
+from publisher.device_commands import DeviceCommands
 from rabbitmq import naming
 from common.config import Settings
 from common.pki import PKI, client_context
@@ -41,6 +42,9 @@ RECONNECT_MIN = 1.0
 MQTT_VERSIONS = ("5", "3.1.1")
 _PAHO_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 CONTENT_TYPE = "application/json"
+# How long the broker keeps a device's session (its command subscriptions and the commands sent
+# while it is away) after it disconnects: RabbitMQ's default cap, one day.
+SESSION_EXPIRY = 86400
 
 
 class UnknownDevice(KeyError):
@@ -70,6 +74,7 @@ class DeviceState:
         self.config = config
         self.id = config.id
         self.status = config.status
+        self.interval = tuple(config.interval)  # set-interval changes it
         self.generation = 0
         self.position_index = 0
         self.seq = 0
@@ -94,7 +99,7 @@ class DeviceState:
 
     def next_interval(self) -> float:
         """Seconds until the next position report: uniform in the configured [min, max]."""
-        low, high = self.config.interval
+        low, high = self.interval
         return self.rng.uniform(low, high)
 
     def position(self) -> tuple[float, float]:
@@ -120,7 +125,11 @@ class DeviceState:
                 "messages": self.published, "acked": self.acked, "dropped": self.dropped,
                 "refused": self.refused,
                 "seq": self.seq, "last_message_ts": self.last_message_ts, "position": [x, y],
-                "interval": list(self.config.interval), "route_length": len(self.config.route)}
+                "interval": list(self.interval), "route_length": len(self.config.route)}
+
+    def reported(self) -> dict:
+        """What the device reports of itself to the platform (webos.state's `reported`)."""
+        return {"status": self.status, "interval": list(self.interval)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +195,9 @@ class _Device:
     # oldest first; see _publish for why paho does not get them at once.
     backlog: deque = field(default_factory=deque)
     node: int = 0  # which of the RabbitMQ nodes it connects to (the next one when that fails)
+    commands: DeviceCommands | None = None  # applies what the platform asks (set in _register)
+    reply_mids: set = field(default_factory=set)  # replies and reports in flight (not telemetry)
+    subscribed: bool = False  # the broker granted its command subscriptions
 
 
 class Simulator:
@@ -255,8 +267,9 @@ class Simulator:
         self._wake_write.close()
 
     def set_status(self, device: str, status: str) -> Future:
-        """Make a device Active or Inactive; the Future's result says whether it changed."""
-        return self._submit(self._set_status, device, status)
+        """Make a device Active or Inactive, as its own switch does (the change is reported to
+        the platform); the Future's result says whether it changed."""
+        return self._submit(self._toggle, device, status)
 
     def add_device(self, config: DeviceConfig) -> Future:
         """Start a new device (its queue must exist already); DuplicateDevice if it runs."""
@@ -292,8 +305,11 @@ class Simulator:
         """Totals over all devices and the lateness of scheduled publishes."""
         with self._registry_lock:
             states = [entry.state for entry in self._devices.values()]
+        with self._registry_lock:
+            subscribed = sum(entry.subscribed for entry in self._devices.values())
         return {"devices": len(states),
                 "connected": sum(s.connected for s in states),
+                "subscribed": subscribed,
                 "active": sum(s.status == ACTIVE for s in states),
                 "published": sum(s.published for s in states),
                 "acked": sum(s.acked for s in states),
@@ -441,27 +457,36 @@ class Simulator:
         if config.id in self._devices:
             raise DuplicateDevice(config.id)
         state = DeviceState(config, random.Random(self.rng.random()))
-        # A clean session each time (MQTT 5: clean start, no session expiry): a device publishes
-        # only, and paho resends its unacknowledged messages after a reconnect either way.
+        # A persistent session (MQTT 5: clean start off with a Session Expiry; 3.1.1: clean
+        # session off): the broker keeps the device's command subscriptions, and what is sent to
+        # it while it is away, until it is back. PUBACKs for commands leave only once the command
+        # was applied and answered (manual_ack).
         protocol = _PAHO_PROTOCOLS[self.mqtt_version]
         # Its own identity: the certificate the broker logs it in by, and the client id that
         # certificate names (the broker refuses any other).
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.id,
-                             protocol=protocol,
-                             clean_session=True if protocol == mqtt.MQTTv311 else None)
+                             protocol=protocol, manual_ack=True,
+                             clean_session=False if protocol == mqtt.MQTTv311 else None)
         if self.plain:
             client.username_pw_set(config.id, self.pki.device_password(config.id))
         else:
             client.tls_set_context(client_context(self.settings.ca_file,
                                                   self.pki.ensure_device(config.id)))
         entry = _Device(state, client,
-                        topics={t: naming.mqtt_topic(config.id, t) for t in naming.MESSAGE_TYPES},
+                        topics={t: naming.mqtt_topic(config.id, t)
+                                for t in (*naming.MESSAGE_TYPES, naming.REPLY_TYPE)},
                         node=len(self._devices) % len(self.addresses))
+        entry.commands = DeviceCommands(
+            set_status=lambda status: self._set_status(config.id, status),
+            set_interval=lambda interval: setattr(state, "interval", tuple(interval)),
+            reported=state.reported)
         client.user_data_set(entry)
         client.max_queued_messages_set(self.max_queued_messages)
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_publish = self.on_publish
+        client.on_subscribe = self.on_subscribe
+        client.on_message = self.on_message
         client.on_socket_open = self.on_socket_open
         client.on_socket_close = self.on_socket_close
         with self._registry_lock:
@@ -491,6 +516,14 @@ class Simulator:
         self._disconnect(entry)
         LOGGER.info("device %s removed", device)
         return entry.state.snapshot()
+
+    def _toggle(self, device: str, status: str) -> bool:
+        """The device's own switch: change the status and report it (webos.state's reported)."""
+        changed = self._set_status(device, status)
+        entry = self._entry(device)
+        if changed and entry.state.connected:
+            self._reply(entry, json.dumps({"reported": entry.state.reported()}).encode())
+        return changed
 
     def _set_status(self, device: str, status: str) -> bool:
         entry = self._entry(device)
@@ -570,8 +603,8 @@ class Simulator:
                 if entry.client.host == host and entry.client.port == port:
                     entry.client.reconnect()
                 else:
-                    clean_start = {} if self.mqtt_version == "3.1.1" else {"clean_start": True}
-                    entry.client.connect(host, port, keepalive=self.keepalive, **clean_start)
+                    entry.client.connect(host, port, keepalive=self.keepalive,
+                                         **self._session_options())
                 self._watch_writes(entry)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s%s",
@@ -579,6 +612,14 @@ class Simulator:
                            " on the next node" if len(self.addresses) > 1 else "")
             self._next_node(entry)
             self._retry_later(entry)
+
+    def _session_options(self) -> dict:
+        """connect()'s arguments for a persistent session (paho's reconnect() reuses them)."""
+        if self.mqtt_version == "3.1.1":
+            return {}  # clean_session=False is the client's own setting
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY
+        return {"clean_start": False, "properties": properties}
 
     def _next_node(self, entry: _Device) -> None:
         entry.node = (entry.node + 1) % len(self.addresses)
@@ -606,10 +647,39 @@ class Simulator:
             LOGGER.info("device %s reconnected", entry.state.id)
         entry.state.connected = True
         entry.backoff = RECONNECT_MIN
+        # Subscribing again on a resumed session is harmless, and makes a lost session whole.
+        client.subscribe([(naming.command_topic(entry.state.id), 1),
+                          (naming.command_topic(naming.BROADCAST), 1)])
+        self._reply(entry, json.dumps({"reported": entry.state.reported()}).encode())
+
+    def on_subscribe(self, client, entry, mid, reason_codes, properties):
+        entry.subscribed = all(not code.is_failure for code in reason_codes)
+        if not entry.subscribed:
+            LOGGER.error("device %s: the broker refused its command subscriptions (%s): check "
+                         "its permissions (python -m rabbitmq.topology)", entry.state.id,
+                         ", ".join(str(code) for code in reason_codes))
+
+    def on_message(self, client, entry, message):
+        """A command: apply it (once per command id), answer, then acknowledge it."""
+        answer = entry.commands.handle(message.payload)
+        if answer is not None:
+            self._reply(entry, answer.to_json())
+            LOGGER.info("device %s: command %s %s: %s %s", entry.state.id, answer.name,
+                        answer.command_id, answer.status, answer.detail)
+        client.ack(message.mid, message.qos)
+        self._watch_writes(entry)
+
+    def _reply(self, entry: _Device, body: bytes) -> None:
+        """An answer or a report on the device's reply topic (QoS 1; not counted as telemetry)."""
+        info = entry.client.publish(entry.topics[naming.REPLY_TYPE], body, qos=1)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:
+            entry.reply_mids.add(info.mid)
+        self._watch_writes(entry)
 
     def on_disconnect(self, client, entry, flags, reason_code, properties):
         was_connected = entry.state.connected
         entry.state.connected = False
+        entry.subscribed = False
         if entry.state.removed or self._stop.is_set():
             return
         if was_connected:
@@ -619,6 +689,9 @@ class Simulator:
         self._retry_later(entry)
 
     def on_publish(self, client, entry, mid, reason_code, properties):
+        if mid in entry.reply_mids:
+            entry.reply_mids.discard(mid)
+            return
         entry.state.acked += 1
         if reason_code != 0:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
             # 16 "No matching subscribers": routed nowhere, so the topology (webos.topic's

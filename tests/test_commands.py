@@ -14,7 +14,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from common.config import REPO_ROOT
+from common.devices import DeviceConfig
 from publisher.admin_link import AdminLink
+from publisher.simulator import Simulator
 from rabbitmq import naming
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess
@@ -272,3 +274,31 @@ def test_the_cli_sends_a_command_waits_for_its_answer_and_shows_the_state(settin
 def test_the_cli_refuses_bad_usage_with_a_reason(settings, args, problem):
     done = consumer_cli(settings, *args)
     assert done.returncode == 2 and problem in done.stderr
+
+
+@pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
+def test_a_simulated_device_acts_on_commands_and_reports_its_own_switch(settings, commands,
+                                                                        new_device, mqtt_version):
+    device = new_device("SIM")
+    simulator = Simulator(settings, [DeviceConfig(device, interval=(0.5, 0.5))],
+                          mqtt_version=mqtt_version)
+    simulator.start()
+    try:
+        wait_for(lambda: simulator.stats()["subscribed"] == 1, 15, message="its subscriptions")
+        [final] = commands.wait_final(commands.send(device, "set-status", {"status": "Inactive"}))
+        assert final["status"] == "succeeded"
+        assert simulator.device(device)["status"] == "Inactive"
+        [final] = commands.wait_final(commands.send(device, "set-interval", {"interval": [2, 3]}))
+        assert final["status"] == "succeeded" and simulator.device(device)["interval"] == [2, 3]
+        assert commands.wait_final(commands.send(device, "ping"))[0]["detail"] == "pong"
+        # The switch on the device itself (the publisher's page): reported, not desired.
+        simulator.set_status(device, "Active").result(10)
+        state = wait_for(lambda: (s := read_state(settings, device))
+                         and s.reported.get("status") == "Active" and s, 15,
+                         message="the switch's report")
+        assert state.desired == {"status": "Inactive", "interval": [2, 3]}
+        assert state.delta() == {"status": "Inactive"}
+        # Telemetry is not counted twice: replies and reports are not telemetry.
+        wait_for(lambda: (d := simulator.device(device))["acked"] == d["messages"], 10)
+    finally:
+        simulator.close()
