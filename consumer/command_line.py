@@ -13,27 +13,13 @@ from common.config import Settings
 from common.device_state import DeviceState
 
 
-class CommandSender:
-    """Produces command records and reads the feedback written after it started, by command id.
-    Start it before sending: it reads from the ends the feedback partitions had then."""
+class CommandProducer:
+    """Produces command records into `webos.commands` (thread-safe, as librdkafka's producer)."""
 
-    def __init__(self, settings: Settings, timeout: float = 10.0):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.producer = Producer(settings.kafka_client(**{
             "linger.ms": 1, "acks": "all", "partitioner": "murmur2_random"}))
-        self.reader = Consumer(settings.kafka_client(**{
-            "group.id": f"webos-command-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
-        topic = settings.feedback_topic
-        metadata = self.reader.list_topics(topic, timeout=timeout).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise KafkaException(f"Kafka topic {topic} is missing (python -m stack up creates it)")
-        # Explicit offsets: OFFSET_END would be resolved later, after the feedback of a quick
-        # command may already be there.
-        self.reader.assign([
-            TopicPartition(topic, p, self.reader.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=timeout)[1])
-            for p in metadata.partitions])
-        self.feedback: dict[str, list[dict]] = {}
 
     def send(self, target: str, name: str, args: dict | None = None, *, ttl_s: float | None = None,
              command_id: str | None = None, raw: bytes | None = None) -> str:
@@ -50,6 +36,30 @@ class CommandSender:
             raise KafkaException(f"Kafka did not take the command within 10 s "
                                  f"({self.settings.kafka_bootstrap})")
         return command_id
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+class CommandSender(CommandProducer):
+    """Produces command records and reads the feedback written after it started, by command id.
+    Start it before sending: it reads from the ends the feedback partitions had then."""
+
+    def __init__(self, settings: Settings, timeout: float = 10.0):
+        super().__init__(settings)
+        self.reader = Consumer(settings.kafka_client(**{
+            "group.id": f"webos-command-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
+        topic = settings.feedback_topic
+        metadata = self.reader.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise KafkaException(f"Kafka topic {topic} is missing (python -m stack up creates it)")
+        # Explicit offsets: OFFSET_END would be resolved later, after the feedback of a quick
+        # command may already be there.
+        self.reader.assign([
+            TopicPartition(topic, p, self.reader.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout)[1])
+            for p in metadata.partitions])
+        self.feedback: dict[str, list[dict]] = {}
 
     def read(self, timeout: float = 0.2) -> list[dict]:
         """The feedback records that arrived (also kept in `feedback`)."""
@@ -81,7 +91,7 @@ class CommandSender:
 
     def close(self) -> None:
         self.reader.close()
-        self.producer.flush(10)
+        super().close()
 
 
 def read_state(settings: Settings, device: str, timeout: float = 10.0) -> DeviceState | None:

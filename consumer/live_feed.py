@@ -19,6 +19,7 @@ from collections import deque
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 
+from common.device_state import DeviceState as Shadow
 from consumer.kafka_group import (LIVE_VIEW_GROUP, commit_and_close, consumer_config, group_lag,
                                   offset_tail)
 from consumer.records import Record, SeqTracker
@@ -72,6 +73,7 @@ class DeviceState:
         self.recent: deque = deque()  # Kafka timestamps (ms) inside the rate window
         self.online: bool | None = None  # from the presence topic; None: never heard of
         self.online_since: int | None = None  # ms: the connect or disconnect it was told of
+        self.shadow: Shadow | None = None  # desired and reported, from the state topic
 
     def update_presence(self, payload: dict) -> None:
         """A `connected` or `disconnected` record of this device."""
@@ -103,7 +105,10 @@ class DeviceState:
         return {"id": self.device, "status": self.status, "x": self.x, "y": self.y,
                 "seq": self.seq, "last_ts": self.last_ts, "count": self.count,
                 "rate": self.rate(now_ms), "trail": [list(point) for point in self.trail],
-                "online": self.online, "online_since": self.online_since}
+                "online": self.online, "online_since": self.online_since,
+                "desired": self.shadow.desired if self.shadow else {},
+                "reported": self.shadow.reported if self.shadow else {},
+                "pending": bool(self.shadow and self.shadow.delta())}
 
 
 def log_entry(record: Record, note: str | None) -> dict:
@@ -125,10 +130,11 @@ class LiveFeed:
 
     def __init__(self, kafka: dict, topic: str, group: str = LIVE_VIEW_GROUP, replay: int = 200,
                  log_size: int = 200, max_client_queue: int = 1000, stats_interval: float = 1.0,
-                 presence_topic: str = ""):
+                 presence_topic: str = "", state_topic: str = ""):
         self.kafka = kafka
         self.topic = topic
         self.presence_topic = presence_topic  # read from its beginning: who is online
+        self.state_topic = state_topic  # read from its beginning: desired and reported
         self.group = group
         self.replay = replay
         self.max_client_queue = max_client_queue
@@ -197,8 +203,8 @@ class LiveFeed:
     def on_assign(self, consumer, partitions) -> None:
         """Rewind each partition `replay` records so the page starts with every device's state."""
         for partition in partitions:
-            partition.offset = (OFFSET_BEGINNING if partition.topic == self.presence_topic
-                                else offset_tail(self.replay))
+            partition.offset = (offset_tail(self.replay) if partition.topic == self.topic
+                                else OFFSET_BEGINNING)
         consumer.assign(partitions)
         self.assigned = sorted(p.partition for p in partitions if p.topic == self.topic)
         LOGGER.info("live view assigned %s[%s], replaying up to %d records each", self.topic,
@@ -217,7 +223,7 @@ class LiveFeed:
                                "logger": logging.getLogger("consumer.librdkafka")})
         next_stats = 0.0
         try:
-            topics = [self.topic, *([self.presence_topic] if self.presence_topic else [])]
+            topics = [self.topic, *filter(None, (self.presence_topic, self.state_topic))]
             consumer.subscribe(topics, on_assign=self.on_assign, on_revoke=self.on_revoke)
             while not self.stopping.is_set():
                 message = consumer.poll(0.1)
@@ -227,6 +233,9 @@ class LiveFeed:
                             LOGGER.warning("Kafka: %s", message.error())
                     elif message.topic() == self.presence_topic:
                         self.handle_presence(Record.from_message(message))
+                        consumer.store_offsets(message)
+                    elif message.topic() == self.state_topic:
+                        self.handle_state(message.key(), message.value())
                         consumer.store_offsets(message)
                     else:
                         self.handle(Record.from_message(message))
@@ -271,6 +280,19 @@ class LiveFeed:
             if state is None:
                 state = self.devices[record.device] = DeviceState(record.device)
             state.update_presence(record.payload)
+            self._publish("presence", {"device": state.to_dict(int(time.time() * 1000))})
+
+    def handle_state(self, key: bytes | None, value: bytes | None) -> None:
+        """A device's desired and reported state changed: its row says so, every client is
+        told (as a presence event: the page redraws the device)."""
+        if not key:
+            return
+        device = key.decode(errors="replace")
+        with self.lock:
+            state = self.devices.get(device)
+            if state is None:
+                state = self.devices[device] = DeviceState(device)
+            state.shadow = Shadow.from_json(value)
             self._publish("presence", {"device": state.to_dict(int(time.time() * 1000))})
 
     def publish_stats(self, lag_reader: Consumer) -> None:

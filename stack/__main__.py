@@ -8,6 +8,7 @@ import signal
 import time
 
 from stack.apps import app_status, apps_running, run_apps
+from common.devices import load_devices
 from common.config import (DOTENV_PATH, ConfigError, Settings, ensure_credentials, load_settings,
                            run, stack_dir)
 from common.pki import PKI
@@ -133,6 +134,12 @@ def banner(settings: Settings, apps: bool = True) -> str:
               f"  devices connect to      mqtts://{settings.rabbitmq_host}:{settings.mqtt_port}  "
               "(TLS, by certificate; client id = device id)",
               "  read Kafka              .venv/bin/python -m consumer --from-beginning"]
+    if apps:
+        device = next(iter(load_devices(settings.devices_path)), None)
+        device = device.id if device else "<device>"
+        lines += [f"  command a device        .venv/bin/python -m consumer command {device} "
+                  "set-status --arg status=Inactive --wait",
+                  f"  its state               .venv/bin/python -m consumer state {device}"]
     if apps:
         lines.append("  state of each app       make status  (an app that exits is started again)")
     lines += ["Ctrl-C stops everything." if apps else "`make stop` stops them.", ""]

@@ -26,9 +26,11 @@ LOGGER = logging.getLogger("stack")
 
 # The apps `make run` supervises, as `make status` lists them. supervisord starts them in reverse
 # and stops them in this order: the publisher first, so nothing new arrives while the bridge drains.
+# The relay is the bridge's other direction: commands from Kafka to the devices.
 APPS = {
     "publisher": ["-m", "publisher"],
     "bridge": ["-m", "bridge"],
+    "relay": ["-m", "bridge", "relay"],
     "consumer": ["-m", "consumer", "serve"],
 }
 # supervisord's restart policy: autorestart=true, whatever the exit code. An app that stayed up

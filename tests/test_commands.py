@@ -19,18 +19,9 @@ from publisher.admin_link import AdminLink
 from publisher.simulator import Simulator
 from rabbitmq import naming
 from stack.kafka_server import ensure_topic
-from stack.process import AppProcess
 from tests.helpers import MqttDevice, wait_for
 from tests.support.command_device import CommandDevice
-from tests.support.commands import CommandSender, mosquitto_sub, read_state
-
-
-def start_relay(settings, log_path) -> AppProcess:
-    """`python -m bridge relay` as a child, once it waits for commands."""
-    relay = AppProcess(["bridge", "relay"], {**os.environ, **settings.to_env()}, log_path, "relay")
-    wait_for(lambda: "waiting for commands" in relay.output(), 60,
-             message="the relay to connect", watch=[relay])
-    return relay
+from tests.support.commands import CommandSender, mosquitto_sub, read_state, start_relay
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,12 @@ import uuid
 import pytest
 import requests
 
+from common.devices import DeviceConfig
+from publisher.simulator import Simulator
 from rabbitmq import topology
 from stack.process import AppProcess, free_port
 from tests.helpers import answers, wait_for
+from tests.support.commands import start_relay
 from tests.test_consumer import LiveView, consumer_env, device_record, new_topic, produce
 
 pytestmark = pytest.mark.browser
@@ -173,3 +176,36 @@ def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(
         for device in (stopping, walking):
             topology.delete_device(admin_channel, device)
     assert statuses == {"view": 0, "bridge": 0, "publisher": 0}
+
+
+def test_the_live_page_switch_turns_a_simulated_device_inactive_through_kafka(
+        settings, page, tmp_path, new_device, artifacts):
+    """Live page switch -> POST -> Kafka webos.commands -> relay -> the device's MQTT session ->
+    the simulated device applies set-status and reports -> webos.state -> the live page."""
+    device = new_device("LIVE")
+    relay = start_relay(settings, tmp_path / "relay.log")
+    simulator = Simulator(settings, [DeviceConfig(device, interval=(0.5, 0.5))])
+    simulator.start()
+    view = None
+    try:
+        wait_for(lambda: simulator.stats()["subscribed"] == 1, 15, message="its subscriptions")
+        view = LiveView(settings, new_topic(settings, "test.consumer.switch"))
+        page.goto(view.url + "/")
+        row = f'#devices tr[data-device="{device}"]'
+        page.locator(f'{row} button.switch[data-target="Inactive"]').click(timeout=30000)
+        page.wait_for_selector(f'{row} td.desired[data-desired="Inactive"][data-reported="Inactive"]',
+                               timeout=15000)
+        assert simulator.device(device)["status"] == "Inactive"
+        assert page.locator(f"{row} .badge.pending").count() == 0
+        assert "asked" in page.inner_text("#command-notice")
+        page.screenshot(path=str(artifacts / "consumer-live-view-switch.png"), full_page=True)
+        # and back, from the same switch
+        page.locator(f'{row} button.switch[data-target="Active"]').click(timeout=10000)
+        page.wait_for_selector(f'{row} td.desired[data-desired="Active"][data-reported="Active"]',
+                               timeout=15000)
+        assert simulator.device(device)["status"] == "Active"
+    finally:
+        simulator.close()
+        if view:
+            assert view.stop() == 0
+        assert relay.stop() == 0, relay.output(30)

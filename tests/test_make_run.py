@@ -48,7 +48,8 @@ def stack_environment(tmp_path) -> dict[str, str]:
     return env
 
 
-APPS = ("publisher", "bridge", "consumer")
+APPS = ("publisher", "bridge", "relay", "consumer")
+PAGES = ("publisher", "bridge", "consumer")  # the apps that answer HTTP (the relay has none)
 
 
 def identity(record) -> tuple:
@@ -100,8 +101,9 @@ class MakeRun:
         found = re.search(rf"^{name}: running, pid (\d+)", self.status(), re.MULTILINE)
         return int(found.group(1)) if found else None
 
-    def wait_until_up(self, apps=APPS) -> None:
-        """Until the pages of `apps` and a device queue in the management API answer."""
+    def wait_until_up(self, apps=PAGES) -> None:
+        """Until the pages of `apps`, a device queue in the management API and, when all apps
+        are asked for, the relay (by `make status`) answer."""
         admin = (self.settings.admin_user, self.settings.admin_password)
         device_queue = (f"{self.settings.management_url}/api/queues/{quote(self.settings.vhost, safe='')}/"
                         f"{naming.device_queue(topology.registered_devices(self.settings)[0])}")
@@ -109,7 +111,8 @@ class MakeRun:
         def everything_answers() -> bool:
             assert self.make.poll() is None, f"make run exited early:\n{self.output()[-3000:]}"
             return (all(answers(self.pages[app]) for app in apps)
-                    and answers(device_queue, admin, self.settings.ca_file))
+                    and answers(device_queue, admin, self.settings.ca_file)
+                    and (apps != PAGES or self.pid("relay") is not None))
         wait_for(everything_answers, timeout=240, interval=0.5, message="every page of make run")
 
     def read_kafka(self, enough, timeout: float = 60) -> list:

@@ -176,7 +176,9 @@ function drawDevices(devices) {
     const row = el("tr", { "data-device": device.id, "data-status": device.status || "" });
     row.append(el("td", {}, device.id));
     const status = el("td");
-    status.append(el("span", { class: "badge " + statusClass(device.status) }, device.status || "?"));
+    // Its last message's status; before any message, what it reported to the platform.
+    const shown = device.status || (device.reported || {}).status;
+    status.append(el("span", { class: "badge " + statusClass(shown) }, shown || "?"));
     row.append(status);
     const presence = el("td", { class: "presence" });
     if (device.online !== null && device.online !== undefined) {
@@ -196,7 +198,42 @@ function drawDevices(devices) {
                   device.last_ts ? ago(device.last_ts) : "–"));
     row.append(el("td", { class: "rate" }, `${(device.rate || 0).toFixed(1)}/s`));
     row.append(el("td", { class: "count" }, device.count));
+    row.append(desiredCell(device));
     body.append(row);
+  }
+}
+
+// The device's switch on the platform's side: desired status, what it reported, and a button
+// that asks it to change (a set-status command through Kafka); "pending" until it reports so.
+function desiredCell(device) {
+  const desired = (device.desired || {}).status;
+  const reported = (device.reported || {}).status;
+  const cell = el("td", { class: "desired", "data-desired": desired || "", "data-reported": reported || "",
+                          title: `desired ${desired || "–"}, reported ${reported || "–"}` });
+  const current = desired || reported || device.status;
+  if (!current) { cell.append("–"); return cell; }
+  const target = current === "Active" ? "Inactive" : "Active";
+  cell.append(el("button", { type: "button", class: "switch", "data-device": device.id,
+                             "data-target": target }, `→ ${target}`));
+  if (device.pending) cell.append(" ", el("span", { class: "badge pending" }, "pending"));
+  return cell;
+}
+
+async function onSwitch(event) {
+  const button = event.target.closest("button.switch");
+  if (!button) return;
+  button.disabled = true;
+  const notice = document.getElementById("command-notice");
+  try {
+    const response = await fetch(`api/devices/${encodeURIComponent(button.dataset.device)}/desired`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ status: button.dataset.target }) });
+    const answer = await response.json();
+    notice.textContent = response.ok
+      ? `asked ${answer.device} to be ${answer.desired.status} (command ${answer.command_id})`
+      : `refused: ${answer.message}`;
+  } catch (error) {
+    notice.textContent = `could not send: ${error}`;
   }
 }
 
@@ -252,4 +289,5 @@ function render() {
 }
 
 connect();
+document.querySelector("#devices tbody").addEventListener("click", onSwitch);
 setInterval(scheduleRender, 1000);  // "n s ago" and staleness move even when nothing arrives

@@ -1,7 +1,9 @@
-"""Commands as the tests send them: the consumer's own CommandSender and read_state (what
-`python -m consumer command|state` use), and what mosquitto_sub prints for a subscription."""
+"""Commands as the tests send them: the relay as a child process, the consumer's own
+CommandSender and read_state (what `python -m consumer command|state` use), and what
+mosquitto_sub prints for a subscription."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -10,6 +12,15 @@ import pytest
 from common.config import Settings
 from common.pki import PKI
 from consumer.command_line import CommandSender, read_state  # noqa: F401 (for the tests)
+from stack.process import AppProcess, wait_until
+
+
+def start_relay(settings: Settings, log_path) -> AppProcess:
+    """`python -m bridge relay` as a child, once it waits for commands."""
+    relay = AppProcess(["bridge", "relay"], {**os.environ, **settings.to_env()}, log_path, "relay")
+    wait_until(lambda: "waiting for commands" in relay.output(), 60,
+               message="the relay to connect", watch=[relay])
+    return relay
 
 
 def mosquitto_sub(settings: Settings, device: str, topic: str) -> str:
