@@ -51,19 +51,22 @@ def parse_interval(raw) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """What a device is: its id, the positions it walks, how often it reports, its first status."""
+    """What a device is: its id, the positions it walks, how often it reports, its first status,
+    and whether the simulator runs it (False: a real device, enrolled only: its certificate,
+    broker user and queue are made, and it connects on its own)."""
 
     id: str
     route: tuple[tuple[float, float], ...] = DEFAULT_ROUTE
     interval: tuple[float, float] = DEFAULT_INTERVAL
     status: str = ACTIVE
+    simulated: bool = True
 
     @classmethod
     def from_json(cls, raw, default_interval=DEFAULT_INTERVAL) -> "DeviceConfig":
         """A config from a JSON object; ValueError names what is wrong."""
         if not isinstance(raw, dict):
             raise ValueError("a device must be a JSON object")
-        unknown = set(raw) - {"id", "route", "interval", "status"}
+        unknown = set(raw) - {"id", "route", "interval", "status", "simulated"}
         if unknown:
             raise ValueError(f"unknown device field(s): {', '.join(sorted(unknown))}")
         device = raw.get("id")
@@ -74,14 +77,18 @@ class DeviceConfig:
         status = raw.get("status", ACTIVE)
         if status not in STATUSES:
             raise ValueError("status must be \"Active\" or \"Inactive\"")
+        simulated = raw.get("simulated", True)
+        if not isinstance(simulated, bool):
+            raise ValueError("simulated must be true or false")
         route = parse_route(raw["route"]) if "route" in raw else DEFAULT_ROUTE
         interval = parse_interval(raw["interval"]) if "interval" in raw else tuple(default_interval)
-        return cls(device, route, interval, status)
+        return cls(device, route, interval, status, simulated)
 
     def to_json(self) -> dict:
         """The config as the API and the devices file show it."""
         return {"id": self.id, "route": [list(p) for p in self.route],
-                "interval": list(self.interval), "status": self.status}
+                "interval": list(self.interval), "status": self.status,
+                "simulated": self.simulated}
 
 
 def load_devices(path: Path, interval=None) -> list[DeviceConfig]:

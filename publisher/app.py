@@ -4,18 +4,20 @@ from __future__ import annotations
 from flask import Flask
 
 from publisher.admin_link import AdminLink
-from common.devices import load_devices
+from common.devices import DeviceConfig, load_devices
 from publisher.simulator import MQTT_VERSIONS, Simulator
 from publisher.views import api
 from common.config import load_settings
 
 
 class Publisher:
-    """What the app owns: the simulator and the AMQP admin link; `close()` stops both."""
+    """What the app owns: the simulator, the AMQP admin link, and the enrolled devices that are
+    not simulated (real devices: enrolled here, connecting on their own); `close()` stops both."""
 
-    def __init__(self, simulator: Simulator, admin: AdminLink):
+    def __init__(self, simulator: Simulator, admin: AdminLink, real_devices=()):
         self.simulator = simulator
         self.admin = admin
+        self.real_devices: dict[str, DeviceConfig] = {d.id: d for d in real_devices}
 
     def close(self) -> None:
         """Stop publishing, disconnect every device, close the AMQP connection."""
@@ -55,7 +57,7 @@ def create_app(config=None) -> Flask:
         if devices is None:
             devices = load_devices(app.config["DEVICES_FILE"] or settings.devices_path,
                                    app.config["INTERVAL"])
-        simulator = Simulator(settings, devices,
+        simulator = Simulator(settings, [d for d in devices if d.simulated],
                               max_queued_messages=app.config["MAX_QUEUED_MESSAGES"],
                               mqtt_version=app.config["MQTT_VERSION"])
     admin = app.config["ADMIN_LINK"]
@@ -71,6 +73,7 @@ def create_app(config=None) -> Flask:
             admin.close()
             raise
         simulator.start()
-    app.extensions["publisher"] = Publisher(simulator, admin)
+    app.extensions["publisher"] = Publisher(simulator, admin,
+                                            [d for d in devices if not d.simulated])
     app.register_blueprint(api)
     return app

@@ -33,6 +33,11 @@ def admin():
     return current_app.extensions["publisher"].admin
 
 
+def real_devices() -> dict:
+    """The enrolled devices the simulator does not run (id -> DeviceConfig)."""
+    return current_app.extensions["publisher"].real_devices
+
+
 def wait(future):
     """The result of a simulator command, or 503 when the scheduler does not answer in time."""
     try:
@@ -146,7 +151,8 @@ def get_status(device):
 @api.get("/devices")
 def list_devices():
     """Every device with status, message count and last message time."""
-    return jsonify(devices=simulator().snapshot(), stats=simulator().stats())
+    return jsonify(devices=simulator().snapshot(), stats=simulator().stats(),
+                   enrolled=[config.to_json() for config in real_devices().values()])
 
 
 @api.get("/metrics")
@@ -187,17 +193,26 @@ def get_device(device):
 
 @api.post("/devices")
 def add_device():
-    """Add a device at runtime: its certificate, broker user and queue first, then it starts
-    publishing."""
+    """Add a device at runtime: its certificate, broker user and queue first, then the simulator
+    runs it; with "simulated": false only that (a real device, which connects on its own)."""
     body = json_object()
     try:
         config = DeviceConfig.from_json(body)
     except ValueError as error:
         abort(400, str(error))
-    if config.id in simulator():
+    if config.id in simulator() or config.id in real_devices():
         abort(409, f"device {config.id} exists already")
     admin().enrol([config.id])
     admin().declare_devices([config.id])
+    if not config.simulated:
+        real_devices()[config.id] = config
+        settings = current_app.config["SETTINGS"]
+        response = jsonify(message=f"Device {config.id} enrolled (not simulated): give it "
+                                   f"{settings.pki_path}/ca.crt and devices/{config.id}.crt and "
+                                   ".key; it connects on its own", device=config.to_json())
+        response.status_code = 201
+        response.headers["Location"] = f"/devices/{config.id}"
+        return response
     try:
         snapshot = wait(simulator().add_device(config))
     except DuplicateDevice:
@@ -212,12 +227,15 @@ def add_device():
 def remove_device(device):
     """Stop a device and revoke it (its broker user and certificate go, so it can no longer
     connect); `?delete_queue=true` also deletes its queue (kept by default)."""
-    known(device)
     delete_queue = request.args.get("delete_queue", "false").lower()
     if delete_queue not in ("true", "false", "1", "0"):
         abort(400, "delete_queue must be true or false")
+    real = real_devices().pop(device, None) if naming.is_valid_device_id(device) else None
+    if real is None:
+        known(device)
     try:
-        wait(simulator().remove_device(device))
+        if real is None:
+            wait(simulator().remove_device(device))
     except UnknownDevice:
         abort(404, f"unknown device {device}")
     admin().remove_enrolment(device)

@@ -16,6 +16,7 @@ import pytest
 from common.config import REPO_ROOT
 from common.devices import DeviceConfig
 from publisher.admin_link import AdminLink
+from publisher.app import create_app
 from publisher.simulator import Simulator
 from rabbitmq import naming
 from stack.kafka_server import ensure_topic
@@ -293,3 +294,31 @@ def test_a_simulated_device_acts_on_commands_and_reports_its_own_switch(settings
         wait_for(lambda: (d := simulator.device(device))["acked"] == d["messages"], 10)
     finally:
         simulator.close()
+
+
+def test_a_real_device_enrolled_on_the_publisher_is_not_simulated_and_takes_commands(
+        settings, commands, admin_channel):
+    """POST /devices with "simulated": false enrols (certificate, user, queue) without running
+    the device: the real device connects on its own, under its id, and gets its commands."""
+    device = f"REAL{uuid.uuid4().hex[:8]}"
+    app = create_app({"SETTINGS": settings, "DEVICES": [], "TESTING": True})
+    client = app.test_client()
+    real = None
+    try:
+        answer = client.post("/devices", json={"id": device, "simulated": False})
+        assert answer.status_code == 201, answer.get_json()
+        listing = client.get("/devices").get_json()
+        assert device not in [d["id"] for d in listing["devices"]]
+        assert [d["id"] for d in listing["enrolled"]] == [device]
+        assert client.post("/devices", json={"id": device}).status_code == 409
+        real = CommandDevice(settings, device).connect()  # no simulator fights over its id
+        assert real.subscribed.wait(10)
+        [final] = commands.wait_final(commands.send(device, "ping"))
+        assert final["status"] == "succeeded"
+        assert client.delete(f"/devices/{device}").status_code == 200
+        assert client.get("/devices").get_json()["enrolled"] == []
+    finally:
+        if real:
+            real.disconnect()
+        app.extensions["publisher"].close()
+        admin_channel.queue_delete(naming.device_queue(device))

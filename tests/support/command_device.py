@@ -34,7 +34,7 @@ class CommandDevice:
         self.correlations: list[bytes] = []
         self.subscribed = threading.Event()
         self.granted: list = []
-        self.client = self._client()
+        self.client: mqtt.Client | None = None
 
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device,
@@ -49,6 +49,7 @@ class CommandDevice:
 
     def connect(self) -> "CommandDevice":
         """Connect (resuming its session) and start paho's loop."""
+        self.client = self._client()
         extra = {}
         if self.protocol == mqtt.MQTTv5:
             properties = Properties(PacketTypes.CONNECT)
@@ -63,7 +64,6 @@ class CommandDevice:
         self.client.disconnect()
         self.client.loop_stop()
         self.subscribed.clear()
-        self.client = self._client()
 
     def on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code == 0 and self.subscribe:
