@@ -23,12 +23,12 @@ from bench.common import machine
 from rabbitmq import topology
 from common import config
 from common.config import Settings
-from stack.kafka_server import ensure_topic
+from stack.kafka_server import ensure_pipeline_topics
 from stack.local import start_fresh_brokers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ["bridge_throughput", "e2e_latency", "publisher_scale", "memory", "discovery",
-              "audit"]
+BENCHMARKS = ["bridge_throughput", "e2e_latency", "command_latency", "publisher_scale", "memory",
+              "discovery", "audit"]
 LOGGER = logging.getLogger("bench")
 
 
@@ -38,7 +38,7 @@ def start_brokers(base: Path) -> tuple[Settings, list]:
     settings, rabbitmq, kafka = start_fresh_brokers(base, node_name=f"webos-bench-{os.getpid()}",
                                                     plain_listeners=True)
     topology.apply(settings)
-    ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_partitions)
+    ensure_pipeline_topics(settings)
     return settings, [rabbitmq, kafka]
 
 
@@ -87,6 +87,16 @@ def summary_table(results: dict) -> list[str]:
         add("publisher scale", f"{devices} devices: RabbitMQ memory per MQTT connection, KiB "
             "(RSS; connection processes)", f"{run.get('rabbitmq_memory_per_connection_kib')}; "
             f"{run.get('rabbitmq_connection_processes_per_connection_kib')}")
+    commands = results.get("command_latency") or {}
+    if commands.get("commands"):
+        add("commands", f"Kafka command -> device reply in Kafka, {commands['rate_target']:g}/s over "
+            f"{commands['devices']} devices: p50 / p99 / max ms, missing",
+            f"{commands['p50_ms']} / {commands['p99_ms']} / {commands['max_ms']}, "
+            f"{commands['missing']}")
+        add("commands", f"broadcast to {commands['devices']} devices: answers, ms until the last",
+            f"{commands['broadcast_devices_answered']}, {commands['broadcast_last_answer_ms']}")
+        add("commands", "relay CPU, % of a core at that rate",
+            commands.get("relay_cpu_percent_of_one_core"))
     memory = results.get("memory") or {}
     for name, figures in (memory.get("processes") or {}).items():
         add("memory", f"{name} with {memory.get('devices')} devices: peak RSS MB, mean CPU %",

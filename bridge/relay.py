@@ -32,6 +32,7 @@ BATCH = 200           # commands taken from Kafka per turn
 TURN_WAIT = 0.005     # s: longest wait on each side per turn (bounds a command's added latency)
 REPLY_PREFETCH = 500  # replies and expired commands in flight
 CONFIRM_TIMEOUT = 10.0
+COMMIT_INTERVAL = 0.2  # s between commits of the stored offsets
 
 
 def now_ms() -> int:
@@ -119,17 +120,30 @@ class RelaySession:
     # -- replies and expired commands --------------------------------------------------------
 
     def settle_replies(self) -> None:
-        """Write what this turn's replies and expired commands mean, then ack them once Kafka
-        has every record."""
+        """Write what this turn's replies and expired commands mean; each delivery is acked once
+        Kafka confirmed its records (`ack_confirmed`)."""
         deliveries, self.deliveries = self.deliveries, []
         now = now_ms()
-        for queue, _, routing_key, headers, body in deliveries:
+        for queue, tag, routing_key, headers, body in deliveries:
+            self.writer.begin(tag)
             if queue == naming.EXPIRED_QUEUE:
                 self._on_expired(headers, body, now)
             else:
                 self._on_reply(routing_key, body, now)
-        self.writer.confirm(CONFIRM_TIMEOUT)
-        self.consume_channel.basic_ack(deliveries[-1][1], multiple=True)
+            self.writer.end()
+
+    def ack_confirmed(self) -> None:
+        """Ack the replies Kafka has; requeue those it refused (they come again)."""
+        writer = self.writer
+        writer.producer.poll(0)
+        for tag in writer.to_ack:
+            self.consume_channel.basic_ack(tag)
+        for tag in writer.to_nack:
+            self.consume_channel.basic_nack(tag, requeue=True)
+        if writer.to_nack:
+            LOGGER.warning("Kafka did not take %d feedback records (%s); their replies are "
+                           "requeued", len(writer.to_nack), writer.failed[-1:])
+        writer.to_ack, writer.to_nack, writer.failed = [], [], []
 
     def _on_expired(self, headers, body: bytes, now: int) -> None:
         expired = records.expired_command(headers, body)
@@ -199,11 +213,17 @@ class Relay:
         return 0
 
     def _loop(self, session: RelaySession, consumer, writer: FeedbackWriter) -> None:
+        # Nothing in a turn waits on Kafka: the AMQP wait ends as soon as a reply arrives, the
+        # commands are taken without waiting, replies are acked from delivery reports. (A
+        # profile of the first version, which flushed the producer and committed synchronously
+        # each turn: 9 ms per flush, 5.5 ms per consume; 72 ms from a command record to its
+        # publish at p50, 200 commands/s.)
+        next_commit, uncommitted = 0.0, False
         while not self.stop.is_set():
             session.connection.process_data_events(time_limit=TURN_WAIT)
             if session.deliveries:
                 session.settle_replies()
-            batch = consumer.consume(BATCH, TURN_WAIT)
+            batch = consumer.consume(BATCH, 0)
             handled = 0
             try:
                 for record in batch:
@@ -212,10 +232,19 @@ class Relay:
             finally:
                 _rewind(consumer, batch[handled:])
             if handled:
-                writer.confirm(CONFIRM_TIMEOUT)
+                if writer.refusals:
+                    # A refusal is a final record: in Kafka before its command's offset moves.
+                    writer.confirm(CONFIRM_TIMEOUT)
                 for record in batch[:handled]:
                     consumer.store_offsets(record)
-                consumer.commit(asynchronous=False)
+                uncommitted = True
+            if uncommitted and time.monotonic() >= next_commit:
+                # Asynchronous, at most every COMMIT_INTERVAL: a commit lost in a crash repeats
+                # commands the broker confirmed already, and each device applies a command id
+                # once (a commit per turn kept Kafka's coordinator busy).
+                consumer.commit(asynchronous=True)
+                next_commit, uncommitted = time.monotonic() + COMMIT_INTERVAL, False
+            session.ack_confirmed()
 
     @staticmethod
     def _relay(session: RelaySession, record, settings: Settings) -> None:

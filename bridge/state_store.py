@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
@@ -22,7 +23,7 @@ def commands_consumer(settings: Settings) -> Consumer:
         "session.timeout.ms": 10_000, "client.id": "webos-relay", "enable.auto.commit": False,
         "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
         # A command is waited on by someone: do not let an idle fetch sit for the default 500 ms.
-        "fetch.wait.max.ms": 20, "logger": logging.getLogger("bridge.kafka")}))
+        "fetch.wait.max.ms": 5, "logger": logging.getLogger("bridge.kafka")}))
     consumer.subscribe([settings.commands_topic])
     return consumer
 
@@ -30,7 +31,7 @@ def commands_consumer(settings: Settings) -> Consumer:
 def feedback_producer(settings: Settings) -> Producer:
     """Durable (acks=all, idempotent) and quick to send: a person may be waiting on feedback."""
     return Producer(settings.kafka_client(**{
-        "acks": "all", "enable.idempotence": True, "linger.ms": 2, "client.id": "webos-relay",
+        "acks": "all", "enable.idempotence": True, "linger.ms": 0, "client.id": "webos-relay",
         "partitioner": "murmur2_random", "logger": logging.getLogger("bridge.kafka")}))
 
 
@@ -94,15 +95,50 @@ class FeedbackWriter:
         self.sent: dict[str, tuple[str, int, bool]] = {}  # command_id -> name, sent_at, broadcast
         self.finals: dict[tuple[str, str], None] = {}  # (device, command_id) written final
         self.failed: list[str] = []                     # delivery errors since the last check
+        # The AMQP delivery whose records are being produced (None: a command's), and per
+        # delivery tag the records Kafka has not confirmed yet; then the tags to ack or nack.
+        self.delivery: int | None = None
+        self.outstanding: dict[int, int] = {}
+        self.to_ack: list[int] = []
+        self.to_nack: list[int] = []
+        self.refusals = False  # a command's final record produced since the last confirm
 
-    def on_delivery(self, error, record) -> None:
+    def begin(self, tag: int) -> None:
+        """Records produced from now on belong to the AMQP delivery `tag`."""
+        self.delivery = tag
+        self.outstanding[tag] = 0
+
+    def end(self) -> None:
+        """The delivery's records are all produced: ack it once Kafka confirmed them (at once if
+        there were none)."""
+        tag, self.delivery = self.delivery, None
+        if tag is not None and self.outstanding.get(tag) == 0:
+            del self.outstanding[tag]
+            self.to_ack.append(tag)
+
+    def on_delivery(self, tag: int | None, error, record) -> None:
+        """Kafka's report on one record: noted; the relay loop acks and nacks."""
         if error is not None:
             self.failed.append(error.str())
+        if tag is None or tag not in self.outstanding:
+            return
+        if error is not None:
+            del self.outstanding[tag]
+            self.to_nack.append(tag)
+            return
+        self.outstanding[tag] -= 1
+        if self.outstanding[tag] == 0 and self.delivery != tag:
+            del self.outstanding[tag]
+            self.to_ack.append(tag)
 
     def _produce(self, topic: str, key: str, value: bytes) -> None:
+        tag = self.delivery
+        if tag is not None:
+            self.outstanding[tag] += 1
         while True:
             try:
-                self.producer.produce(topic, value, key.encode(), on_delivery=self.on_delivery)
+                self.producer.produce(topic, value, key.encode(),
+                                      on_delivery=partial(self.on_delivery, tag))
                 return
             except BufferError:
                 self.producer.poll(0.05)
@@ -122,6 +158,7 @@ class FeedbackWriter:
             return False
         self.finals[(device, command_id)] = None
         _forget_oldest(self.finals, self.REMEMBERED)
+        self.refusals = self.refusals or self.delivery is None
         known_name, sent_at, to_all = self.sent.get(command_id, (name, None, broadcast))
         self._produce(self.settings.feedback_topic, device, records.feedback(
             device, command_id, status, detail, name=known_name or name,
@@ -136,7 +173,7 @@ class FeedbackWriter:
     def confirm(self, timeout: float) -> None:
         """Wait until Kafka has every record produced so far; KafkaException when it has not."""
         left = self.producer.flush(timeout)
-        failed, self.failed = self.failed, []
+        failed, self.failed, self.refusals = self.failed, [], False
         if left or failed:
             raise KafkaException(f"Kafka did not take {left or len(failed)} feedback or state "
                                  f"records ({failed[0] if failed else 'timed out'})")
