@@ -3,19 +3,12 @@
 Pure functions of the published counts and the Kafka arrivals, unit-tested without brokers
 (tests/test_audit_unit.py): per device published, arrived, missing (by `seq`), duplicated (by
 `msg_id`) and out of order (a first arrival with a lower `seq` than one already seen). The run
-that produces those figures, with its fault injection, is bench/pipeline_run.py; `run(settings,
-out_dir)` here is the `make bench` entry: a clean audited run with its rates.
+that produces those figures, with its fault injection, and the `make bench` entry (a clean
+audited run with its rates), is bench/pipeline_run.py.
 """
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-from common.config import Settings
-
-LOGGER = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # The audit itself: pure, unit-tested without brokers
@@ -179,21 +172,3 @@ def audit_records(published: dict[str, dict | int], arrivals: dict[str, list],
         rows.append(audit_device(device, counts["seq"], arrivals.get(device, ()),
                                  counts.get("acked", 0), counts.get("dropped", 0)))
     return AuditReport(topic, rows, foreign=foreign)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# `make bench`
-
-def run(settings: Settings, out_dir) -> dict:
-    """A clean audited run (WEBOS_BENCH_AUDIT_DEVICES x _MESSAGES, default 100 x 20,000)."""
-    import tempfile
-
-    from bench.pipeline_run import audit
-
-    devices = int(os.environ.get("WEBOS_BENCH_AUDIT_DEVICES", "100"))
-    messages = int(os.environ.get("WEBOS_BENCH_AUDIT_MESSAGES", "20000"))
-    with tempfile.TemporaryDirectory(prefix="webos-audit-") as work_dir:
-        report = audit(settings, Path(work_dir), devices=devices, messages=messages)
-    LOGGER.info("audit: %s", report.summary())
-    return report.to_json()

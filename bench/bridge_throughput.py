@@ -22,8 +22,8 @@ import psutil
 import requests
 from confluent_kafka import Producer
 
-from bench.common import machine, metric, start_bridge
-from bridge.forwarder import BridgeOptions
+from bench.common import machine, metric, pyplot, save_figure, start_bridge
+from bridge.options import BridgeOptions
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
@@ -247,10 +247,7 @@ def _split(per_message: dict) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Throughput bars and CPU per message in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = ["A: bare pika\nconsumer", "B: bare Kafka\nproducer", "bridge"]
@@ -271,9 +268,7 @@ def plot(result: dict, path: Path) -> None:
     right.set_ylabel("CPU µs per message (median)")
     right.set_title("CPU per message", fontsize=10)
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -220,3 +220,20 @@ class ResourceSampler:
                 "cpu_mean_pct": round((cpu - self.cpu_start[name]) / elapsed * 100, 1),
                 "cpu_peak_pct": round(self.peak_cpu[name], 1)}
         return figures
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a benchmark's figure as a PNG and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)

@@ -47,8 +47,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process, machine,
-                          queue_depth, start_bridge)
+from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process,
+                          machine, pyplot, queue_depth, save_figure, start_bridge)
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
@@ -453,10 +453,7 @@ def combine_rounds(runs: list[dict]) -> dict:
 
 def plot(results: list[dict], path: Path) -> None:
     """Latency percentiles against offered load, and each process's mean CPU per load."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["rate_achieved"] for r in results]
@@ -485,9 +482,7 @@ def plot(results: list[dict], path: Path) -> None:
     right.set_ylabel("mean CPU, % of one core")
     right.set_title("CPU per process during the run (2 cores = 200 %)", fontsize=10)
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def run(settings: Settings, out_dir) -> dict:

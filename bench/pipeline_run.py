@@ -431,3 +431,17 @@ def audit(settings: Settings, work_dir: Path, *, timeout: float = 180.0,
         pipeline.start()
         return pipeline.finish(timeout)
 
+
+# ---------------------------------------------------------------------------------------------
+# `make bench`
+
+def run(settings: Settings, out_dir) -> dict:
+    """A clean audited run (WEBOS_BENCH_AUDIT_DEVICES x _MESSAGES, default 100 x 20,000)."""
+    import tempfile
+
+    devices = int(os.environ.get("WEBOS_BENCH_AUDIT_DEVICES", "100"))
+    messages = int(os.environ.get("WEBOS_BENCH_AUDIT_MESSAGES", "20000"))
+    with tempfile.TemporaryDirectory(prefix="webos-audit-") as work_dir:
+        report = audit(settings, Path(work_dir), devices=devices, messages=messages)
+    LOGGER.info("audit: %s", report.summary())
+    return report.to_json()

@@ -35,6 +35,7 @@ import pika.exceptions
 import psutil
 import requests
 
+from bench.common import pyplot, save_figure
 from common.devices import DeviceConfig
 from publisher.simulator import Simulator
 from rabbitmq import topology
@@ -343,10 +344,7 @@ def run_one(settings: Settings, count: int, seconds: float, plain: bool = False)
 
 def plot(results: list[dict], path: Path) -> None:
     """On-time share, throughput, CPU and memory against the device count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = [r["devices"] for r in results]
     labels = [str(c) for c in counts]
@@ -389,9 +387,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[3].set_title("CPU per message; RabbitMQ RSS per connection", fontsize=10)
     axes[3].legend(fontsize=8)
     fig.suptitle("publisher scale: one process, one scheduler thread, one MQTT client per device")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(settings: Settings, out_dir) -> dict:

@@ -6,15 +6,15 @@ import gc
 import logging
 import os
 import re
-import signal
 import socket
 import sys
-import threading
 
-from bridge.forwarder import BridgeOptions, ConfigurationError, Forwarder
+from bridge.forwarder import Forwarder
+from bridge.options import BridgeOptions
+from bridge.reconnect import ConfigurationError
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.delivery import TemplateError, check_template
-from common.config import Settings, load_settings, positive_int, run
+from common.config import Settings, load_settings, positive_int, run, stop_on_signals
 
 LOGGER = logging.getLogger("bridge")
 DEFAULTS = BridgeOptions()
@@ -87,6 +87,14 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bridge", description=DESCRIPTION,
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_source_arguments(parser, settings)
+    _add_kafka_arguments(parser, settings)
+    _add_service_arguments(parser, settings)
+    return parser
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Which queues, and which Kafka topic each message goes to."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--queues", type=_queue_list, default=settings.bridge_queues,
@@ -105,6 +113,10 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         help="Kafka topic for each message; placeholders {device} {type} {queue} {routing_key} "
         "[WEBOS_BRIDGE_TOPIC_TEMPLATE, else WEBOS_KAFKA_TOPIC; default: %(default)s]. "
         "Topics are not created automatically")
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """What is in flight, and how records are batched into Kafka."""
     parser.add_argument(
         "--prefetch", type=positive_int, default=settings.bridge_prefetch,
         help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what is "
@@ -128,6 +140,18 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         "below the topic's max.message.bytes (librdkafka message.max.bytes) "
         "[WEBOS_BRIDGE_MAX_MESSAGE_BYTES; default: %(default)s]")
     parser.add_argument(
+        "--flush-timeout", type=_non_negative_float, default=DEFAULTS.flush_timeout,
+        metavar="SECONDS", help="on SIGTERM/SIGINT, how long to wait for Kafka to confirm what is "
+        "in flight; the rest stays unacked and is delivered again (default: %(default)s)")
+    parser.add_argument(
+        "--kafka-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
+        "acks=all and enable.idempotence=true are the defaults and should stay")
+
+
+def _add_service_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Metrics, this instance among several, discovery, presence, logging."""
+    parser.add_argument(
         "--metrics-port", type=_port, default=settings.bridge_metrics_port,
         help="port of /metrics and /healthz on --metrics-host; 0 turns them off "
         "[WEBOS_BRIDGE_METRICS_PORT; default: %(default)s]")
@@ -150,62 +174,54 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         f"by RabbitMQ's event exchange) to the Kafka topic {settings.presence_topic} "
         "[WEBOS_PRESENCE_TOPIC names it]; one bridge instance at a time forwards them")
     parser.add_argument(
-        "--flush-timeout", type=_non_negative_float, default=DEFAULTS.flush_timeout,
-        metavar="SECONDS", help="on SIGTERM/SIGINT, how long to wait for Kafka to confirm what is "
-        "in flight; the rest stays unacked and is delivered again (default: %(default)s)")
-    parser.add_argument(
-        "--kafka-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-        help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
-        "acks=all and enable.idempotence=true are the defaults and should stay")
-    parser.add_argument(
         "--log-level", default=settings.log_level.upper(),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="[WEBOS_LOG_LEVEL; default: %(default)s]")
-    return parser
 
 
-def main(argv=None) -> int:
-    """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code.
-    `python -m bridge dead ...` inspects webos.dead instead (bridge/dead_letters.py)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["dead"]:
-        from bridge import dead_letters
+def options_from(args) -> BridgeOptions:
+    """The bridge's options from its parsed command line."""
+    return BridgeOptions(
+        queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
+        prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,
+        max_message_bytes=args.max_message_bytes, discovery_interval=args.discovery_interval,
+        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config),
+        presence=args.presence,
+        instance=args.instance or f"{socket.gethostname()}:{args.metrics_port or os.getpid()}")
 
-        return dead_letters.main(argv[1:])
-    if argv[:1] == ["relay"]:
-        from bridge import relay
 
-        return relay.main(argv[1:])
-    settings = load_settings()
-    args = build_parser(settings).parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+def configure_logging(level: str) -> None:
+    """Log lines on stderr; pika's own only where the bridge does not report the same better."""
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     # A channel the broker closes (a passive declare of a deleted queue) is reported by the bridge.
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
     # It logs a traceback for a refused login that the bridge reports as a configuration error.
     logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
-    options = BridgeOptions(
-        queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
-        prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,
-        max_message_bytes=args.max_message_bytes, discovery_interval=args.discovery_interval,
-        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config),
-        presence=args.presence, max_backoff=settings.reconnect_max_seconds,
-        instance=args.instance or f"{socket.gethostname()}:{args.metrics_port or os.getpid()}")
+
+
+def main(argv=None) -> int:
+    """Parse flags, serve /metrics, forward until SIGTERM/SIGINT; return the exit code.
+    `python -m bridge dead ...` inspects webos.dead instead (bridge/dead_letters_cli.py), and
+    `python -m bridge relay` runs the other direction (bridge/relay.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dead"]:
+        from bridge import dead_letters_cli
+
+        return dead_letters_cli.main(argv[1:])
+    if argv[:1] == ["relay"]:
+        from bridge import relay
+
+        return relay.main(argv[1:])
+    settings = load_settings()
+    args = build_parser(settings).parse_args(argv)
+    configure_logging(args.log_level)
     if not settings.bridge_password:
         LOGGER.error("configuration error: no password for %s: set WEBOS_BRIDGE_PASSWORD "
                      "(environment or .env; `python -m stack up` generates one)",
                      settings.bridge_user)
         return 2
-
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        LOGGER.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-
+    stop = stop_on_signals(LOGGER)
     stats = BridgeStats()
     server = None
     if args.metrics_port:
@@ -224,7 +240,7 @@ def main(argv=None) -> int:
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
     try:
-        return Forwarder(settings, options, stop, stats).run()
+        return Forwarder(settings, options_from(args), stop, stats).run()
     except ConfigurationError as error:
         LOGGER.error("configuration error: %s", error)
         return 2

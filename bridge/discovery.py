@@ -90,7 +90,7 @@ class QueueDiscovery:
         self.consumers_url = f"{settings.management_url}/api/consumers/{vhost}"
         self.settings = settings
         self.queues: frozenset[str] | None = None
-        self.events_working = False  # set by the forwarder while it receives queue events
+        self.events_working = False  # True while a connection receives queue events
         self._lock = threading.Lock()
         self._since_listing: dict[str, bool] = {}  # queue -> created (True) or deleted, by events
         self._stop = threading.Event()
@@ -98,6 +98,14 @@ class QueueDiscovery:
         self._list_now = False
         self._thread = threading.Thread(target=self._run, name="queue-discovery", daemon=True)
         self._failing = False
+
+    def events_started(self) -> None:
+        """A connection receives queue events now: a full listing now and then is enough."""
+        self.events_working = True
+
+    def events_stopped(self) -> None:
+        """No queue events (a connection lost, or none allowed): list queues more often."""
+        self.events_working = False
 
     def on_event(self, queue: str, created: bool) -> bool:
         """A queue.created or queue.deleted event; True when it changed the known device queues."""

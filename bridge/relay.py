@@ -22,6 +22,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from pika import exceptions as amqp_errors
 
 from common import command_records as records
+from bridge.reconnect import run_sessions
 from bridge.state_store import FeedbackWriter, commands_consumer, feedback_producer, load_states
 from common.config import Settings
 from common.device_state import DeviceState
@@ -58,6 +59,9 @@ class RelaySession:
         self.deliveries: list[tuple[str, int, str, object, bytes]] = []
         for queue in (naming.REPLIES_QUEUE, naming.EXPIRED_QUEUE):
             self.consume_channel.basic_consume(queue, self.on_message)
+        writer.forget_deliveries()  # the tags of an earlier connection died with it
+        self.worked = True  # consuming: a later loss starts the back-off from 1 s again
+        LOGGER.info("connected to RabbitMQ; waiting for commands")
 
     def on_message(self, channel, method, properties, body: bytes) -> None:
         """A reply or an expired command: noted for `settle_replies`."""
@@ -182,31 +186,17 @@ class Relay:
         self.stop = stop
 
     def run(self) -> int:
-        """Relay until `stop`; 0 after a clean stop."""
+        """Relay until `stop`; 0 after a clean stop. Raises ConfigurationError."""
         producer = feedback_producer(self.settings)
         writer = FeedbackWriter(self.settings, producer, load_states(self.settings))
         LOGGER.info("relaying Kafka %s to the devices; feedback to %s, state in %s (%d devices)",
                     self.settings.commands_topic, self.settings.feedback_topic,
                     self.settings.state_topic, len(writer.states))
         consumer = commands_consumer(self.settings)
-        backoff = 1.0
         try:
-            while not self.stop.is_set():
-                session = None
-                try:
-                    session = RelaySession(self.settings, writer)
-                    LOGGER.info("connected to RabbitMQ; waiting for commands")
-                    backoff = 1.0
-                    self._loop(session, consumer, writer)
-                except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError):
-                    raise  # only a person can fix a password: main() says so
-                except (amqp_errors.AMQPError, KafkaException, OSError) as error:
-                    LOGGER.warning("relay interrupted (%r); again in %.0f s", error, backoff)
-                    self.stop.wait(backoff)
-                    backoff = min(backoff * 2, self.settings.reconnect_max_seconds)
-                finally:
-                    if session is not None:
-                        session.close()
+            run_sessions(lambda first: RelaySession(self.settings, writer),
+                         lambda session: self._loop(session, consumer, writer),
+                         self.settings, self.stop, retriable=(KafkaException,))
         finally:
             consumer.close()
             producer.flush(CONFIRM_TIMEOUT)
@@ -291,9 +281,8 @@ and the webos-bridge password come from WEBOS_* variables (environment or .env).
 def main(argv=None) -> int:
     """`python -m bridge relay`: run the relay until SIGINT or SIGTERM."""
     import argparse
-    import signal
 
-    from common.config import ConfigError, load_settings
+    from common.config import ConfigError, load_settings, stop_on_signals
 
     argparse.ArgumentParser(prog="python -m bridge relay", description=DESCRIPTION,
                             epilog="exit codes: 0 after SIGTERM/SIGINT; 2 when a Kafka topic is "
@@ -305,18 +294,7 @@ def main(argv=None) -> int:
     # pika logs every returned (unroutable) command and every refused probe at WARNING; the relay
     # reports both as feedback and logs its own line.
     logging.getLogger("pika").setLevel(logging.ERROR)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        LOGGER.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
     try:
-        return Relay(settings, stop).run()
+        return Relay(settings, stop_on_signals(LOGGER)).run()
     except KafkaException as error:
         raise ConfigError(f"{error.args[0]}") from None
-    except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError) as error:
-        raise ConfigError(f"RabbitMQ refused {settings.bridge_user!r} ({error!r}): check "
-                          "WEBOS_BRIDGE_PASSWORD") from None

@@ -99,9 +99,15 @@ class FeedbackWriter:
         # delivery tag the records Kafka has not confirmed yet; then the tags to ack or nack.
         self.delivery: int | None = None
         self.outstanding: dict[int, int] = {}
+        self.connection = 0  # which connection the tags belong to (a report may come late)
         self.to_ack: list[int] = []
         self.to_nack: list[int] = []
         self.refusals = False  # a command's final record produced since the last confirm
+
+    def forget_deliveries(self) -> None:
+        """A new connection: the AMQP deliveries of the last one are no longer ours to ack."""
+        self.delivery, self.outstanding, self.to_ack, self.to_nack = None, {}, [], []
+        self.connection += 1
 
     def begin(self, tag: int) -> None:
         """Records produced from now on belong to the AMQP delivery `tag`."""
@@ -116,11 +122,11 @@ class FeedbackWriter:
             del self.outstanding[tag]
             self.to_ack.append(tag)
 
-    def on_delivery(self, tag: int | None, error, record) -> None:
+    def on_delivery(self, connection: int, tag: int | None, error, record) -> None:
         """Kafka's report on one record: noted; the relay loop acks and nacks."""
         if error is not None:
             self.failed.append(error.str())
-        if tag is None or tag not in self.outstanding:
+        if tag is None or connection != self.connection or tag not in self.outstanding:
             return
         if error is not None:
             del self.outstanding[tag]
@@ -138,7 +144,8 @@ class FeedbackWriter:
         while True:
             try:
                 self.producer.produce(topic, value, key.encode(),
-                                      on_delivery=partial(self.on_delivery, tag))
+                                      on_delivery=partial(self.on_delivery, self.connection,
+                                                          tag))
                 return
             except BufferError:
                 self.producer.poll(0.05)

@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 import os
 import secrets
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NoReturn
@@ -208,6 +210,19 @@ def run(main: Callable[[], int]) -> NoReturn:
         print(f"configuration error: {error}", file=sys.stderr)
         code = 2
     raise SystemExit(code)
+
+
+def stop_on_signals(logger) -> threading.Event:
+    """An event that SIGINT and SIGTERM set (logged): a long-running command's one stop flag."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        logger.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    return stop
 
 
 def env_name(setting: dataclasses.Field) -> str:

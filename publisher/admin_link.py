@@ -18,7 +18,7 @@ import pika
 import pika.exceptions
 import requests
 
-from publisher.simulator import now_ms
+from publisher.device_model import now_ms
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints

@@ -24,6 +24,21 @@ def amqp_parameters(settings: Settings, user: str, password: str,
             for node in settings.rabbitmq_addresses()]
 
 
+def connect(parameters: list[pika.ConnectionParameters]):
+    """A BlockingConnection to the first node of `parameters` that accepts one, and that node's
+    parameters (pika's own list-of-parameters form keeps which node it reached private)."""
+    failure = None
+    for node in parameters:
+        try:
+            return pika.BlockingConnection(node), node
+        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
+                pika.exceptions.ProbableAccessDeniedError):
+            raise  # a wrong password is wrong on every node
+        except pika.exceptions.AMQPConnectionError as error:
+            failure = error
+    raise failure
+
+
 class ClusterSession(requests.Session):
     """A requests session that sends a call meant for the first node's management API to the
     other nodes when that one does not answer (any node's API serves the whole cluster), and then

@@ -22,7 +22,7 @@ from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.forwarder import BridgeOptions
+from bridge.options import BridgeOptions
 from bridge.metrics import parse_samples
 from rabbitmq import topology
 from rabbitmq import naming

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.__main__ import build_parser
 from bridge.discovery import QueueDiscovery, count_active, select_queues
-from bridge.forwarder import PRIORITIES, share_priority
+from bridge.options import PRIORITIES, share_priority
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
 from bridge.delivery import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
@@ -361,7 +361,8 @@ def test_dead_listing_describes_bridge_parked_and_broker_dead_lettered_messages(
 
     import pika
 
-    from bridge.dead_letters import describe, print_table
+    from bridge.dead_letters import describe
+    from bridge.dead_letters_cli import print_table
 
     parked = describe(pika.BasicProperties(timestamp=1796180000, headers={
         "x-webos-dead-reason": "not-json", "x-webos-dead-detail": "value is not JSON",

@@ -20,7 +20,7 @@ import pika
 import pytest
 
 from bench.pipeline_run import PipelineRun
-from bridge.forwarder import BridgeOptions
+from bridge.options import BridgeOptions
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints

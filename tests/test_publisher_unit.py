@@ -9,7 +9,8 @@ import pytest
 from common.devices import (ACTIVE, INACTIVE, DeviceConfig, load_devices,
                                      parse_interval, parse_route)
 from common.config import Settings
-from publisher.simulator import DeviceState, Lateness
+from publisher.device_model import DeviceState
+from publisher.lateness import Lateness
 
 ROUTE = ((0, 0), (1, 1), (2, 4))
 
