@@ -91,7 +91,12 @@ class LocalRabbitMQ(LocalProcess):
             lines += ["cluster_formation.peer_discovery_backend = classic_config",
                       *(f"cluster_formation.classic_config.nodes.{n} = {member}"
                         for n, member in enumerate(self.cluster, 1)),
-                      f"cluster_formation.target_cluster_size_hint = {len(self.cluster)}"]
+                      f"cluster_formation.target_cluster_size_hint = {len(self.cluster)}",
+                      # Devices keep persistent sessions (their commands wait there): on a
+                      # cluster those queues are quorum queues, so that a session outlives the
+                      # node it was made on (a classic one would be down with its node, and the
+                      # device could not resume it on another).
+                      "mqtt.durable_queue_type = quorum"]
         lines += [
             # Created on first boot instead of guest (which is then never created).
             f"default_user = {s.admin_user}",

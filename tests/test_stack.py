@@ -381,7 +381,7 @@ def test_status_without_make_run_says_every_app_is_stopped(tmp_path):
     lines = stack_apps.app_status(config.Settings(stack_dir=str(tmp_path / "stack")))
 
     assert lines == [f"{app}: stopped (no `make run` supervises the apps)"
-                     for app in ("publisher", "bridge", "consumer")]
+                     for app in ("publisher", "bridge", "relay", "consumer")]
 
 
 def test_status_while_make_run_writes_its_supervisor_config_says_stopped(tmp_path):
@@ -396,4 +396,4 @@ def test_status_while_make_run_writes_its_supervisor_config_says_stopped(tmp_pat
         lines = stack_apps.app_status(settings)
 
         assert lines == [f"{app}: stopped (no `make run` supervises the apps)"
-                         for app in ("publisher", "bridge", "consumer")]
+                         for app in ("publisher", "bridge", "relay", "consumer")]

@@ -213,8 +213,10 @@ function desiredCell(device) {
   const current = desired || reported || device.status;
   if (!current) { cell.append("–"); return cell; }
   const target = current === "Active" ? "Inactive" : "Active";
+  // A narrow switch (the table must fit the panel): ⏸ asks for Inactive, ▶ for Active.
   cell.append(el("button", { type: "button", class: "switch", "data-device": device.id,
-                             "data-target": target }, `→ ${target}`));
+                             "data-target": target, title: `ask ${device.id} to turn ${target}`,
+                             "aria-label": `turn ${target}` }, target === "Inactive" ? "⏸" : "▶"));
   if (device.pending) cell.append(" ", el("span", { class: "badge pending" }, "pending"));
   return cell;
 }
