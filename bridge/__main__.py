@@ -198,6 +198,9 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
     # It logs a traceback for a refused login that the bridge reports as a configuration error.
     logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
+    # The management API closes a kept-alive connection now and then; the session retries such a
+    # call once on a new connection (rabbitmq/endpoints.py), and urllib3 warned of each retry.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:

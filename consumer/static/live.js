@@ -213,10 +213,10 @@ function desiredCell(device) {
   const current = desired || reported || device.status;
   if (!current) { cell.append("–"); return cell; }
   const target = current === "Active" ? "Inactive" : "Active";
-  // A narrow switch (the table must fit the panel): ⏸ asks for Inactive, ▶ for Active.
+  // A narrow switch (the table must fit the panel): "off" asks for Inactive, "on" for Active.
   cell.append(el("button", { type: "button", class: "switch", "data-device": device.id,
                              "data-target": target, title: `ask ${device.id} to turn ${target}`,
-                             "aria-label": `turn ${target}` }, target === "Inactive" ? "⏸" : "▶"));
+                             "aria-label": `turn ${target}` }, target === "Inactive" ? "off" : "on"));
   if (device.pending) cell.append(" ", el("span", { class: "badge pending" }, "pending"));
   return cell;
 }
