@@ -24,7 +24,7 @@ from rabbitmq import topology
 from rabbitmq import endpoints
 from common.config import REPO_ROOT, Settings, load_settings
 from common.pki import PKI
-from stack.kafka_server import LocalKafka, ensure_pipeline_topics
+from stack.kafka_server import LocalKafka, ensure_pipeline_topics, ensure_topic
 from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ
 from tests.browser import browser, page  # noqa: F401  (fixtures)
@@ -183,3 +183,11 @@ def artifacts() -> Path:
     """Folder for screenshots and other files a reader of the test run may want."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def kafka_topic(settings):
+    """A Kafka topic only this test writes to."""
+    topic = f"test.{uuid.uuid4().hex[:10]}"
+    ensure_topic(settings.kafka_bootstrap, topic, 3)
+    return topic

@@ -23,57 +23,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge.options import BridgeOptions
-from bridge.metrics import parse_samples
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq.naming import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from common.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import AppProcess, free_port
-from tests.helpers import MqttDevice, dead_command, kafka_consumer, wait_for
-
-
-class BridgeProcess:
-    """One `python -m bridge` child: its output in a file, its /metrics on a free port."""
-
-    def __init__(self, settings: Settings, log_dir, *flags: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"bridge-{uuid.uuid4().hex[:6]}.log"
-        self.app = AppProcess(["bridge", "--metrics-port", str(self.port), *flags],
-                              {**os.environ, **settings.to_env(), **(env or {})}, self.log_path)
-        self.process = self.app.process
-
-    @property
-    def output(self) -> str:
-        return self.app.output()
-
-    def metrics(self) -> dict[str, float]:
-        """The Prometheus samples by name (labels kept in the name)."""
-        try:
-            text = requests.get(self.url + "/metrics", timeout=2).text
-        except requests.RequestException:
-            return {}
-        return parse_samples(text)
-
-    def metric(self, name: str) -> float:
-        return self.metrics().get(name, 0.0)
-
-    def wait_consuming(self, queues: int = 1, timeout: float = 30.0) -> None:
-        """Until the bridge consumes at least `queues` queues."""
-        wait_for(lambda: self.process.poll() is not None
-                 or self.metric("webos_bridge_queues") >= queues, timeout,
-                 message=f"the bridge to consume {queues} queue(s)")
-        assert self.process.poll() is None, f"the bridge exited:\n{self.output}"
-
-    def stop(self, signum=signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send `signum`, return the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        self.app.kill()
+from tests.helpers import MqttDevice, dead_command, wait_for
+from tests.support.bridge import BridgeProcess, body, read_records
 
 
 @pytest.fixture
@@ -92,42 +49,10 @@ def bridges(settings, tmp_path):
         print(f"--- output of {bridge.log_path.name} ---\n{bridge.output}")  # shown on failure
 
 
-@pytest.fixture
-def kafka_topic(settings):
-    """A Kafka topic only this test writes to."""
-    topic = f"test.bridge.{uuid.uuid4().hex[:10]}"
-    ensure_topic(settings.kafka_bootstrap, topic, 3)
-    return topic
-
-
 def device_client(settings: Settings, device: str) -> MqttDevice:
     client = MqttDevice(settings, device)
     assert client.connected.wait(10) and client.reason_code == 0, client.reason_code
     return client
-
-
-def body(device: str, seq: int, **extra) -> bytes:
-    return json.dumps({"Producer": device, "command": "position", "id": device, "x": seq,
-                       "y": -seq, "status": "Active", "seq": seq, "msg_id": f"{device}-{seq}",
-                       "ts": int(time.time() * 1000), **extra}).encode()
-
-
-def read_records(settings: Settings, topic: str, done, timeout: float = 60.0, reader=None) -> list:
-    """Records of `topic` until `done(records)` is true; fails after `timeout`."""
-    consumer = reader or kafka_consumer(settings, [topic])
-    records = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not done(records):
-            assert time.monotonic() < deadline, f"only {len(records)} records in {topic}"
-            record = consumer.poll(0.5)
-            if record is not None:
-                assert record.error() is None, record.error()
-                records.append(record)
-    finally:
-        if reader is None:
-            consumer.close()
-    return records
 
 
 def seqs_of(records, device: str) -> list[int]:

@@ -12,7 +12,7 @@ from rabbitmq import topology
 from stack.process import AppProcess, free_port
 from tests.helpers import answers, wait_for
 from tests.support.commands import start_relay
-from tests.test_consumer import LiveView, consumer_env, device_record, new_topic, produce
+from tests.support.consumer import LiveView, consumer_env, device_record, new_topic, produce
 
 pytestmark = pytest.mark.browser
 LOGGER = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from rabbitmq import naming
 from rabbitmq import endpoints
 from stack.process import free_port, port_open
 from tests.helpers import MqttDevice, get_message, wait_for
-from tests.test_bridge import BridgeProcess, kafka_topic, read_records  # noqa: F401 (fixture)
+from tests.support.bridge import BridgeProcess, read_records
 
 
 def body(device: str, marker: str) -> bytes:

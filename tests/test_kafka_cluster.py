@@ -24,7 +24,7 @@ from rabbitmq import naming
 from stack.kafka_server import ensure_topic, local_cluster
 from stack.process import free_port
 from tests.helpers import MqttDevice, wait_for
-from tests.test_bridge import BridgeProcess, body
+from tests.support.bridge import BridgeProcess, body
 
 LOGGER = logging.getLogger(__name__)
 DEVICES = 6

@@ -17,7 +17,7 @@ from rabbitmq import naming
 from stack.kafka_server import LocalKafka, SecureListener, ensure_topic
 from stack.process import free_port
 from tests.helpers import MqttDevice
-from tests.test_bridge import BridgeProcess
+from tests.support.bridge import BridgeProcess
 
 
 @pytest.fixture

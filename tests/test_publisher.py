@@ -19,7 +19,7 @@ from rabbitmq import naming
 from rabbitmq import endpoints
 from stack.process import AppProcess, free_port
 from tests.helpers import RESTART_RECONNECT_MAX, answers, wait_for
-from tests.test_publisher_api_unit import BAD_INPUT, NEW, fill
+from tests.support.publisher_api import BAD_INPUT, NEW, fill
 
 PAYLOAD_KEYS = ["Producer", "command", "id", "x", "y", "status", "seq", "msg_id", "ts"]
 FAST = (0.2, 0.4)  # seconds between reports in these tests (the default is 1-2 s)

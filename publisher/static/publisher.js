@@ -32,7 +32,7 @@ async function api(method, path, body) {
 function ago(ts) {
   if (!ts) return "-";
   const seconds = Math.max(0, (Date.now() - ts) / 1000);
-  const time = new Date(ts).toLocaleTimeString();
+  const time = new Date(ts).toLocaleTimeString([], { hour12: false });  // 24-hour, as the live view
   return seconds < 60 ? `${time} (${seconds.toFixed(1)} s ago)` : time;
 }
 
