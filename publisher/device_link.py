@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import selectors
+import socket
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ CONTENT_TYPE = "application/json"
 # while it is away) after it disconnects: RabbitMQ's default cap, one day.
 SESSION_EXPIRY = 86400
 CONNECT = "connect"  # the scheduler's kind of entry for a reconnect attempt
+READS_TO_CLOSE = 100  # loop_read calls that take a shut-down socket to its end (one does, mostly)
 
 
 @dataclass
@@ -219,13 +221,8 @@ class DeviceLinks:
         self.schedule(time.monotonic() + delay, CONNECT, entry)
 
     def disconnect(self, entry: DeviceLink) -> None:
-        client = entry.client
-        if client.socket() is not None:
-            client.disconnect()
-            if client.socket() is not None:
-                client.loop_write()
-            if client.socket() is not None:
-                client._sock_close()  # paho closes on its own only when it reads the socket
+        """Send DISCONNECT and close the connection now, even when the DISCONNECT cannot go out."""
+        close_now(entry.client)
         entry.state.connected = False
 
     def on_connect(self, client, entry, flags, reason_code, properties):
@@ -299,3 +296,31 @@ class DeviceLinks:
             self.selector.unregister(sock)
         except (KeyError, ValueError):
             pass  # never registered (the connection failed before it opened)
+
+
+def close_now(client: mqtt.Client) -> None:
+    """Disconnect `client` (external loop) and leave its socket closed, through public API only.
+
+    paho writes the DISCONNECT at once and then closes the socket itself, unless the kernel's
+    send buffer is full (a stalled broker, a long backlog): then it would close only on a later
+    read. Shutting the socket down makes that read come now; paho sees the end of the stream,
+    closes the socket and reports the disconnect through its callbacks as always.
+    """
+    if client.socket() is None:
+        return
+    client.disconnect()
+    if client.socket() is not None:
+        client.loop_write()
+    sock = client.socket()
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already reset by the peer: the reads below find out all the same
+    # Each read takes what was received before the shutdown, then the end of the stream.
+    for _ in range(READS_TO_CLOSE):
+        if client.socket() is None:
+            return
+        client.loop_read()
+    LOGGER.warning("an MQTT connection did not close after its socket was shut down")

@@ -120,6 +120,14 @@ def index():
                            token_required=bool(current_app.config["API_TOKEN"]))
 
 
+@api.get("/favicon.ico")
+def favicon():
+    """A small icon (static/favicon.svg), so that the browser's request for it is answered."""
+    response = current_app.send_static_file("favicon.svg")
+    response.headers["Cache-Control"] = "max-age=86400"
+    return response
+
+
 # -- status (the seed's API) -----------------------------------------------------------------------
 
 @api.post("/status/<device>")

@@ -189,3 +189,9 @@ def test_the_app_builds_without_a_broker_when_the_simulator_is_not_started():
         assert page.status_code == 200 and "Consumer live view" in page.get_data(as_text=True)
     finally:
         app.extensions["publisher"].close()
+
+
+def test_the_favicon_is_served(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+    assert response.data.startswith(b"<svg")
