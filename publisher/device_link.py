@@ -23,6 +23,7 @@ from common.devices import DeviceConfig
 from common.pki import PKI, client_context
 from publisher.device_commands import DeviceCommands
 from publisher.device_model import DeviceState
+from publisher.schedule import Job
 from rabbitmq import naming
 
 LOGGER = logging.getLogger("publisher.simulator")
@@ -36,7 +37,6 @@ CONTENT_TYPE = "application/json"
 # How long the broker keeps a device's session (its command subscriptions and the commands sent
 # while it is away) after it disconnects: RabbitMQ's default cap, one day.
 SESSION_EXPIRY = 86400
-CONNECT = "connect"  # the scheduler's kind of entry for a reconnect attempt
 READS_TO_CLOSE = 100  # loop_read calls that take a shut-down socket to its end (one does, mostly)
 
 
@@ -79,7 +79,7 @@ class DeviceLinks:
         self.max_queued_messages = max_queued_messages
         self.rng = rng
         self.selector = selector
-        self.schedule = schedule    # schedule(due, kind, link): the simulator's heap
+        self.schedule = schedule    # schedule(due, job, link): Schedule.add of the simulator's
         self.stopping = stopping
         self.publish_properties = None
         if mqtt_version == "5":
@@ -218,7 +218,7 @@ class DeviceLinks:
     def retry_later(self, entry: DeviceLink) -> None:
         delay = entry.backoff * self.rng.uniform(0.8, 1.2)  # jitter: no reconnect stampede
         entry.backoff = min(entry.backoff * 2, self.settings.reconnect_max_seconds)
-        self.schedule(time.monotonic() + delay, CONNECT, entry)
+        self.schedule(time.monotonic() + delay, Job.CONNECT, entry)
 
     def disconnect(self, entry: DeviceLink) -> None:
         """Send DISCONNECT and close the connection now, even when the DISCONNECT cannot go out."""

@@ -1,35 +1,35 @@
 """The device simulator: every device is its own MQTT client, all driven by one scheduler thread.
 
-One thread owns everything that changes: the device registry's state machines, a heap of due
-times and every paho client (paho's external loop: `loop_read`/`loop_write`/`loop_misc` on a
-`selectors` selector). Other threads (Flask's request threads) hand it commands and wait on a
-`Future`; a socketpair wakes the loop at once, so a toggle takes effect within milliseconds.
+One thread owns everything that changes: the devices (their state machines and paho clients,
+publisher/device_link.py), their schedule (publisher/schedule.py) and one `selectors` selector
+over every client's socket (paho's external loop: `loop_read`/`loop_write`/`loop_misc`). Other
+threads hand it calls through an Inbox (publisher/inbox.py) and wait on a Future; a toggle
+takes effect within milliseconds.
 """
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import logging
 import random
 import selectors
-import socket
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 
 from common.config import Settings
 from common.devices import ACTIVE, INACTIVE, DeviceConfig
-from publisher.device_link import (CONNECT, MQTT_VERSIONS, DeviceLink,  # noqa: F401 (MQTT_VERSIONS:
-                                   DeviceLinks)                        # the apps import it here)
+from publisher.device_link import (MQTT_VERSIONS, DeviceLink,  # noqa: F401 (MQTT_VERSIONS: the
+                                   DeviceLinks)                # apps import it here)
 from publisher.device_model import DeviceState
+from publisher.inbox import Inbox
 from publisher.lateness import Lateness
+from publisher.schedule import Job, Schedule
 from rabbitmq import naming
 
 LOGGER = logging.getLogger(__name__)
 
 MISC_PERIOD = 5.0  # paho's loop_misc (keepalive pings, timeouts) per client, seconds
+LONGEST_WAIT = 0.5  # seconds the loop waits for I/O at most, so that it sees a stop
 
 
 class UnknownDevice(KeyError):
@@ -38,12 +38,6 @@ class UnknownDevice(KeyError):
 
 class DuplicateDevice(ValueError):
     """A device with that id already runs here."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The simulator
-
-PUBLISH, MISC = "publish", "misc"
 
 
 class Simulator:
@@ -58,19 +52,15 @@ class Simulator:
         self.lateness = Lateness()
         self._devices: dict[str, DeviceLink] = {}
         self._registry_lock = threading.Lock()  # guards the dict for readers in other threads
-        self._heap: list = []
-        self._counter = itertools.count()
-        self._commands: deque = deque()
+        self._schedule = Schedule()
+        self._inbox = Inbox()
         self._selector = selectors.DefaultSelector()
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self._wake_write.setblocking(False)
-        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._selector.register(self._inbox.wakeup, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         # plain: the devices log in with their passwords on the plain listener (only there with
         # WEBOS_PLAIN_LISTENERS; make bench uses it to measure what TLS costs).
         self.links = DeviceLinks(settings, mqtt_version, plain, keepalive, max_queued_messages,
-                                 self.rng, self._selector, self._schedule, self._stop)
+                                 self.rng, self._selector, self._schedule.add, self._stop)
         self._thread = threading.Thread(target=self._run, name="device-scheduler", daemon=True)
         self._initial = list(devices)
 
@@ -80,13 +70,13 @@ class Simulator:
         """Register every configured device (listed from now on), then connect them and start
         publishing in the scheduler thread."""
         for config in self._initial:
-            self._submit(self._begin, self._register(config), True)
+            self.call(self._begin, self._register(config), True)
         self._thread.start()
 
     def close(self, timeout: float = 60.0) -> None:
         """Let in-flight messages be acknowledged (up to 3 s), then disconnect every device."""
         self._stop.set()
-        self._wake()
+        self._inbox.wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -96,29 +86,32 @@ class Simulator:
 
     def _close_selector(self) -> None:
         self._selector.close()
-        self._wake_read.close()
-        self._wake_write.close()
+        self._inbox.close()
 
     def set_status(self, device: str, status: str) -> Future:
         """Make a device Active or Inactive, as its own switch does (the change is reported to
         the platform); the Future's result says whether it changed."""
-        return self._submit(self._toggle, device, status)
+        return self.call(self._toggle, device, status)
 
     def add_device(self, config: DeviceConfig) -> Future:
         """Start a new device (its queue must exist already); DuplicateDevice if it runs."""
-        return self._submit(self._add, config, False)
+        return self.call(self._add, config, False)
 
     def remove_device(self, device: str) -> Future:
         """Stop a device and disconnect its client; UnknownDevice if it does not run."""
-        return self._submit(self._remove, device)
+        return self.call(self._remove, device)
 
     def send_message(self, device: str, message_type: str, text: str) -> Future:
         """Publish one operator message of `message_type` as the device; result: the payload."""
-        return self._submit(self._send_message, device, message_type, text)
+        return self.call(self._send_message, device, message_type, text)
 
     def call(self, function, *args) -> Future:
         """Run `function(*args)` on the scheduler thread (for consistent reads in tests/bench)."""
-        return self._submit(function, *args)
+        if self._stop.is_set():
+            future: Future = Future()
+            future.set_exception(RuntimeError("the simulator is stopping"))
+            return future
+        return self._inbox.submit(function, *args)
 
     def __contains__(self, device: str) -> bool:
         return device in self._devices
@@ -137,50 +130,26 @@ class Simulator:
     def stats(self) -> dict:
         """Totals over all devices and the lateness of scheduled publishes."""
         with self._registry_lock:
-            states = [entry.state for entry in self._devices.values()]
-        with self._registry_lock:
-            subscribed = sum(entry.subscribed for entry in self._devices.values())
+            entries = list(self._devices.values())
+        states = [entry.state for entry in entries]
         return {"devices": len(states),
                 "connected": sum(s.connected for s in states),
-                "subscribed": subscribed,
+                "subscribed": sum(entry.subscribed for entry in entries),
                 "active": sum(s.status == ACTIVE for s in states),
                 "published": sum(s.published for s in states),
                 "acked": sum(s.acked for s in states),
                 "dropped": sum(s.dropped for s in states),
                 "lateness": self.lateness.summary()}
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _submit(self, function, *args) -> Future:
-        future: Future = Future()
-        if self._stop.is_set():
-            future.set_exception(RuntimeError("the simulator is stopping"))
-            return future
-        self._commands.append((function, args, future))
-        self._wake()
-        return future
-
-    def _wake(self) -> None:
-        try:
-            self._wake_write.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the buffer is full (a wake-up is pending anyway) or the loop is closed
-
-    def _schedule(self, due: float, kind: str, entry: DeviceLink, generation: int = 0) -> None:
-        heapq.heappush(self._heap, (due, next(self._counter), kind, entry, generation))
-
     # -- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._run_commands()
+                self._inbox.run_calls()
                 self._run_due(time.monotonic())
-                timeout = 0.5
-                if self._heap:
-                    timeout = min(timeout, max(0.0, self._heap[0][0] - time.monotonic()))
-                self._poll(timeout)
-            self._run_commands()
+                self._poll(self._schedule.seconds_to_next(time.monotonic(), LONGEST_WAIT))
+            self._inbox.run_calls()
             self._drain()
         except Exception:
             LOGGER.exception("device scheduler crashed")
@@ -188,20 +157,14 @@ class Simulator:
         finally:
             for entry in list(self._devices.values()):
                 self.links.disconnect(entry)
-            while self._commands:
-                _, _, future = self._commands.popleft()
-                future.set_exception(RuntimeError("the simulator stopped"))
+            self._inbox.refuse_calls("the simulator stopped")
             self._close_selector()
 
     def _poll(self, timeout: float) -> None:
         for key, mask in self._selector.select(timeout):
             entry = key.data
             if entry is None:
-                try:
-                    while self._wake_read.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
+                self._inbox.take_wakeups()
                 continue
             client = entry.client
             if mask & selectors.EVENT_READ:
@@ -214,39 +177,32 @@ class Simulator:
                 client.loop_write()
             self.links.watch_writes(entry)
 
-    def _run_commands(self) -> None:
-        while self._commands:
-            function, args, future = self._commands.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(function(*args))
-            except Exception as error:  # handed to the caller, who answers 4xx/5xx
-                future.set_exception(error)
-
     def _run_due(self, now: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            due, _, kind, entry, generation = heapq.heappop(heap)
+        while (due := self._schedule.pop_due(now)) is not None:
+            entry = due.link
             if entry.state.removed:
                 continue
-            if kind == PUBLISH:
-                state = entry.state
-                if generation != state.generation or state.status != ACTIVE:
-                    continue  # stale: the device was toggled since this was scheduled
-                self.lateness.add(time.monotonic() - due)
-                self.links.publish(entry, state.message())
-                next_due = due + state.next_interval()
-                if next_due < now:  # far behind (a stall): restart the cadence from now
-                    next_due = now + state.next_interval()
-                self._schedule(next_due, PUBLISH, entry, state.generation)
-            elif kind == MISC:
+            if due.job is Job.PUBLISH:
+                self._publish_due(entry, due.due, due.generation, now)
+            elif due.job is Job.MISC:
                 if entry.client.socket() is not None:
                     entry.client.loop_misc()
                     self.links.watch_writes(entry)
-                self._schedule(due + MISC_PERIOD, MISC, entry)
-            elif kind == CONNECT:
+                self._schedule.add(due.due + MISC_PERIOD, Job.MISC, entry)
+            elif due.job is Job.CONNECT:
                 self.links.connect(entry)
+
+    def _publish_due(self, entry: DeviceLink, due: float, generation: int, now: float) -> None:
+        """A scheduled position report, and the next one scheduled (unless it is stale)."""
+        state = entry.state
+        if generation != state.generation or state.status != ACTIVE:
+            return  # stale: the device was toggled since this was scheduled
+        self.lateness.add(time.monotonic() - due)
+        self.links.publish(entry, state.message())
+        next_due = due + state.next_interval()
+        if next_due < now:  # far behind (a stall): restart the cadence from now
+            next_due = now + state.next_interval()
+        self._schedule.add(next_due, Job.PUBLISH, entry, state.generation)
 
     def _drain(self, timeout: float = 3.0) -> None:
         """On stop: keep doing I/O until every published message is acknowledged, or timeout."""
@@ -259,7 +215,7 @@ class Simulator:
             self._poll(0.05)
         LOGGER.warning("stopping with unacknowledged messages on %d device(s)", len(pending))
 
-    # -- commands (scheduler thread) ------------------------------------------------------------
+    # -- the calls (scheduler thread) -----------------------------------------------------------
 
     def _entry(self, device: str) -> DeviceLink:
         entry = self._devices.get(device)
@@ -286,12 +242,12 @@ class Simulator:
         state, config = entry.state, entry.state.config
         now = time.monotonic()
         self.links.connect(entry)
-        self._schedule(now + self.rng.uniform(0, MISC_PERIOD), MISC, entry)
+        self._schedule.add(now + self.rng.uniform(0, MISC_PERIOD), Job.MISC, entry)
         if state.status == ACTIVE:
             # Devices started together are spread over one interval so they do not all report at
             # the same instant; a device added at runtime reports at once.
             offset = self.rng.uniform(0, config.interval[0]) if (initial and self.stagger) else 0.0
-            self._schedule(now + offset, PUBLISH, entry, state.generation)
+            self._schedule.add(now + offset, Job.PUBLISH, entry, state.generation)
         LOGGER.info("device %s added (%s, %d positions, every %.1f-%.1f s)", config.id,
                     state.status, len(config.route), *config.interval)
         return state.snapshot()
@@ -321,7 +277,7 @@ class Simulator:
         if status == INACTIVE:
             self.links.publish(entry, state.message())  # the one Inactive message, right now
         else:
-            self._schedule(time.monotonic(), PUBLISH, entry, state.generation)
+            self._schedule.add(time.monotonic(), Job.PUBLISH, entry, state.generation)
             self._run_due(time.monotonic())
         LOGGER.info("device %s is now %s", device, status)
         return True
@@ -333,5 +289,3 @@ class Simulator:
         payload = entry.state.message("message", type=message_type, text=text)
         self.links.publish(entry, payload, message_type)
         return payload
-
-    # -- MQTT (scheduler thread) ----------------------------------------------------------------
