@@ -1,14 +1,14 @@
-"""The MQTT side of the simulated devices: each device's paho client and session (DeviceLink),
-and what happens on its connection (DeviceLinks): publishing with a backlog that keeps order
-across reconnects, connecting node by node with back-off, command subscriptions, answers, and
-paho's callbacks. Everything here runs on the simulator's scheduler thread."""
+"""The MQTT side of the simulated devices: each device's session (DeviceLink: its paho client,
+made in device_client.py, and what its connection holds), and what happens on the connections
+(DeviceLinks): publishing with a backlog that keeps order across reconnects, connecting node by
+node with back-off, command subscriptions (on_connect), answers, and paho's callbacks.
+Everything here runs on the simulator's scheduler thread."""
 from __future__ import annotations
 
 import json
 import logging
 import random
 import selectors
-import socket
 import threading
 import time
 from collections import deque
@@ -20,7 +20,9 @@ from paho.mqtt.properties import Properties
 
 from common.config import Settings
 from common.devices import DeviceConfig
-from common.pki import PKI, client_context
+from common.pki import PKI
+from publisher.device_client import (MQTT_VERSIONS, DeviceIdentity, close_now, new_client,
+                                     session_options)
 from publisher.device_commands import DeviceCommands
 from publisher.device_model import DeviceState
 from publisher.schedule import Job
@@ -29,15 +31,7 @@ from rabbitmq import naming
 LOGGER = logging.getLogger("publisher.simulator")
 # s before a device's first reconnect attempt; it doubles up to Settings.reconnect_max_seconds
 RECONNECT_MIN = 1.0
-# MQTT versions a device can speak, the default first. With MQTT 5 each message says its content
-# type, which reaches Kafka as the record header content_type.
-MQTT_VERSIONS = ("5", "3.1.1")
-PAHO_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
-CONTENT_TYPE = "application/json"
-# How long the broker keeps a device's session (its command subscriptions and the commands sent
-# while it is away) after it disconnects: RabbitMQ's default cap, one day.
-SESSION_EXPIRY = 86400
-READS_TO_CLOSE = 100  # loop_read calls that take a shut-down socket to its end (one does, mostly)
+CONTENT_TYPE = "application/json"  # MQTT 5: reaches Kafka as the record header content_type
 
 
 @dataclass
@@ -46,6 +40,7 @@ class DeviceLink:
 
     state: DeviceState
     client: mqtt.Client
+    commands: DeviceCommands  # applies what the platform asks, once per command id
     backoff: float = RECONNECT_MIN
     topics: dict = field(default_factory=dict)
     write_registered: bool = False  # the selector also watches for writability
@@ -53,7 +48,6 @@ class DeviceLink:
     # oldest first; see _publish for why paho does not get them at once.
     backlog: deque = field(default_factory=deque)
     node: int = 0  # which of the RabbitMQ nodes it connects to (the next one when that fails)
-    commands: DeviceCommands | None = None  # applies what the platform asks (set in _register)
     reply_mids: set = field(default_factory=set)  # replies and reports in flight (not telemetry)
     subscribed: bool = False  # the broker granted its command subscriptions
 
@@ -65,16 +59,15 @@ class DeviceLinks:
     def __init__(self, settings: Settings, mqtt_version: str, plain: bool, keepalive: int,
                  max_queued_messages: int, rng: random.Random, selector, schedule,
                  stopping: threading.Event):
-        if mqtt_version not in PAHO_PROTOCOLS:
+        if mqtt_version not in MQTT_VERSIONS:
             raise ValueError(f"MQTT version {mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}")
         self.settings = settings
         self.mqtt_version = mqtt_version
-        self.plain = plain
         # Every RabbitMQ node's MQTT listener: devices are spread over them and move on to the
         # next when theirs fails.
         self.addresses = [(node.rabbitmq_host, node.mqtt_plain_port if plain else node.mqtt_port)
                           for node in settings.rabbitmq_addresses()]
-        self.pki = PKI(settings.pki_path)
+        self.identity = DeviceIdentity(PKI(settings.pki_path), settings.ca_file, plain)
         self.keepalive = keepalive
         self.max_queued_messages = max_queued_messages
         self.rng = rng
@@ -90,29 +83,15 @@ class DeviceLinks:
                set_status) -> DeviceLink:
         """A device's client and link, not connected yet; commands set its status through
         `set_status` (the simulator's, which emits what the change must)."""
-        # A persistent session (MQTT 5: clean start off with a Session Expiry; 3.1.1: clean
-        # session off): the broker keeps the device's command subscriptions, and what is sent to
-        # it while it is away, until it is back. PUBACKs for commands leave only once the command
-        # was applied and answered (manual_ack).
-        protocol = PAHO_PROTOCOLS[self.mqtt_version]
-        # Its own identity: the certificate the broker logs it in by, and the client id that
-        # certificate names (the broker refuses any other).
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.id,
-                             protocol=protocol, manual_ack=True,
-                             clean_session=False if protocol == mqtt.MQTTv311 else None)
-        if self.plain:
-            client.username_pw_set(config.id, self.pki.device_password(config.id))
-        else:
-            client.tls_set_context(client_context(self.settings.ca_file,
-                                                  self.pki.ensure_device(config.id)))
-        entry = DeviceLink(state, client,
-                           topics={t: naming.mqtt_topic(config.id, t)
-                                   for t in (*naming.MESSAGE_TYPES, naming.REPLY_TYPE)},
-                           node=index % len(self.addresses))
-        entry.commands = DeviceCommands(
+        client = new_client(config.id, self.mqtt_version, self.identity)
+        commands = DeviceCommands(
             set_status=set_status,
             set_interval=lambda interval: setattr(state, "interval", tuple(interval)),
             reported=state.reported)
+        entry = DeviceLink(state, client, commands,
+                           topics={t: naming.mqtt_topic(config.id, t)
+                                   for t in (*naming.MESSAGE_TYPES, naming.REPLY_TYPE)},
+                           node=index % len(self.addresses))
         client.user_data_set(entry)
         client.max_queued_messages_set(self.max_queued_messages)
         client.on_connect = self.on_connect
@@ -195,7 +174,7 @@ class DeviceLinks:
                     entry.client.reconnect()
                 else:
                     entry.client.connect(host, port, keepalive=self.keepalive,
-                                         **self._session_options())
+                                         **session_options(self.mqtt_version))
                 self.watch_writes(entry)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s%s",
@@ -203,14 +182,6 @@ class DeviceLinks:
                            " on the next node" if len(self.addresses) > 1 else "")
             self.next_node(entry)
             self.retry_later(entry)
-
-    def _session_options(self) -> dict:
-        """connect()'s arguments for a persistent session (paho's reconnect() reuses them)."""
-        if self.mqtt_version == "3.1.1":
-            return {}  # clean_session=False is the client's own setting
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY
-        return {"clean_start": False, "properties": properties}
 
     def next_node(self, entry: DeviceLink) -> None:
         entry.node = (entry.node + 1) % len(self.addresses)
@@ -297,30 +268,3 @@ class DeviceLinks:
         except (KeyError, ValueError):
             pass  # never registered (the connection failed before it opened)
 
-
-def close_now(client: mqtt.Client) -> None:
-    """Disconnect `client` (external loop) and leave its socket closed, through public API only.
-
-    paho writes the DISCONNECT at once and then closes the socket itself, unless the kernel's
-    send buffer is full (a stalled broker, a long backlog): then it would close only on a later
-    read. Shutting the socket down makes that read come now; paho sees the end of the stream,
-    closes the socket and reports the disconnect through its callbacks as always.
-    """
-    if client.socket() is None:
-        return
-    client.disconnect()
-    if client.socket() is not None:
-        client.loop_write()
-    sock = client.socket()
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already reset by the peer: the reads below find out all the same
-    # Each read takes what was received before the shutdown, then the end of the stream.
-    for _ in range(READS_TO_CLOSE):
-        if client.socket() is None:
-            return
-        client.loop_read()
-    LOGGER.warning("an MQTT connection did not close after its socket was shut down")

@@ -18,8 +18,8 @@ from concurrent.futures import Future
 
 from common.config import Settings
 from common.devices import ACTIVE, INACTIVE, DeviceConfig
-from publisher.device_link import (MQTT_VERSIONS, DeviceLink,  # noqa: F401 (MQTT_VERSIONS: the
-                                   DeviceLinks)                # apps import it here)
+from publisher.device_client import MQTT_VERSIONS  # the apps import it from here too
+from publisher.device_link import DeviceLink, DeviceLinks
 from publisher.device_model import DeviceState
 from publisher.inbox import Inbox
 from publisher.lateness import Lateness

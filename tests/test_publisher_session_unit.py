@@ -9,7 +9,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from publisher.device_link import close_now
+from publisher.device_client import close_now
 
 CONNACK = bytes([0x20, 0x02, 0x00, 0x00])  # MQTT 3.1.1: session not present, accepted
 
