@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -14,10 +15,10 @@ from bridge.options import BridgeOptions
 from bridge.reconnect import ConfigurationError
 from bridge.metrics import BridgeStats, MetricsServer
 from bridge.delivery import TemplateError, check_template
-from common.config import Settings, load_settings, positive_int, run, stop_on_signals
+from common.config import Settings, env_name, load_settings, positive_int, run, stop_on_signals
 
 LOGGER = logging.getLogger("bridge")
-DEFAULTS = BridgeOptions()
+SETTINGS_FIELDS = {setting.name: setting for setting in dataclasses.fields(Settings)}
 
 DESCRIPTION = """\
 Consume the RabbitMQ device queues (webos.<device>) as webos-bridge and produce each message to
@@ -93,16 +94,22 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
+def _from_setting(parser, flag: str, settings: Settings, name: str, help: str,
+                  default_text: str = "%(default)s", **kwargs) -> None:
+    """A flag whose default is the setting `name`; its help ends with the setting's variable."""
+    parser.add_argument(flag, default=getattr(settings, name), **kwargs,
+                        help=f"{help} [{env_name(SETTINGS_FIELDS[name])}; default: {default_text}]")
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     """Which queues, and which Kafka topic each message goes to."""
     which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--queues", type=_queue_list, default=settings.bridge_queues,
-        metavar="Q1,Q2", help="consume exactly these queues (comma-separated); the bridge stops "
-        "with exit code 2 if one is missing at start [WEBOS_BRIDGE_QUEUES; default: every "
-        "device queue webos.<device>: new ones are picked up as RabbitMQ announces them on its "
-        "event exchange, and a full listing through the management API every "
-        "--discovery-interval seconds catches anything missed]")
+    _from_setting(
+        which, "--queues", settings, "bridge_queues", type=_queue_list, metavar="Q1,Q2",
+        help="consume exactly these queues (comma-separated); the bridge stops with exit code 2 "
+        "if one is missing at start", default_text="every device queue webos.<device>: new ones "
+        "are picked up as RabbitMQ announces them on its event exchange, and a full listing "
+        "through the management API every --discovery-interval seconds catches anything missed")
     which.add_argument(
         "--queue-pattern", type=_regex, default=settings.bridge_queue_pattern or None, metavar="REGEX",
         help="consume the device queues whose name matches this regular expression (re.search), "
@@ -117,57 +124,45 @@ def _add_source_arguments(parser: argparse.ArgumentParser, settings: Settings) -
 
 def _add_kafka_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     """What is in flight, and how records are batched into Kafka."""
-    parser.add_argument(
-        "--prefetch", type=positive_int, default=settings.bridge_prefetch,
-        help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what is "
-        "redelivered after a crash; the rest waits in RabbitMQ [WEBOS_BRIDGE_PREFETCH; "
-        "default: %(default)s]")
-    parser.add_argument(
-        "--linger-ms", type=_non_negative_float,
-        default=settings.bridge_linger_ms,
-        help="how long the Kafka producer waits to fill a batch (librdkafka linger.ms): longer "
-        "means fewer, bigger Kafka requests, and up to that much more latency "
-        "[WEBOS_BRIDGE_LINGER_MS; default: %(default)s]")
-    parser.add_argument(
-        "--batch-size", type=positive_int,
-        default=settings.bridge_batch_size,
-        help="largest Kafka batch in bytes per partition (librdkafka batch.size) "
-        "[WEBOS_BRIDGE_BATCH_SIZE; default: %(default)s]")
-    parser.add_argument(
-        "--max-message-bytes", type=positive_int,
-        default=settings.bridge_max_message_bytes,
-        help="payloads bigger than this go to webos.dead with reason too-large; keep it at or "
-        "below the topic's max.message.bytes (librdkafka message.max.bytes) "
-        "[WEBOS_BRIDGE_MAX_MESSAGE_BYTES; default: %(default)s]")
-    parser.add_argument(
-        "--flush-timeout", type=_non_negative_float, default=DEFAULTS.flush_timeout,
-        metavar="SECONDS", help="on SIGTERM/SIGINT, how long to wait for Kafka to confirm what is "
-        "in flight; the rest stays unacked and is delivered again (default: %(default)s)")
+    _from_setting(parser, "--prefetch", settings, "bridge_prefetch", type=positive_int,
+                  help="most deliveries in flight (RabbitMQ basic.qos): bounds memory and what "
+                  "is redelivered after a crash; the rest waits in RabbitMQ")
+    _from_setting(parser, "--linger-ms", settings, "bridge_linger_ms", type=_non_negative_float,
+                  help="how long the Kafka producer waits to fill a batch (librdkafka "
+                  "linger.ms): longer means fewer, bigger Kafka requests, and up to that much "
+                  "more latency")
+    _from_setting(parser, "--batch-size", settings, "bridge_batch_size", type=positive_int,
+                  help="largest Kafka batch in bytes per partition (librdkafka batch.size)")
+    _from_setting(parser, "--max-message-bytes", settings, "bridge_max_message_bytes",
+                  type=positive_int, help="payloads bigger than this go to webos.dead with "
+                  "reason too-large; keep it at or below the topic's max.message.bytes "
+                  "(librdkafka message.max.bytes)")
+    _from_setting(parser, "--flush-timeout", settings, "bridge_flush_timeout",
+                  type=_non_negative_float, metavar="SECONDS", help="on SIGTERM/SIGINT, how long "
+                  "to wait for Kafka to confirm what is in flight; the rest stays unacked and is "
+                  "delivered again")
     parser.add_argument(
         "--kafka-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
         help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
-        "acks=all and enable.idempotence=true are the defaults and should stay")
+        "acks=all, enable.idempotence=true and partitioner=murmur2_random are the defaults "
+        "and should stay")
 
 
 def _add_service_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     """Metrics, this instance among several, discovery, presence, logging."""
-    parser.add_argument(
-        "--metrics-port", type=_port, default=settings.bridge_metrics_port,
-        help="port of /metrics and /healthz on --metrics-host; 0 turns them off "
-        "[WEBOS_BRIDGE_METRICS_PORT; default: %(default)s]")
-    parser.add_argument(
-        "--metrics-host", default=settings.bind_host,
-        help="address /metrics and /healthz listen on [WEBOS_BIND_HOST; default: %(default)s]")
-    parser.add_argument(
-        "--instance", default=settings.bridge_instance, metavar="NAME",
-        help="this bridge's name among several: every instance consumes every device queue and "
-        "is the active consumer of an even share of them, standing by for the others; its "
-        "consumer tags carry it [WEBOS_BRIDGE_INSTANCE; default: <host name>:<metrics port>]")
-    parser.add_argument(
-        "--discovery-interval", type=_non_negative_float, default=DEFAULTS.discovery_interval,
-        metavar="SECONDS", help="how often the full queue list is fetched from the management "
-        "API while queue events arrive (every 2 s while they do not: the rabbitmq_event_exchange "
-        "plugin off) (default: %(default)s)")
+    _from_setting(parser, "--metrics-port", settings, "bridge_metrics_port", type=_port,
+                  help="port of /metrics and /healthz on --metrics-host; 0 turns them off")
+    _from_setting(parser, "--metrics-host", settings, "bind_host",
+                  help="address /metrics and /healthz listen on")
+    _from_setting(parser, "--instance", settings, "bridge_instance", metavar="NAME",
+                  help="this bridge's name among several: every instance consumes every device "
+                  "queue and is the active consumer of an even share of them, standing by for "
+                  "the others; its consumer tags carry it",
+                  default_text="<host name>:<metrics port>")
+    _from_setting(parser, "--discovery-interval", settings, "bridge_discovery_interval",
+                  type=_non_negative_float, metavar="SECONDS", help="how often the full queue "
+                  "list is fetched from the management API while queue events arrive (every 2 s "
+                  "while they do not: the rabbitmq_event_exchange plugin off)")
     parser.add_argument(
         "--no-presence", dest="presence", action="store_false",
         help=f"do not forward devices' MQTT connects and disconnects (queue webos.presence, fed "
@@ -229,7 +224,7 @@ def main(argv=None) -> int:
     server = None
     if args.metrics_port:
         try:
-            server = MetricsServer(stats, args.metrics_host, args.metrics_port).start()
+            server = MetricsServer(stats, args.metrics_host, args.metrics_port)
         except OSError as error:
             LOGGER.error("configuration error: cannot serve /metrics on %s:%s (%s): pick another "
                          "--metrics-port, or 0 to turn it off", args.metrics_host,

@@ -23,6 +23,7 @@ LOGGER = logging.getLogger(__name__)
 # Fewest deliveries in flight per queue however many queues share --prefetch (the window is per
 # consumer: RabbitMQ 4 quorum queues have no channel-wide one).
 MIN_QUEUE_PREFETCH = 20
+SYNC_INTERVAL = 1.0  # s between looks at discovery's queue list (a queue event: at once)
 
 
 class ChannelSession:
@@ -54,6 +55,7 @@ class ChannelSession:
         self.queue_prefetch = 0                   # the basic.qos set for the next consumers
         self.worked = False                       # a basic_consume went through
         self.sync_requested = False               # a queue event changed the queues
+        self.next_sync = 0.0                      # when to look at the wanted queues again
         self.presence = (PresenceForwarder.start(self.connection, producer,
                                                  settings.presence_topic, options.instance, stats)
                          if presence else None)
@@ -70,6 +72,12 @@ class ChannelSession:
             self.connection.process_data_events(time_limit=0.1)
 
     # ---- which queues ---------------------------------------------------------------------
+
+    def sync_when_due(self, now: float) -> None:
+        """Consume the queues wanted now: every SYNC_INTERVAL s, at once after a queue event."""
+        if now >= self.next_sync or self.sync_requested:
+            self.next_sync, self.sync_requested = now + SYNC_INTERVAL, False
+            self.sync_queues(self.options.queues or self.discovery.queues or ())
 
     def sync_queues(self, wanted, strict: bool = False) -> None:
         """Consume every queue in `wanted` not yet consumed (queues only come, cancels remove)."""

@@ -104,7 +104,7 @@ class Forwarder:
         """The hot loop of one connection, then its drain."""
         connection, producer, settlement = session.connection, self.producer, session.settlement
         tracker, stats, prefetch = settlement.tracker, self.stats, self.options.prefetch
-        burst, wait, next_sync = max(1, prefetch // 2), BUSY_WAIT, 0.0
+        burst, wait = max(1, prefetch // 2), BUSY_WAIT
         while not self.stop.is_set() and self.fatal_error is None:
             in_flight, consumed = tracker.in_flight, stats.consumed
             if in_flight >= prefetch:
@@ -127,10 +127,7 @@ class Forwarder:
                 served = producer.poll(0)
             wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
             settlement.settle()
-            now = time.monotonic()
-            if now >= next_sync or session.sync_requested:
-                next_sync, session.sync_requested = now + 1.0, False
-                session.sync_queues(self.options.queues or self.discovery.queues or ())
+            session.sync_when_due(time.monotonic())
         self._drain(session)
 
     def _forward_turn(self, session: ChannelSession) -> None:

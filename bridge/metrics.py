@@ -156,7 +156,8 @@ def make_app(stats: BridgeStats, registry: CollectorRegistry):
 
 
 class MetricsServer:
-    """/metrics and /healthz on host:port in a daemon thread."""
+    """/metrics and /healthz on host:port in a daemon thread, served from construction on (the
+    socket is bound by then: a bound socket nobody serves would only queue scrapes)."""
 
     def __init__(self, stats: BridgeStats, host: str, port: int):
         self.registry = CollectorRegistry()
@@ -165,17 +166,13 @@ class MetricsServer:
                                   server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
                                        daemon=True)
+        self.thread.start()
 
     @property
     def url(self) -> str:
         """Base URL the server listens on."""
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
-
-    def start(self) -> "MetricsServer":
-        """Serve in the background."""
-        self.thread.start()
-        return self
 
     def stop(self) -> None:
         """Stop serving and close the socket."""

@@ -22,13 +22,12 @@ class BridgeOptions:
     linger_ms: float = Settings.bridge_linger_ms
     batch_size: int = Settings.bridge_batch_size
     max_message_bytes: int = Settings.bridge_max_message_bytes
-    # s between full queue listings while queue events arrive (more often while they do not).
-    discovery_interval: float = 30.0
+    discovery_interval: float = Settings.bridge_discovery_interval
     # This bridge among several: its consumer tags start with it, and it picks its priorities.
     instance: str = ""
     # Forward webos.presence (devices' connects and disconnects) to Settings.presence_topic.
     presence: bool = True
-    flush_timeout: float = 10.0
+    flush_timeout: float = Settings.bridge_flush_timeout
     kafka_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def producer_config(self, settings: Settings, max_message_bytes: int | None = None) -> dict:
@@ -38,6 +37,10 @@ class BridgeOptions:
         config = {**settings.kafka_client(), "acks": "all",
                   "enable.idempotence": True, "linger.ms": self.linger_ms,
                   "batch.size": self.batch_size, "client.id": "webos-bridge",
+                  # The Java client's partitioner: a key lands where Kafka Connect or a Java
+                  # producer would put it. librdkafka's default (consistent_random, CRC32) put
+                  # both default devices on partition 0 of 6; murmur2 puts them on 1 and 4.
+                  "partitioner": "murmur2_random",
                   **dict(self.kafka_config)}
         config["message.max.bytes"] = limit
         config["batch.size"] = min(int(config["batch.size"]), limit)

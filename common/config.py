@@ -28,6 +28,9 @@ RABBITMQ_PORTS = ("amqp_port", "mqtt_port", "management_port", "rabbitmq_metrics
 class Settings:
     """Where the brokers are, who logs in, and what the pipeline is called."""
 
+    # One row per setting: `duplicates` sees runs of rows alike in shape (name: type = literal);
+    # they are the table of defaults, not repeated logic.
+
     rabbitmq_host: str = "127.0.0.1"
     # 1, or 3 (any N > 1) for a cluster, where the device queues are quorum queues replicated
     # over the nodes. The nodes are on rabbitmq_host, node k on the ports below + 10 * (k - 1).
@@ -115,6 +118,10 @@ class Settings:
     bridge_linger_ms: float = 3.0
     bridge_batch_size: int = 1_000_000           # librdkafka batch.size, bytes per partition batch
     bridge_max_message_bytes: int = 1_000_000    # librdkafka message.max.bytes; bigger: webos.dead
+    # s between full queue listings while queue events arrive (every 2 s while they do not).
+    bridge_discovery_interval: float = 30.0
+    # s that a stopping bridge waits for Kafka to confirm what is in flight; the rest is redelivered.
+    bridge_flush_timeout: float = 10.0
 
     def __post_init__(self):
         if self.rabbitmq_nodes < 1:

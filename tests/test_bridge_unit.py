@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bridge.__main__ import build_parser
 from bridge.discovery import QueueDiscovery, count_active, select_queues
-from bridge.options import PRIORITIES, share_priority
+from bridge.options import PRIORITIES, BridgeOptions, share_priority
 from bridge.metrics import BridgeStats, LatencyHistogram, StatsCollector, parse_samples
 from bridge.delivery import (AckTracker, RouteCache, TemplateError, check_template, inspect_body,
                             message_headers, route_for)
@@ -462,3 +462,59 @@ def test_shared_queue_names_are_no_device_ids():
     for name in ("dead", "unrouted", "presence"):
         assert not naming.is_valid_device_id(name)
         assert naming.device_of_queue(f"webos.{name}") is None
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's DefaultPartitioner, librdkafka's murmur2_random)."""
+    m, h = 0x5BD1E995, (0x9747B28C ^ len(data)) & 0xFFFFFFFF
+    whole = len(data) - len(data) % 4
+    for i in range(0, whole, 4):
+        k = int.from_bytes(data[i:i + 4], "little") * m & 0xFFFFFFFF
+        k = (k ^ k >> 24) * m & 0xFFFFFFFF
+        h = (h * m & 0xFFFFFFFF) ^ k
+    tail = data[whole:]
+    if tail:
+        h = (h ^ int.from_bytes(tail, "little")) * m & 0xFFFFFFFF
+    h = (h ^ h >> 13) * m & 0xFFFFFFFF
+    return h ^ h >> 15
+
+
+def murmur2_partition(key: str, partitions: int) -> int:
+    """Where murmur2_random puts `key` among `partitions` (Java's toPositive, then modulo)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def test_murmur2_here_is_librdkafkas():
+    from confluent_kafka import Producer
+
+    options = BridgeOptions(linger_ms=0)
+    config = {**options.producer_config(Settings()), "test.mock.num.brokers": 1, "log_level": 3}
+    producer = Producer(config)
+    keys = ["3DF92-192", "4HHC2-392"] + [f"device-{n}" for n in range(30)]
+    partitions = {}
+    for key in keys:
+        producer.produce("webos.events", b"{}", key.encode(), on_delivery=lambda error, record:
+                         partitions.__setitem__(record.key().decode(), record.partition()))
+    assert producer.flush(10) == 0
+    count = len(producer.list_topics("webos.events", timeout=5).topics["webos.events"].partitions)
+    assert partitions == {key: murmur2_partition(key, count) for key in keys}
+
+
+def test_the_default_devices_land_on_partitions_of_their_own():
+    assert Settings().kafka_partitions == 6
+    assert {murmur2_partition(device, 6) for device in ("3DF92-192", "4HHC2-392")} == {1, 4}
+
+
+def test_kafka_config_flags_override_the_producer_defaults():
+    options = BridgeOptions(kafka_config=(("partitioner", "consistent_random"),))
+    assert BridgeOptions().producer_config(Settings())["partitioner"] == "murmur2_random"
+    assert options.producer_config(Settings())["partitioner"] == "consistent_random"
+
+
+def test_every_bridge_flag_with_a_setting_defaults_to_it():
+    settings = load_settings({"WEBOS_BRIDGE_DISCOVERY_INTERVAL": "7",
+                              "WEBOS_BRIDGE_FLUSH_TIMEOUT": "2.5"}, dotenv_path=None)
+    args = build_parser(settings).parse_args([])
+    assert (args.discovery_interval, args.flush_timeout) == (7.0, 2.5)
+    assert (BridgeOptions().discovery_interval, BridgeOptions().flush_timeout) == \
+        (Settings.bridge_discovery_interval, Settings.bridge_flush_timeout)
