@@ -279,3 +279,11 @@ def test_app_serves_the_page_and_state_without_starting_kafka():
     assert client.get("/static/live.js").status_code == 200
     assert client.get("/api/state").get_json()["topic"] == "t1"
     assert client.get("/healthz").status_code == 503
+
+
+def test_the_favicon_is_served_and_the_page_points_to_it():
+    client = create_app({"SETTINGS": Settings(), "START_FEED": False}).test_client()
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.mimetype == "image/svg+xml" and icon.data.startswith(b"<svg")
+    assert b'rel="icon" type="image/svg+xml" href="/favicon.ico"' in client.get("/").data
