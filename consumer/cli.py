@@ -99,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lag", action="store_true",
                         help="print the group's lag per partition (committed offset vs end of "
                         "log) and exit")
-    parser.add_argument("--quiet", action="store_true", help="no summary line, only warnings")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true",
+                         help="no summary line, only warnings")
+    chatter.add_argument("-v", "--verbose", action="store_true",
+                         help="also log the group's partitions with their start offsets, "
+                         "revocations and dropped duplicates")
     return parser
 
 
@@ -159,11 +164,15 @@ class StreamPrinter:
             positions = partitions
         self.joined = True
         self.last_activity = time.monotonic()
-        LOGGER.info("assigned %d partitions: %s", len(positions),
-                    ", ".join(f"{p.topic}[{p.partition}]@{p.offset}" for p in positions))
+        # One line at INFO says the run has joined (from here on every new record is seen);
+        # the offsets of each partition are for -v.
+        LOGGER.info("assigned %d partitions of %s", len(positions),
+                    ", ".join(sorted({p.topic for p in positions})))
+        LOGGER.debug("start offsets: %s",
+                     ", ".join(f"{p.topic}[{p.partition}]@{p.offset}" for p in positions))
 
     def on_revoke(self, consumer, partitions) -> None:
-        LOGGER.info("revoked %d partitions", len(partitions))
+        LOGGER.debug("revoked %d partitions", len(partitions))
 
     def run(self) -> None:
         """Poll until stop, --count or --timeout; every handled record has its offset stored."""
@@ -249,12 +258,20 @@ def run_lag(args, settings) -> int:
     return 0
 
 
+def configure_logging(args) -> None:
+    """Warnings always; with --quiet nothing else, with -v also this package's debug lines
+    (not every library's)."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose:
+        logging.getLogger("consumer").setLevel(logging.DEBUG)
+
+
 def main(argv=None) -> int:
     """Entry point of the terminal consumer; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args)
     settings = load_settings()
     if args.bootstrap:
         settings = load_settings(kafka_bootstrap=args.bootstrap)
@@ -285,7 +302,7 @@ def main(argv=None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     status = 0
-    LOGGER.info("consuming %s as group %s from %s", args.topic, group, settings.kafka_bootstrap)
+    LOGGER.debug("consuming %s as group %s from %s", args.topic, group, settings.kafka_bootstrap)
     try:
         consumer.subscribe([args.topic], on_assign=printer.on_assign, on_revoke=printer.on_revoke)
         printer.run()

@@ -1,8 +1,10 @@
 """The consumer's pure logic, no broker: decoding, filters, de-duplication, seq gaps, formats, fan-out."""
 import io
 import json
+import logging
 
 import pytest
+from confluent_kafka import OFFSET_INVALID, TopicPartition
 
 from consumer import cli
 from consumer.kafka_group import PartitionLag, format_lag_table
@@ -146,12 +148,54 @@ def test_partition_lag_counts_everything_retained_when_nothing_committed():
 
 
 @pytest.mark.parametrize("argv", [["--count", "0"], ["--timeout", "-1"], ["--timeout", "0"],
-                                  ["--format", "xml"], ["--dedupe-window", "0"], ["--bogus"]])
+                                  ["--format", "xml"], ["--dedupe-window", "0"], ["--bogus"],
+                                  ["--quiet", "--verbose"]])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
     assert "usage: python -m consumer" in capsys.readouterr().err
+
+
+class AssigningConsumer:
+    """What on_assign asks of a confluent Consumer: nothing committed, partitions 0-2 of 0..10."""
+
+    def __init__(self):
+        self.assigned = []
+
+    def committed(self, partitions, timeout=None):
+        return [TopicPartition(p.topic, p.partition, OFFSET_INVALID) for p in partitions]
+
+    def get_watermark_offsets(self, partition, timeout=None):
+        return 0, 10
+
+    def assign(self, partitions):
+        self.assigned = partitions
+
+    def store_offsets(self, offsets):
+        pass
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_joining_logs_one_line_and_the_partitions_only_with_verbose(verbose, caplog):
+    cli.configure_logging(cli.build_parser().parse_args(["-v"] if verbose else []))
+    printer = cli.StreamPrinter(AssigningConsumer(), io.StringIO(), RecordFilter.of([], []))
+    try:
+        with caplog.at_level(logging.INFO):  # the root's level, as in a run
+            caplog.handler.setLevel(logging.DEBUG)  # only the loggers' own levels filter
+            printer.on_assign(printer.consumer,
+                              [TopicPartition("webos.events", p) for p in range(3)])
+            printer.on_revoke(printer.consumer, [])
+    finally:
+        logging.getLogger("consumer").setLevel(logging.NOTSET)
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert info == ["assigned 3 partitions of webos.events"]
+    if verbose:
+        assert debug[0] == "start offsets: webos.events[0]@10, webos.events[1]@10, webos.events[2]@10"
+        assert debug[1] == "revoked 0 partitions"
+    else:
+        assert debug == []
 
 
 def test_slow_client_is_closed_instead_of_blocking_the_feed():
@@ -235,3 +279,11 @@ def test_app_serves_the_page_and_state_without_starting_kafka():
     assert client.get("/static/live.js").status_code == 200
     assert client.get("/api/state").get_json()["topic"] == "t1"
     assert client.get("/healthz").status_code == 503
+
+
+def test_the_favicon_is_served_and_the_page_points_to_it():
+    client = create_app({"SETTINGS": Settings(), "START_FEED": False}).test_client()
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.mimetype == "image/svg+xml" and icon.data.startswith(b"<svg")
+    assert b'rel="icon" type="image/svg+xml" href="/favicon.ico"' in client.get("/").data
