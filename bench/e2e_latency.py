@@ -43,18 +43,18 @@ import paho.mqtt.client as mqtt
 import pika
 import psutil
 import requests
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process,
-                          machine, pyplot, queue_depth, save_figure, start_bridge)
+                          pyplot, queue_depth, repo_path, save_figure, start_bridge,
+                          write_figures)
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
-from common.config import REPO_ROOT, Settings
+from common.config import Settings
 from common.pki import PKI, client_context
-from stack.kafka_server import ensure_topic, topic_partitions
+from stack.kafka_server import TopicReader, ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)
 PLAIN_RATE = 1000  # also run over plain MQTT, for the cost of TLS
@@ -83,16 +83,14 @@ def rates() -> list[int]:
     return [int(part) for part in raw.split(",") if part.strip()] if raw else list(DEFAULT_RATES)
 
 
-class ArrivalReader:
+class ArrivalReader(TopicReader):
     """Every partition of `topic` from the beginning, in a thread: latency of each timed record."""
 
+    poll_seconds = 0.05
+
     def __init__(self, settings: Settings, topic: str):
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                                  "group.id": f"bench-e2e-{uuid.uuid4().hex[:6]}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
-                                  "fetch.error.backoff.ms": 10})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
-                              for p in topic_partitions(self.consumer, topic)])
+        super().__init__(settings.kafka_bootstrap, topic,
+                         config={"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 10})
         self.latencies_ms: list[float] = []
         # The same trip cut at the record's CreateTime (the bridge's produce call, ms resolution):
         # MQTT publish -> bridge produce, and bridge produce -> arrival here.
@@ -100,36 +98,25 @@ class ArrivalReader:
         self.after_bridge_ms: list[float] = []
         self.sent_ns: list[int] = []  # when each timed record was published, in the same order
         self.warm_devices: set[str] = set()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def run(self) -> None:
-        try:
-            while not self.done.is_set():
-                record = self.consumer.poll(0.05)
-                if record is None or record.error():
-                    continue
-                received = time.time_ns()
-                value = record.value()
-                # t_ns is the payload's last field: slicing it out keeps this thread, which
-                # shares the GIL with the publishing loop, cheap at thousands of records/s.
-                at = value.rfind(b'"t_ns": ')
-                if at < 0:
-                    self.warm_devices.add(json.loads(value).get("id"))
-                else:
-                    sent = int(value[at + 8:-1])
-                    produced_ms = record.timestamp()[1]
-                    self.latencies_ms.append((received - sent) / 1e6)
-                    self.to_bridge_ms.append(produced_ms - sent / 1e6)
-                    self.after_bridge_ms.append(received / 1e6 - produced_ms)
-                    self.sent_ns.append(sent)
-        finally:
-            self.consumer.close()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(10)
+    def on_record(self, record) -> None:
+        if record.error():
+            return
+        received = time.time_ns()
+        value = record.value()
+        # t_ns is the payload's last field: slicing it out keeps this thread, which
+        # shares the GIL with the publishing loop, cheap at thousands of records/s.
+        at = value.rfind(b'"t_ns": ')
+        if at < 0:
+            self.warm_devices.add(json.loads(value).get("id"))
+        else:
+            sent = int(value[at + 8:-1])
+            produced_ms = record.timestamp()[1]
+            self.latencies_ms.append((received - sent) / 1e6)
+            self.to_bridge_ms.append(produced_ms - sent / 1e6)
+            self.after_bridge_ms.append(received / 1e6 - produced_ms)
+            self.sent_ns.append(sent)
 
 
 def connect_devices(settings: Settings, devices: list[str], acked: list[int],
@@ -308,108 +295,155 @@ def _delivery_histogram(metrics_url: str) -> list[tuple[float, float]]:
         return []
 
 
-def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
-             log_path: Path, brokers: dict[str, psutil.Process | None],
-             plain: bool = False) -> dict:
-    """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
-    run_id = uuid.uuid4().hex[:6]
-    devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
-    topic = f"bench.e2e.{rate}.{run_id}"
-    topology.enrol_devices(settings, devices)
-    topology.declare_devices(settings, devices)
-    ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    bridge, metrics_url = start_bridge(settings, [naming.device_queue(d) for d in devices],
-                                        log_path, ["--topic-template", topic])
-    reader = ArrivalReader(settings, topic)
-    clients: list[mqtt.Client] = []
-    warm_total, total = int(rate * warmup), int(rate * seconds)
-    try:
-        acked = [0] * device_count
-        clients = connect_devices(settings, devices, acked, plain)
-        topics = [naming.mqtt_topic(device, "info") for device in devices]
-        # Warm up until every device's first message made the whole trip (bridge consuming each
-        # queue, reader fetching): otherwise the first records measure start-up, not the path.
+class Round:
+    """One offered load's fresh devices (MQTT clients), queues, topic, bridge and arrival reader."""
+
+    def __init__(self, settings: Settings, rate: int, device_count: int, log_path: Path):
+        run_id = uuid.uuid4().hex[:6]
+        self.settings, self.rate, self.log_path, self.run_id = settings, rate, log_path, run_id
+        self.devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
+        self.topic = f"bench.e2e.{rate}.{run_id}"
+        topology.enrol_devices(settings, self.devices)
+        topology.declare_devices(settings, self.devices)
+        ensure_topic(settings.kafka_bootstrap, self.topic, settings.kafka_partitions)
+        self.bridge, self.metrics_url = start_bridge(
+            settings, [naming.device_queue(d) for d in self.devices], log_path,
+            ["--topic-template", self.topic])
+        self.reader = ArrivalReader(settings, self.topic)
+        self.clients: list[mqtt.Client] = []
+        self.acked = [0] * device_count
+        self.mqtt_topics = [naming.mqtt_topic(device, "info") for device in self.devices]
+
+    def connect(self, plain: bool) -> None:
+        """The devices' MQTT clients (see connect_devices)."""
+        self.clients = connect_devices(self.settings, self.devices, self.acked, plain)
+
+    def warm_up(self) -> int:
+        """Until every device's first message made the whole trip (bridge consuming each queue,
+        reader fetching): otherwise the first records measure start-up, not the path. The
+        number of probes sent."""
         deadline = time.monotonic() + 60
         probes = 0
-        while reader.warm_devices < set(devices):
-            bridge.check_running("during the warm-up")
+        while self.reader.warm_devices < set(self.devices):
+            self.bridge.check_running("during the warm-up")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no warm-up record from every device in 60 s; see {log_path}")
-            for client, device, mqtt_topic in zip(clients, devices, topics):
-                if device not in reader.warm_devices:
+                raise RuntimeError(f"no warm-up record from every device in 60 s; see "
+                                   f"{self.log_path}")
+            for client, device, mqtt_topic in zip(self.clients, self.devices, self.mqtt_topics):
+                if device not in self.reader.warm_devices:
                     client.publish(mqtt_topic, json.dumps({"id": device, "warmup": True}), qos=1)
                     probes += 1
             time.sleep(0.5)  # re-send period of the warm-up probes
-        sampler = ResourceSampler({"bridge": psutil.Process(bridge.pid), **brokers,
-                                   "bench_clients": psutil.Process()}, alone=["bench_clients"],
-                                  jvm="kafka")
-        _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
-             f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
+        return probes
+
+    def publish(self, warm_total: int, total: int, sampler: ResourceSampler) -> dict:
+        """Publish at the offered load: `warm_total` untimed messages, then `total` timed ones
+        (the sampler and the delivery histogram start with those). What the loop saw."""
+        device_count = len(self.devices)
         start = time.perf_counter()
         next_report = start + 2
-        peak_waiting = 0
+        seen = {"peak_waiting": 0}
         for seq in range(warm_total + total):
             if seq == warm_total:
-                delivery_before = _delivery_histogram(metrics_url)
-                timed_start_ns = time.time_ns()
+                seen["delivery_before"] = _delivery_histogram(self.metrics_url)
+                seen["timed_start_ns"] = time.time_ns()
                 sampler.start()
-                peak_waiting = 0  # the timed part's own
+                seen["peak_waiting"] = 0  # the timed part's own
                 timed_start = time.perf_counter()
-            slot = start + seq / rate
-            pause = slot - time.perf_counter()
+            pause = start + seq / self.rate - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)  # pacing the devices to the offered load
             index = seq % device_count
-            device = devices[index]
+            device = self.devices[index]
             fields = {"Producer": device, "command": "position", "id": device, "x": seq % 7,
                       "y": seq % 5, "status": "Active", "seq": seq // device_count,
-                      "msg_id": f"{run_id}-{seq}", "ts": int(time.time() * 1000)}
+                      "msg_id": f"{self.run_id}-{seq}", "ts": int(time.time() * 1000)}
             if seq < warm_total:
                 fields["warmup"] = True
             else:
                 fields["t_ns"] = time.time_ns()  # last field: the reader slices it out
-            clients[index].publish(topics[index], json.dumps(fields), qos=1)
+            self.clients[index].publish(self.mqtt_topics[index], json.dumps(fields), qos=1)
             if time.perf_counter() >= next_report:
                 next_report += 2
-                waiting = sum(queue_depth(settings, naming.device_queue(d)) for d in devices)
-                peak_waiting = max(peak_waiting, waiting)
+                waiting = sum(queue_depth(self.settings, naming.device_queue(d))
+                              for d in self.devices)
+                seen["peak_waiting"] = max(seen["peak_waiting"], waiting)
                 _say(f"  sent {seq + 1}/{warm_total + total}, in RabbitMQ {waiting} (management "
-                     f"API, a few s old), timed arrivals {len(reader.latencies_ms)}")
-        achieved = total / (time.perf_counter() - timed_start)
-        # publish() only queues in paho: what RabbitMQ has not acknowledged when the loop ends
-        # shows a load generator that fell behind (its delay then counts as latency).
-        unacked = probes + warm_total + total - sum(acked)
+                     f"API, a few s old), timed arrivals {len(self.reader.latencies_ms)}")
+        seen["achieved"] = total / (time.perf_counter() - timed_start)
+        return seen
+
+    def drain(self, total: int) -> None:
+        """Until the reader has every timed record, or DRAIN_TIMEOUT."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while len(reader.latencies_ms) < total and time.monotonic() < deadline:
-            bridge.check_running("while Kafka drained")
+        while len(self.reader.latencies_ms) < total and time.monotonic() < deadline:
+            self.bridge.check_running("while Kafka drained")
             time.sleep(0.1)  # polling the reader's count; it has its own thread
-        delivery_after = _delivery_histogram(metrics_url)
-        resources = sampler.stop()
-    finally:
-        reader.stop()
-        for client in clients:
+
+    def close(self) -> None:
+        """Stop the reader, the clients and the bridge; delete the devices and the topic."""
+        self.reader.stop()
+        for client in self.clients:
             client.disconnect()
             client.loop_stop()
-        bridge.stop(60)
-        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
+        self.bridge.stop(60)
+        with pika.BlockingConnection(endpoints.admin_parameters(self.settings)) as connection:
             channel = connection.channel()
-            for device in devices:
+            for device in self.devices:
                 topology.delete_device(channel, device)
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics([topic])
-    latencies = sorted(reader.latencies_ms)
-    if not latencies:
+        AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap}).delete_topics([self.topic])
+
+
+def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
+             log_path: Path, brokers: dict[str, psutil.Process | None],
+             plain: bool = False) -> dict:
+    """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
+    warm_total, total = int(rate * warmup), int(rate * seconds)
+    round_ = Round(settings, rate, device_count, log_path)
+    try:
+        round_.connect(plain)
+        probes = round_.warm_up()
+        sampler = ResourceSampler({"bridge": psutil.Process(round_.bridge.pid), **brokers,
+                                   "bench_clients": psutil.Process()}, alone=["bench_clients"],
+                                  jvm="kafka")
+        _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
+             f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
+        seen = round_.publish(warm_total, total, sampler)
+        # publish() only queues in paho: what RabbitMQ has not acknowledged when the loop ends
+        # shows a load generator that fell behind (its delay then counts as latency).
+        seen["unacked"] = probes + warm_total + total - sum(round_.acked)
+        round_.drain(total)
+        seen["delivery_after"] = _delivery_histogram(round_.metrics_url)
+        resources = sampler.stop()
+    finally:
+        round_.close()
+    if not round_.reader.latencies_ms:
         raise RuntimeError(f"no timed record arrived at {rate} msg/s; see {log_path}")
+    return {"rate_target": rate, "rate_achieved": round(seen["achieved"]), "devices": device_count,
+            "warmup_messages": warm_total, "messages": total,
+            **_round_figures(round_.reader, sampler, seen, seconds),
+            "peak_rabbitmq_backlog": seen["peak_waiting"],
+            "generator_unacked_at_end": seen["unacked"],
+            "bridge_exit_code": round_.bridge.process.returncode,
+            "resources": resources}
+
+
+def _round_figures(reader: ArrivalReader, sampler: ResourceSampler, seen: dict,
+                   seconds: float) -> dict:
+    """Latency percentiles of one round, where its time went and why it was slow."""
+    latencies = sorted(reader.latencies_ms)
     to_bridge, after_bridge = sorted(reader.to_bridge_ms), sorted(reader.after_bridge_ms)
-    kafka_ack = {p: histogram_quantile_ms(delivery_before, delivery_after, p / 100)
+    kafka_ack = {p: histogram_quantile_ms(seen["delivery_before"], seen["delivery_after"], p / 100)
                  for p in (50, 99)}
     diagnosis = diagnose(reader.latencies_ms, reader.to_bridge_ms,
-                         [(sent - timed_start_ns) / 1e9 for sent in reader.sent_ns], seconds,
+                         [(sent - seen["timed_start_ns"]) / 1e9 for sent in reader.sent_ns],
+                         seconds,
                          {**sampler.series, "machine": sampler.machine, "others": sampler.others,
                           "jvm_paused": sampler.jvm_paused, "jvm_compiling": sampler.jvm_compiling},
                          kafka_ack[99])
     p99 = percentile(latencies, 99)
-    return {"rate_target": rate, "rate_achieved": round(achieved), "devices": device_count,
-            "warmup_messages": warm_total, "messages": total, "received": len(latencies),
+    jvm_total = sampler.jvm_total
+    return {"received": len(latencies),
             "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
             "p99_ms": p99, "p999_ms": percentile(latencies, 99.9),
             "max_ms": round(latencies[-1], 2),
@@ -420,15 +454,11 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             "produce_to_kafka_ack_ms_at_most": kafka_ack,
             "machine_busy_pct_mean": sampler.machine_mean,
             # Kafka's JVM over the round: stopped in safepoints (GC pauses among them), compiling.
-            "kafka_jvm_paused_ms": (round(1000 * sampler.jvm_total["paused"], 1)
-                                    if sampler.jvm_total else None),
-            "kafka_jvm_compiling_ms": (round(1000 * sampler.jvm_total["compiling"], 1)
-                                       if sampler.jvm_total else None),
+            "kafka_jvm_paused_ms": round(1000 * jvm_total["paused"], 1) if jvm_total else None,
+            "kafka_jvm_compiling_ms": (round(1000 * jvm_total["compiling"], 1)
+                                       if jvm_total else None),
             "cause": diagnosis["cause"] if p99 > SLOW_MS else None,
-            "diagnosis": diagnosis,
-            "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked,
-            "bridge_exit_code": bridge.process.returncode,
-            "resources": resources}
+            "diagnosis": diagnosis}
 
 
 def combine_rounds(runs: list[dict]) -> dict:
@@ -556,11 +586,7 @@ def run(settings: Settings, out_dir) -> dict:
                "devices": device_count,
                "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "runs": results,
                "plain_runs": plain_results,
-               "plot": str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT)
-                           else image)}
-    figures = out_dir / "e2e_latency.json"
-    figures.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                   "machine": machine(), "command": COMMAND, **summary},
-                                  indent=2) + "\n")
+               "plot": repo_path(image)}
+    figures = write_figures(out_dir, "e2e_latency", COMMAND, summary)
     _say(f"plot written to {image}, figures to {figures}")
     return summary
