@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pika
 import requests
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError
 
 from bench.audit import AuditReport, audit_records
 from bridge.metrics import parse_samples
@@ -41,7 +41,7 @@ from common.config import Settings
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
-from stack.kafka_server import ensure_topic, topic_partitions
+from stack.kafka_server import TopicReader, ensure_topic
 from stack.process import AppProcess, answers, free_port, wait_until
 
 LOGGER = logging.getLogger(__name__)
@@ -59,16 +59,22 @@ class AuditError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Reading Kafka while the stream runs
 
-class KafkaTally:
+class KafkaTally(TopicReader):
     """A thread reading every partition of one topic from the beginning: (seq, msg_id) per device.
 
-    Partitions are assigned, not subscribed: no group membership, so a Kafka restart neither
+    Partitions are assigned (TopicReader): no group membership, so a Kafka restart neither
     stalls the reader until the old member's session expires nor rewinds it to the beginning
     (it has committed nothing). Offsets already read are skipped all the same, so a record is
     counted once however often it is read; duplicates are distinct records with one msg_id.
     """
 
+    batch = 1000
+    join_seconds = 15.0
+
     def __init__(self, settings: Settings, topic: str):
+        super().__init__(settings.kafka_bootstrap, topic,
+                         config={"group.id": f"audit-{uuid.uuid4().hex[:10]}",
+                                 "enable.partition.eof": False, "logger": _KAFKA_LOGGER})
         self.topic = topic
         self.arrivals: dict[str, list[tuple[int, str]]] = {}
         self.count = 0
@@ -76,28 +82,8 @@ class KafkaTally:
         self.errors: list[str] = []
         self._next_offset: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"audit-{uuid.uuid4().hex[:10]}", "enable.auto.commit": False,
-            "enable.partition.eof": False, "logger": _KAFKA_LOGGER})
-        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)
-                               for partition in topic_partitions(self._consumer, topic)])
-        self._thread = threading.Thread(target=self._run, name="kafka-tally", daemon=True)
 
-    def start(self) -> "KafkaTally":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for record in self._consumer.consume(1000, 0.2):
-                    self._add(record)
-        finally:
-            self._consumer.close()
-
-    def _add(self, record) -> None:
+    def on_record(self, record) -> None:
         error = record.error()
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
@@ -135,10 +121,6 @@ class KafkaTally:
     def snapshot(self) -> dict[str, list]:
         with self._lock:
             return {device: list(entries) for device, entries in self.arrivals.items()}
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +392,7 @@ class PipelineRun:
         for child in [self.publisher, *self.bridges]:
             if child is not None and child.running:
                 child.kill()
-        if self.tally is not None and self.tally._thread.is_alive():
+        if self.tally is not None and self.tally.thread.is_alive():
             self.tally.stop()
         if self.declare:
             try:
