@@ -36,6 +36,7 @@ import requests
 from confluent_kafka import KafkaError
 
 from bench.audit import AuditReport, audit_records
+from bench.common import start_bridge
 from bridge.metrics import parse_samples
 from common.config import Settings
 from rabbitmq import topology
@@ -131,7 +132,6 @@ class ChildProcess(AppProcess):
 
     def __init__(self, name: str, args: list[str], settings: Settings, log_path: Path):
         super().__init__(args, {**os.environ, **settings.to_env()}, log_path, name)
-        self.metrics_url = ""  # a bridge's /metrics
         LOGGER.info("%s started (pid %d), log %s", name, self.pid, log_path)
 
 
@@ -164,8 +164,9 @@ class PipelineRun:
         self.replication = replication  # of the run's Kafka topic
         self.publisher: ChildProcess | None = None
         self.publisher_url = ""
-        self.bridge: ChildProcess | None = None
-        self.bridges: list[ChildProcess] = []
+        self.bridge: AppProcess | None = None
+        self.bridges: list[AppProcess] = []
+        self._metrics_urls: dict[AppProcess, str] = {}  # each bridge's /metrics
         self.bridge_exit_codes: list[int] = []
         self.tally: KafkaTally | None = None
         self.rows: dict[str, dict] = {}        # last GET /devices row per device
@@ -226,14 +227,12 @@ class PipelineRun:
         topology.enrol_devices(self.settings, self.devices)
         topology.declare_devices(self.settings, self.devices)
 
-    def start_bridge(self, wait: bool = True) -> ChildProcess:
+    def start_bridge(self, wait: bool = True) -> AppProcess:
         """Start a `python -m bridge` for this run's queues and topic; wait until it consumes."""
-        port = free_port()
-        bridge = ChildProcess(
-            "bridge", ["bridge", "--queues", ",".join(self.queues), "--topic-template", self.topic,
-                       "--metrics-port", str(port), *self.bridge_flags],
-            self.settings, self.work_dir / f"bridge-{len(self.bridges) + 1}.log")
-        bridge.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        bridge, metrics_url = start_bridge(
+            self.settings, self.queues, self.work_dir / f"bridge-{len(self.bridges) + 1}.log",
+            ["--topic-template", self.topic, *self.bridge_flags])
+        self._metrics_urls[bridge] = metrics_url + "/metrics"
         self.bridge = bridge
         self.bridges.append(bridge)
         if wait:
@@ -241,11 +240,11 @@ class PipelineRun:
         self.note(f"bridge {len(self.bridges)} started (pid {bridge.process.pid})")
         return bridge
 
-    def bridge_metric(self, name: str, bridge: ChildProcess | None = None) -> float | None:
+    def bridge_metric(self, name: str, bridge: AppProcess | None = None) -> float | None:
         """One sample of `bridge`'s /metrics (default: the current bridge's), None when it does
         not answer."""
         try:
-            text = self._http.get((bridge or self.bridge).metrics_url, timeout=2).text
+            text = self._http.get(self._metrics_urls[bridge or self.bridge], timeout=2).text
         except requests.RequestException:
             return None
         return parse_samples(text).get(name)
@@ -256,7 +255,7 @@ class PipelineRun:
                    timeout, 0.1, f"the bridge to consume {len(self.queues)} queues",
                    watch=[self.bridge])
 
-    def kill_bridge(self, bridge: ChildProcess | None = None) -> int:
+    def kill_bridge(self, bridge: AppProcess | None = None) -> int:
         """kill -9 `bridge` (default: the current one; the one started before it becomes the
         current one); returns its exit code (-9)."""
         bridge = bridge or self.bridge
