@@ -35,6 +35,18 @@ class DeviceAudit:
         return not self.missing and not self.out_of_order
 
 
+TOTALS = ("published", "acked", "dropped", "arrived", "records", "missing", "duplicated",
+          "out_of_order", "unexpected")  # summed over the devices, in the report's order
+
+
+def _device_sum(name: str, measure=None) -> property:
+    """A property of the report: the devices' `name` (or `measure` of it) summed."""
+    def total(report: "AuditReport") -> int:
+        values = (getattr(device, name) for device in report.devices)
+        return sum(map(measure, values) if measure else values)
+    return property(total, doc=f"{name} summed over the devices")
+
+
 @dataclass
 class AuditReport:
     """Totals and per-device rows of one audited run; `ok` only with nothing missing or reordered."""
@@ -44,41 +56,15 @@ class AuditReport:
     foreign: int = 0        # records that are not a device payload with seq/msg_id
     figures: dict = field(default_factory=dict)
 
-    @property
-    def published(self) -> int:
-        return sum(d.published for d in self.devices)
-
-    @property
-    def acked(self) -> int:
-        return sum(d.acked for d in self.devices)
-
-    @property
-    def dropped(self) -> int:
-        return sum(d.dropped for d in self.devices)
-
-    @property
-    def arrived(self) -> int:
-        return sum(d.arrived for d in self.devices)
-
-    @property
-    def records(self) -> int:
-        return sum(d.records for d in self.devices)
-
-    @property
-    def missing(self) -> int:
-        return sum(len(d.missing) for d in self.devices)
-
-    @property
-    def duplicated(self) -> int:
-        return sum(d.duplicated for d in self.devices)
-
-    @property
-    def out_of_order(self) -> int:
-        return sum(d.out_of_order for d in self.devices)
-
-    @property
-    def unexpected(self) -> int:
-        return sum(d.unexpected for d in self.devices)
+    published = _device_sum("published")
+    acked = _device_sum("acked")
+    dropped = _device_sum("dropped")
+    arrived = _device_sum("arrived")
+    records = _device_sum("records")
+    missing = _device_sum("missing", len)
+    duplicated = _device_sum("duplicated")
+    out_of_order = _device_sum("out_of_order")
+    unexpected = _device_sum("unexpected")
 
     @property
     def ok(self) -> bool:
@@ -87,10 +73,7 @@ class AuditReport:
 
     def totals(self) -> dict:
         """The totals, JSON-ready."""
-        return {"devices": len(self.devices), "published": self.published, "acked": self.acked,
-                "dropped": self.dropped, "arrived": self.arrived, "records": self.records,
-                "missing": self.missing, "duplicated": self.duplicated,
-                "out_of_order": self.out_of_order, "unexpected": self.unexpected,
+        return {"devices": len(self.devices), **{name: getattr(self, name) for name in TOTALS},
                 "foreign": self.foreign, "ok": self.ok}
 
     def to_json(self) -> dict:

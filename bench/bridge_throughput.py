@@ -22,12 +22,12 @@ import psutil
 import requests
 from confluent_kafka import Producer
 
-from bench.common import machine, metric, pyplot, save_figure, start_bridge
+from bench.common import metric, pyplot, repo_path, save_figure, start_bridge, write_figures
 from bridge.options import BridgeOptions
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
-from common.config import REPO_ROOT, Settings
+from common.config import Settings
 
 DEFAULT_MESSAGES = 200_000
 COMMAND = ".venv/bin/python -m bench bridge_throughput  (WEBOS_BENCH_MESSAGES, WEBOS_BENCH_ROUNDS " \
@@ -363,10 +363,7 @@ def run(settings: Settings, out_dir) -> dict:
          f"bridge peak RSS {result['bridge_peak_rss_mb']} MB")
     image = out_dir / "bridge_throughput.png"
     plot(result, image)
-    result["plot"] = str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT) else image)
-    figures = out_dir / "bridge_throughput.json"
-    figures.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                   "machine": machine(), "command": COMMAND, **result},
-                                  indent=2) + "\n")
+    result["plot"] = repo_path(image)
+    figures = write_figures(out_dir, "bridge_throughput", COMMAND, result)
     _say(f"plot written to {image}, figures to {figures}")
     return result

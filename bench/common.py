@@ -2,6 +2,7 @@
 /metrics, a queue's depth, and a sampler of each process's CPU and memory (with Kafka's JVM)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import struct
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from bridge.metrics import parse_samples
-from common.config import Settings
+from common.config import REPO_ROOT, Settings
 from rabbitmq import endpoints
 from stack.process import AppProcess, free_port
 
@@ -23,6 +24,19 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "kernel": platform.release()}
+
+
+def repo_path(path: Path) -> str:
+    """`path` as the figures name it: relative to the repository when it lies inside it."""
+    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+
+def write_figures(out_dir: Path, name: str, command: str, figures: dict) -> Path:
+    """`name`.json in `out_dir`: the date, the machine, the command that measured and `figures`."""
+    path = Path(out_dir) / f"{name}.json"
+    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                                "command": command, **figures}, indent=2) + "\n")
+    return path
 
 
 def queue_depth(settings: Settings, queue: str) -> int:

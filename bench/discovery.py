@@ -13,7 +13,6 @@ start `python -m bridge` on them (by --queue-pattern), then measure
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -24,7 +23,7 @@ import pika
 import psutil
 import requests
 
-from bench.common import machine, metric, start_bridge
+from bench.common import metric, start_bridge, write_figures
 from common.config import Settings
 from rabbitmq import topology
 from rabbitmq import endpoints
@@ -133,7 +132,5 @@ def run(settings: Settings, out_dir) -> dict:
     logs = Path(tempfile.mkdtemp(prefix="webos-bench-discovery-"))
     _say(f"queue counts {counts}; bridge logs in {logs}")
     result = {"runs": [run_one(settings, count, idle_seconds, logs) for count in counts]}
-    (out_dir / "discovery.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "command": COMMAND,
-         **result}, indent=2) + "\n")
+    write_figures(out_dir, "discovery", COMMAND, result)
     return result

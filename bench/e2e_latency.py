@@ -19,7 +19,7 @@ RabbitMQ when the timed loop ends) tells that case apart.
 
 Every round's p50/p99/max is printed and kept. A round whose p99 is above SLOW_MS (20 ms, the
 1,000 msg/s target) gets a short `cause`, from what was measured in that round
-(`diagnosis`): of the messages slower than SLOW_MS, which half of the trip took their time (before
+(`diagnosis`, bench/slow_rounds.py): of the messages slower than SLOW_MS, which half of the trip took their time (before
 the bridge's produce call: paho, RabbitMQ, the bridge's consume; after it: the producer's linger
 and Kafka's ack, from the bridge's delivery-latency histogram, then the fetch); when in the round
 they were sent (all in the first seconds: warm-up; bursts at regular intervals: periodic, such as
@@ -43,18 +43,17 @@ import paho.mqtt.client as mqtt
 import pika
 import psutil
 import requests
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import (JVM_COUNTERS, SAMPLE_PERIOD, ResourceSampler, listening_process,
-                          machine, pyplot, queue_depth, save_figure, start_bridge)
+from bench.common import (ResourceSampler, listening_process, pyplot, queue_depth, repo_path,
+                          save_figure, start_bridge, write_figures)
+from bench.slow_rounds import SLOW_MS, diagnose, histogram_buckets, histogram_quantile_ms
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
-from common.config import REPO_ROOT, Settings
+from common.config import Settings
 from common.pki import PKI, client_context
-from stack.kafka_server import ensure_topic, topic_partitions
+from stack.kafka_server import TopicReader, ensure_topic
 
 DEFAULT_RATES = (100, 1000, 2000)
 PLAIN_RATE = 1000  # also run over plain MQTT, for the cost of TLS
@@ -66,10 +65,6 @@ COMMAND = (".venv/bin/python -m bench e2e_latency  (WEBOS_BENCH_RATES=100,1000,2
 
 
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records after the publishers stop
-SLOW_MS = 20.0  # a message slower than this is slow; a round whose p99 is above it gets a cause
-EPISODE_GAP = 0.5  # seconds without a slow message that end one burst of them
-WARM_UP_SPAN = 2.0  # slow messages in the first seconds of a round point at warm-up
-SATURATED = 90.0  # % of all cores busy: the machine had no CPU to spare
 DELIVERY_HISTOGRAM = "webos_bridge_delivery_latency_seconds"  # produce -> Kafka's ack, bridge side
 
 
@@ -83,16 +78,14 @@ def rates() -> list[int]:
     return [int(part) for part in raw.split(",") if part.strip()] if raw else list(DEFAULT_RATES)
 
 
-class ArrivalReader:
+class ArrivalReader(TopicReader):
     """Every partition of `topic` from the beginning, in a thread: latency of each timed record."""
 
+    poll_seconds = 0.05
+
     def __init__(self, settings: Settings, topic: str):
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                                  "group.id": f"bench-e2e-{uuid.uuid4().hex[:6]}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
-                                  "fetch.error.backoff.ms": 10})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
-                              for p in topic_partitions(self.consumer, topic)])
+        super().__init__(settings.kafka_bootstrap, topic,
+                         config={"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 10})
         self.latencies_ms: list[float] = []
         # The same trip cut at the record's CreateTime (the bridge's produce call, ms resolution):
         # MQTT publish -> bridge produce, and bridge produce -> arrival here.
@@ -100,36 +93,25 @@ class ArrivalReader:
         self.after_bridge_ms: list[float] = []
         self.sent_ns: list[int] = []  # when each timed record was published, in the same order
         self.warm_devices: set[str] = set()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def run(self) -> None:
-        try:
-            while not self.done.is_set():
-                record = self.consumer.poll(0.05)
-                if record is None or record.error():
-                    continue
-                received = time.time_ns()
-                value = record.value()
-                # t_ns is the payload's last field: slicing it out keeps this thread, which
-                # shares the GIL with the publishing loop, cheap at thousands of records/s.
-                at = value.rfind(b'"t_ns": ')
-                if at < 0:
-                    self.warm_devices.add(json.loads(value).get("id"))
-                else:
-                    sent = int(value[at + 8:-1])
-                    produced_ms = record.timestamp()[1]
-                    self.latencies_ms.append((received - sent) / 1e6)
-                    self.to_bridge_ms.append(produced_ms - sent / 1e6)
-                    self.after_bridge_ms.append(received / 1e6 - produced_ms)
-                    self.sent_ns.append(sent)
-        finally:
-            self.consumer.close()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(10)
+    def on_record(self, record) -> None:
+        if record.error():
+            return
+        received = time.time_ns()
+        value = record.value()
+        # t_ns is the payload's last field: slicing it out keeps this thread, which
+        # shares the GIL with the publishing loop, cheap at thousands of records/s.
+        at = value.rfind(b'"t_ns": ')
+        if at < 0:
+            self.warm_devices.add(json.loads(value).get("id"))
+        else:
+            sent = int(value[at + 8:-1])
+            produced_ms = record.timestamp()[1]
+            self.latencies_ms.append((received - sent) / 1e6)
+            self.to_bridge_ms.append(produced_ms - sent / 1e6)
+            self.after_bridge_ms.append(received / 1e6 - produced_ms)
+            self.sent_ns.append(sent)
 
 
 def connect_devices(settings: Settings, devices: list[str], acked: list[int],
@@ -164,141 +146,6 @@ def percentile(values: list[float], p: float) -> float:
     return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
 
 
-# ---------------------------------------------------------------------------------------------
-# Why a round was slow: pure functions of what the round measured
-
-def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
-    """(upper bound in s, cumulative count) of the Prometheus histogram `name` in /metrics text."""
-    return sorted((float(sample.labels["le"]), sample.value)
-                  for family in text_string_to_metric_families(text) if family.name == name
-                  for sample in family.samples if sample.name == name + "_bucket")
-
-
-def histogram_quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, float]],
-                          share: float) -> float | None:
-    """Upper bound (ms) of the bucket holding the `share` quantile of what one histogram counted
-    between two readings; None when it counted nothing."""
-    counted_before = dict(before)
-    counts = [(bound, count - counted_before.get(bound, 0.0)) for bound, count in after]
-    if not counts or counts[-1][1] <= 0:
-        return None
-    finite = [bound for bound, _ in counts if bound != float("inf")]
-    for bound, running in counts:
-        if running >= share * counts[-1][1]:
-            return round(1000 * (bound if bound != float("inf") else finite[-1]), 1)
-    return None
-
-
-def slow_split(latency_ms: list[float], to_bridge_ms: list[float],
-               slow_ms: float = SLOW_MS) -> dict:
-    """Of the messages slower than `slow_ms`: how many, and how their time splits at the bridge's
-    produce call (share before it; medians of each half)."""
-    slow = [(total, min(max(before, 0.0), total))
-            for total, before in zip(latency_ms, to_bridge_ms) if total > slow_ms]
-    if not slow:
-        return {"slow_messages": 0, "before_produce_share": None,
-                "before_produce_ms_p50": None, "after_produce_ms_p50": None}
-    return {"slow_messages": len(slow),
-            "before_produce_share": round(sum(b for _, b in slow) / sum(t for t, _ in slow), 2),
-            "before_produce_ms_p50": round(statistics.median(b for _, b in slow), 1),
-            "after_produce_ms_p50": round(statistics.median(t - b for t, b in slow), 1)}
-
-
-def bursts(offsets_s: list[float], gap_s: float = EPISODE_GAP) -> list[dict]:
-    """Runs of send times (s into the round) less than `gap_s` apart: when slow messages came."""
-    found: list[dict] = []
-    for offset in sorted(offsets_s):
-        if found and offset - found[-1]["end_s"] < gap_s:
-            found[-1]["end_s"] = offset
-            found[-1]["messages"] += 1
-        else:
-            found.append({"start_s": offset, "end_s": offset, "messages": 1})
-    return [{**burst, "start_s": round(burst["start_s"], 3), "end_s": round(burst["end_s"], 3)}
-            for burst in found]
-
-
-def timing_pattern(offsets_s: list[float], window_s: float) -> str:
-    """When in the round the slow messages were sent, in a few words."""
-    if not offsets_s:
-        return "no slow message"
-    found = bursts(offsets_s)
-    early = sum(offset < WARM_UP_SPAN for offset in offsets_s) / len(offsets_s)
-    if early >= 0.8:
-        return f"warm-up ({early:.0%} in the first {WARM_UP_SPAN:.0f} s)"
-    covered = sum(burst["end_s"] - burst["start_s"] for burst in found)
-    if covered >= 0.5 * window_s:
-        return "throughout the round" + (f" ({len(found)} bursts)" if len(found) > 1 else "")
-    if len(found) == 1:
-        burst = found[0]
-        return (f"one burst at {burst['start_s']:.1f} s "
-                f"({1000 * (burst['end_s'] - burst['start_s']):.0f} ms of sends)")
-    starts = [burst["start_s"] for burst in found]
-    intervals = [b - a for a, b in zip(starts, starts[1:])]
-    mean = statistics.mean(intervals)
-    if len(found) >= 3 and max(intervals) - min(intervals) <= 0.3 * mean:
-        return f"periodic, every {mean:.1f} s ({len(found)} bursts)"
-    if len(found) <= 4:
-        return f"{len(found)} bursts, at {', '.join(f'{start:.1f}' for start in starts)} s"
-    return f"spread over the round ({len(found)} bursts)"
-
-
-def during(series: list[tuple[float, float]], found: list[dict],
-           period: float = SAMPLE_PERIOD) -> list[float]:
-    """The values of a sampled series ((end of interval s, value) points) whose interval overlaps
-    a burst or the sample period after it (a message sent then waits into it)."""
-    return [value for at, value in series
-            if any(at - period <= burst["end_s"] + period and at >= burst["start_s"]
-                   for burst in found)]
-
-
-def diagnose(latency_ms: list[float], to_bridge_ms: list[float], offsets_s: list[float],
-             window_s: float, series: dict[str, list[tuple[float, float]]],
-             kafka_ack_p99_ms: float | None, slow_ms: float = SLOW_MS) -> dict:
-    """Where, when and beside what the slow messages of one round went: the figures and a short
-    `cause` string. `series`: sampled per process (% of one core), and `machine` (% of all cores
-    busy), `others` (% of one core), `jvm_paused` and `jvm_compiling` (seconds per sample)."""
-    split = slow_split(latency_ms, to_bridge_ms, slow_ms)
-    slow_offsets = [offset for offset, total in zip(offsets_s, latency_ms) if total > slow_ms]
-    found = bursts(slow_offsets)
-    when = timing_pattern(slow_offsets, window_s)
-    in_bursts = {name: during(points, found) for name, points in series.items()}
-    cpu = {name: values for name, values in in_bursts.items()
-           if values and not name.startswith("jvm_")}
-    mean = {name: round(statistics.mean(values), 1) for name, values in cpu.items()}
-    jvm_ms = {name: round(1000 * sum(in_bursts[f"jvm_{name}"]), 1)
-              if in_bursts.get(f"jvm_{name}") else None for name in JVM_COUNTERS}
-    figures = {**split, "slow_ms": slow_ms, "when": when, "bursts": found[:20],
-               "bursts_total": len(found), "cpu_mean_in_bursts_pct": mean,
-               "cpu_peak_in_bursts_pct": {name: max(values) for name, values in cpu.items()},
-               "kafka_ack_p99_ms": kafka_ack_p99_ms,
-               "kafka_jvm_paused_in_bursts_ms": jvm_ms["paused"],
-               "kafka_jvm_compiling_in_bursts_ms": jvm_ms["compiling"]}
-    if not split["slow_messages"]:
-        return {**figures, "cause": None}
-    share = split["before_produce_share"]
-    if share >= 0.67:
-        where = f"before the bridge's produce ({share:.0%}: paho, RabbitMQ, bridge consume)"
-    elif share <= 0.33:
-        if kafka_ack_p99_ms is not None and kafka_ack_p99_ms > slow_ms:
-            where = f"after produce, Kafka's acks (p99 <= {kafka_ack_p99_ms:.0f} ms)"
-        else:
-            where = "after Kafka's ack (fetch, reader)" if kafka_ack_p99_ms is not None \
-                else "after the bridge's produce"
-    else:
-        where = f"both halves ({share:.0%} before produce)"
-    parts = [where, when]
-    if "machine" in mean:
-        busy = mean["machine"]
-        others = f", other processes {mean['others']:.0f} % of a core" if "others" in mean else ""
-        parts.append(f"machine {'saturated' if busy >= SATURATED else 'not saturated'} "
-                     f"({busy:.0f} % busy{others})")
-    if (jvm_ms["compiling"] or 0) >= 100:
-        parts.append(f"Kafka's JIT compiler busy ({jvm_ms['compiling'] / 1000:.1f} s)")
-    if (jvm_ms["paused"] or 0) >= 10:
-        parts.append(f"Kafka's JVM paused {jvm_ms['paused']:.0f} ms")
-    return {**figures, "cause": "; ".join(parts)}
-
-
 def _delivery_histogram(metrics_url: str) -> list[tuple[float, float]]:
     """The bridge's produce -> Kafka ack histogram now ([] if /metrics does not answer)."""
     try:
@@ -308,108 +155,155 @@ def _delivery_histogram(metrics_url: str) -> list[tuple[float, float]]:
         return []
 
 
-def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
-             log_path: Path, brokers: dict[str, psutil.Process | None],
-             plain: bool = False) -> dict:
-    """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
-    run_id = uuid.uuid4().hex[:6]
-    devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
-    topic = f"bench.e2e.{rate}.{run_id}"
-    topology.enrol_devices(settings, devices)
-    topology.declare_devices(settings, devices)
-    ensure_topic(settings.kafka_bootstrap, topic, settings.kafka_partitions)
-    bridge, metrics_url = start_bridge(settings, [naming.device_queue(d) for d in devices],
-                                        log_path, ["--topic-template", topic])
-    reader = ArrivalReader(settings, topic)
-    clients: list[mqtt.Client] = []
-    warm_total, total = int(rate * warmup), int(rate * seconds)
-    try:
-        acked = [0] * device_count
-        clients = connect_devices(settings, devices, acked, plain)
-        topics = [naming.mqtt_topic(device, "info") for device in devices]
-        # Warm up until every device's first message made the whole trip (bridge consuming each
-        # queue, reader fetching): otherwise the first records measure start-up, not the path.
+class Round:
+    """One offered load's fresh devices (MQTT clients), queues, topic, bridge and arrival reader."""
+
+    def __init__(self, settings: Settings, rate: int, device_count: int, log_path: Path):
+        run_id = uuid.uuid4().hex[:6]
+        self.settings, self.rate, self.log_path, self.run_id = settings, rate, log_path, run_id
+        self.devices = [f"E2E{rate}-{run_id}-{n}" for n in range(device_count)]
+        self.topic = f"bench.e2e.{rate}.{run_id}"
+        topology.enrol_devices(settings, self.devices)
+        topology.declare_devices(settings, self.devices)
+        ensure_topic(settings.kafka_bootstrap, self.topic, settings.kafka_partitions)
+        self.bridge, self.metrics_url = start_bridge(
+            settings, [naming.device_queue(d) for d in self.devices], log_path,
+            ["--topic-template", self.topic])
+        self.reader = ArrivalReader(settings, self.topic)
+        self.clients: list[mqtt.Client] = []
+        self.acked = [0] * device_count
+        self.mqtt_topics = [naming.mqtt_topic(device, "info") for device in self.devices]
+
+    def connect(self, plain: bool) -> None:
+        """The devices' MQTT clients (see connect_devices)."""
+        self.clients = connect_devices(self.settings, self.devices, self.acked, plain)
+
+    def warm_up(self) -> int:
+        """Until every device's first message made the whole trip (bridge consuming each queue,
+        reader fetching): otherwise the first records measure start-up, not the path. The
+        number of probes sent."""
         deadline = time.monotonic() + 60
         probes = 0
-        while reader.warm_devices < set(devices):
-            bridge.check_running("during the warm-up")
+        while self.reader.warm_devices < set(self.devices):
+            self.bridge.check_running("during the warm-up")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no warm-up record from every device in 60 s; see {log_path}")
-            for client, device, mqtt_topic in zip(clients, devices, topics):
-                if device not in reader.warm_devices:
+                raise RuntimeError(f"no warm-up record from every device in 60 s; see "
+                                   f"{self.log_path}")
+            for client, device, mqtt_topic in zip(self.clients, self.devices, self.mqtt_topics):
+                if device not in self.reader.warm_devices:
                     client.publish(mqtt_topic, json.dumps({"id": device, "warmup": True}), qos=1)
                     probes += 1
             time.sleep(0.5)  # re-send period of the warm-up probes
-        sampler = ResourceSampler({"bridge": psutil.Process(bridge.pid), **brokers,
-                                   "bench_clients": psutil.Process()}, alone=["bench_clients"],
-                                  jvm="kafka")
-        _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
-             f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
+        return probes
+
+    def publish(self, warm_total: int, total: int, sampler: ResourceSampler) -> dict:
+        """Publish at the offered load: `warm_total` untimed messages, then `total` timed ones
+        (the sampler and the delivery histogram start with those). What the loop saw."""
+        device_count = len(self.devices)
         start = time.perf_counter()
         next_report = start + 2
-        peak_waiting = 0
+        seen = {"peak_waiting": 0}
         for seq in range(warm_total + total):
             if seq == warm_total:
-                delivery_before = _delivery_histogram(metrics_url)
-                timed_start_ns = time.time_ns()
+                seen["delivery_before"] = _delivery_histogram(self.metrics_url)
+                seen["timed_start_ns"] = time.time_ns()
                 sampler.start()
-                peak_waiting = 0  # the timed part's own
+                seen["peak_waiting"] = 0  # the timed part's own
                 timed_start = time.perf_counter()
-            slot = start + seq / rate
-            pause = slot - time.perf_counter()
+            pause = start + seq / self.rate - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)  # pacing the devices to the offered load
             index = seq % device_count
-            device = devices[index]
+            device = self.devices[index]
             fields = {"Producer": device, "command": "position", "id": device, "x": seq % 7,
                       "y": seq % 5, "status": "Active", "seq": seq // device_count,
-                      "msg_id": f"{run_id}-{seq}", "ts": int(time.time() * 1000)}
+                      "msg_id": f"{self.run_id}-{seq}", "ts": int(time.time() * 1000)}
             if seq < warm_total:
                 fields["warmup"] = True
             else:
                 fields["t_ns"] = time.time_ns()  # last field: the reader slices it out
-            clients[index].publish(topics[index], json.dumps(fields), qos=1)
+            self.clients[index].publish(self.mqtt_topics[index], json.dumps(fields), qos=1)
             if time.perf_counter() >= next_report:
                 next_report += 2
-                waiting = sum(queue_depth(settings, naming.device_queue(d)) for d in devices)
-                peak_waiting = max(peak_waiting, waiting)
+                waiting = sum(queue_depth(self.settings, naming.device_queue(d))
+                              for d in self.devices)
+                seen["peak_waiting"] = max(seen["peak_waiting"], waiting)
                 _say(f"  sent {seq + 1}/{warm_total + total}, in RabbitMQ {waiting} (management "
-                     f"API, a few s old), timed arrivals {len(reader.latencies_ms)}")
-        achieved = total / (time.perf_counter() - timed_start)
-        # publish() only queues in paho: what RabbitMQ has not acknowledged when the loop ends
-        # shows a load generator that fell behind (its delay then counts as latency).
-        unacked = probes + warm_total + total - sum(acked)
+                     f"API, a few s old), timed arrivals {len(self.reader.latencies_ms)}")
+        seen["achieved"] = total / (time.perf_counter() - timed_start)
+        return seen
+
+    def drain(self, total: int) -> None:
+        """Until the reader has every timed record, or DRAIN_TIMEOUT."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while len(reader.latencies_ms) < total and time.monotonic() < deadline:
-            bridge.check_running("while Kafka drained")
+        while len(self.reader.latencies_ms) < total and time.monotonic() < deadline:
+            self.bridge.check_running("while Kafka drained")
             time.sleep(0.1)  # polling the reader's count; it has its own thread
-        delivery_after = _delivery_histogram(metrics_url)
-        resources = sampler.stop()
-    finally:
-        reader.stop()
-        for client in clients:
+
+    def close(self) -> None:
+        """Stop the reader, the clients and the bridge; delete the devices and the topic."""
+        self.reader.stop()
+        for client in self.clients:
             client.disconnect()
             client.loop_stop()
-        bridge.stop(60)
-        with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
+        self.bridge.stop(60)
+        with pika.BlockingConnection(endpoints.admin_parameters(self.settings)) as connection:
             channel = connection.channel()
-            for device in devices:
+            for device in self.devices:
                 topology.delete_device(channel, device)
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics([topic])
-    latencies = sorted(reader.latencies_ms)
-    if not latencies:
+        AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap}).delete_topics([self.topic])
+
+
+def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, device_count: int,
+             log_path: Path, brokers: dict[str, psutil.Process | None],
+             plain: bool = False) -> dict:
+    """One offered load: fresh devices, topic and bridge; latency percentiles and resources."""
+    warm_total, total = int(rate * warmup), int(rate * seconds)
+    round_ = Round(settings, rate, device_count, log_path)
+    try:
+        round_.connect(plain)
+        probes = round_.warm_up()
+        sampler = ResourceSampler({"bridge": psutil.Process(round_.bridge.pid), **brokers,
+                                   "bench_clients": psutil.Process()}, alone=["bench_clients"],
+                                  jvm="kafka")
+        _say(f"{rate} msg/s from {device_count} devices: {warm_total} messages to warm up "
+             f"(untimed: Kafka's JIT compiler, caches), then {total} timed")
+        seen = round_.publish(warm_total, total, sampler)
+        # publish() only queues in paho: what RabbitMQ has not acknowledged when the loop ends
+        # shows a load generator that fell behind (its delay then counts as latency).
+        seen["unacked"] = probes + warm_total + total - sum(round_.acked)
+        round_.drain(total)
+        seen["delivery_after"] = _delivery_histogram(round_.metrics_url)
+        resources = sampler.stop()
+    finally:
+        round_.close()
+    if not round_.reader.latencies_ms:
         raise RuntimeError(f"no timed record arrived at {rate} msg/s; see {log_path}")
+    return {"rate_target": rate, "rate_achieved": round(seen["achieved"]), "devices": device_count,
+            "warmup_messages": warm_total, "messages": total,
+            **_round_figures(round_.reader, sampler, seen, seconds),
+            "peak_rabbitmq_backlog": seen["peak_waiting"],
+            "generator_unacked_at_end": seen["unacked"],
+            "bridge_exit_code": round_.bridge.process.returncode,
+            "resources": resources}
+
+
+def _round_figures(reader: ArrivalReader, sampler: ResourceSampler, seen: dict,
+                   seconds: float) -> dict:
+    """Latency percentiles of one round, where its time went and why it was slow."""
+    latencies = sorted(reader.latencies_ms)
     to_bridge, after_bridge = sorted(reader.to_bridge_ms), sorted(reader.after_bridge_ms)
-    kafka_ack = {p: histogram_quantile_ms(delivery_before, delivery_after, p / 100)
+    kafka_ack = {p: histogram_quantile_ms(seen["delivery_before"], seen["delivery_after"], p / 100)
                  for p in (50, 99)}
     diagnosis = diagnose(reader.latencies_ms, reader.to_bridge_ms,
-                         [(sent - timed_start_ns) / 1e9 for sent in reader.sent_ns], seconds,
+                         [(sent - seen["timed_start_ns"]) / 1e9 for sent in reader.sent_ns],
+                         seconds,
                          {**sampler.series, "machine": sampler.machine, "others": sampler.others,
                           "jvm_paused": sampler.jvm_paused, "jvm_compiling": sampler.jvm_compiling},
                          kafka_ack[99])
     p99 = percentile(latencies, 99)
-    return {"rate_target": rate, "rate_achieved": round(achieved), "devices": device_count,
-            "warmup_messages": warm_total, "messages": total, "received": len(latencies),
+    jvm_total = sampler.jvm_total
+    return {"received": len(latencies),
             "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
             "p99_ms": p99, "p999_ms": percentile(latencies, 99.9),
             "max_ms": round(latencies[-1], 2),
@@ -420,15 +314,11 @@ def run_rate(settings: Settings, rate: int, seconds: float, warmup: float, devic
             "produce_to_kafka_ack_ms_at_most": kafka_ack,
             "machine_busy_pct_mean": sampler.machine_mean,
             # Kafka's JVM over the round: stopped in safepoints (GC pauses among them), compiling.
-            "kafka_jvm_paused_ms": (round(1000 * sampler.jvm_total["paused"], 1)
-                                    if sampler.jvm_total else None),
-            "kafka_jvm_compiling_ms": (round(1000 * sampler.jvm_total["compiling"], 1)
-                                       if sampler.jvm_total else None),
+            "kafka_jvm_paused_ms": round(1000 * jvm_total["paused"], 1) if jvm_total else None,
+            "kafka_jvm_compiling_ms": (round(1000 * jvm_total["compiling"], 1)
+                                       if jvm_total else None),
             "cause": diagnosis["cause"] if p99 > SLOW_MS else None,
-            "diagnosis": diagnosis,
-            "peak_rabbitmq_backlog": peak_waiting, "generator_unacked_at_end": unacked,
-            "bridge_exit_code": bridge.process.returncode,
-            "resources": resources}
+            "diagnosis": diagnosis}
 
 
 def combine_rounds(runs: list[dict]) -> dict:
@@ -485,6 +375,28 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(figure, path)
 
 
+def _say_round(rate: int, result: dict) -> None:
+    """One round's figures, where its time went and, if slow, why."""
+    resources = ", ".join(f"{name} {r['cpu_mean_pct']}% CPU {r['peak_rss_mb']} MB"
+                          for name, r in result["resources"].items())
+    _say(f"{rate} msg/s: achieved {result['rate_achieved']}, received "
+         f"{result['received']}/{result['messages']}, p50 {result['p50_ms']} ms, p99 "
+         f"{result['p99_ms']} ms, max {result['max_ms']} ms, not yet acknowledged by "
+         f"RabbitMQ at the end {result['generator_unacked_at_end']}; {resources}; machine "
+         f"{result['machine_busy_pct_mean']}% busy; Kafka's JVM paused "
+         f"{result['kafka_jvm_paused_ms']} ms, compiled "
+         f"{result['kafka_jvm_compiling_ms']} ms")
+    diagnosis = result["diagnosis"]
+    _say(f"  split at the bridge's produce: p50 {result['publish_to_produce_ms'][50]} + "
+         f"{result['produce_to_consume_ms'][50]} ms, p99 "
+         f"{result['publish_to_produce_ms'][99]} + {result['produce_to_consume_ms'][99]} ms"
+         f" (produce -> Kafka's ack: p50 <= {result['produce_to_kafka_ack_ms_at_most'][50]}"
+         f", p99 <= {result['produce_to_kafka_ack_ms_at_most'][99]} ms); "
+         f"{diagnosis['slow_messages']} messages over {SLOW_MS:.0f} ms")
+    if result["cause"]:
+        _say(f"  p99 above {SLOW_MS:.0f} ms, likely cause: {result['cause']}")
+
+
 def run(settings: Settings, out_dir) -> dict:
     """Every rate in WEBOS_BENCH_RATES; figures, a PNG and a JSON file in out_dir."""
     out_dir = Path(out_dir)
@@ -522,24 +434,7 @@ def run(settings: Settings, out_dir) -> dict:
             _say(f"{rate} msg/s, round {round_ + 1}/{rounds}")
             result = run_rate(settings, rate, seconds, warmup, device_count, log_path, brokers)
             runs.append(result)
-            resources = ", ".join(f"{name} {r['cpu_mean_pct']}% CPU {r['peak_rss_mb']} MB"
-                                  for name, r in result["resources"].items())
-            _say(f"{rate} msg/s: achieved {result['rate_achieved']}, received "
-                 f"{result['received']}/{result['messages']}, p50 {result['p50_ms']} ms, p99 "
-                 f"{result['p99_ms']} ms, max {result['max_ms']} ms, not yet acknowledged by "
-                 f"RabbitMQ at the end {result['generator_unacked_at_end']}; {resources}; machine "
-                 f"{result['machine_busy_pct_mean']}% busy; Kafka's JVM paused "
-                 f"{result['kafka_jvm_paused_ms']} ms, compiled "
-                 f"{result['kafka_jvm_compiling_ms']} ms")
-            diagnosis = result["diagnosis"]
-            _say(f"  split at the bridge's produce: p50 {result['publish_to_produce_ms'][50]} + "
-                 f"{result['produce_to_consume_ms'][50]} ms, p99 "
-                 f"{result['publish_to_produce_ms'][99]} + {result['produce_to_consume_ms'][99]} ms"
-                 f" (produce -> Kafka's ack: p50 <= {result['produce_to_kafka_ack_ms_at_most'][50]}"
-                 f", p99 <= {result['produce_to_kafka_ack_ms_at_most'][99]} ms); "
-                 f"{diagnosis['slow_messages']} messages over {SLOW_MS:.0f} ms")
-            if result["cause"]:
-                _say(f"  p99 above {SLOW_MS:.0f} ms, likely cause: {result['cause']}")
+            _say_round(rate, result)
         combined = combine_rounds(runs)
         _say(f"{rate} msg/s, every round (p50 / p99 / max ms): " + "; ".join(
             f"{p50} / {p99} / {worst}" + (f" ({cause})" if cause else "")
@@ -556,11 +451,7 @@ def run(settings: Settings, out_dir) -> dict:
                "devices": device_count,
                "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "runs": results,
                "plain_runs": plain_results,
-               "plot": str(image.relative_to(REPO_ROOT) if image.is_relative_to(REPO_ROOT)
-                           else image)}
-    figures = out_dir / "e2e_latency.json"
-    figures.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                   "machine": machine(), "command": COMMAND, **summary},
-                                  indent=2) + "\n")
+               "plot": repo_path(image)}
+    figures = write_figures(out_dir, "e2e_latency", COMMAND, summary)
     _say(f"plot written to {image}, figures to {figures}")
     return summary

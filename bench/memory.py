@@ -19,7 +19,8 @@ import psutil
 import requests
 from confluent_kafka.admin import AdminClient
 
-from bench.common import ResourceSampler, listening_process, machine, metric, start_bridge
+from bench.common import (ResourceSampler, listening_process, metric, start_bridge,
+                          write_figures)
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
@@ -122,7 +123,5 @@ def run(settings: Settings, out_dir) -> dict:
         _say(f"{name:10s} RSS {figures['start_rss_mb']:7.1f} -> peak {figures['peak_rss_mb']:7.1f}"
              f" -> end {figures['end_rss_mb']:7.1f} MB; CPU mean {figures['cpu_mean_pct']:5.1f}%"
              f" peak {figures['cpu_peak_pct']:5.1f}%")
-    (out_dir / "memory.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "command": COMMAND,
-         **result}, indent=2) + "\n")
+    write_figures(out_dir, "memory", COMMAND, result)
     return result

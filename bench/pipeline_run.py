@@ -33,15 +33,16 @@ from pathlib import Path
 
 import pika
 import requests
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError
 
 from bench.audit import AuditReport, audit_records
+from bench.common import start_bridge
 from bridge.metrics import parse_samples
 from common.config import Settings
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
-from stack.kafka_server import ensure_topic, topic_partitions
+from stack.kafka_server import TopicReader, ensure_topic
 from stack.process import AppProcess, answers, free_port, wait_until
 
 LOGGER = logging.getLogger(__name__)
@@ -59,16 +60,22 @@ class AuditError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Reading Kafka while the stream runs
 
-class KafkaTally:
+class KafkaTally(TopicReader):
     """A thread reading every partition of one topic from the beginning: (seq, msg_id) per device.
 
-    Partitions are assigned, not subscribed: no group membership, so a Kafka restart neither
+    Partitions are assigned (TopicReader): no group membership, so a Kafka restart neither
     stalls the reader until the old member's session expires nor rewinds it to the beginning
     (it has committed nothing). Offsets already read are skipped all the same, so a record is
     counted once however often it is read; duplicates are distinct records with one msg_id.
     """
 
+    batch = 1000
+    join_seconds = 15.0
+
     def __init__(self, settings: Settings, topic: str):
+        super().__init__(settings.kafka_bootstrap, topic,
+                         config={"group.id": f"audit-{uuid.uuid4().hex[:10]}",
+                                 "enable.partition.eof": False, "logger": _KAFKA_LOGGER})
         self.topic = topic
         self.arrivals: dict[str, list[tuple[int, str]]] = {}
         self.count = 0
@@ -76,28 +83,8 @@ class KafkaTally:
         self.errors: list[str] = []
         self._next_offset: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"audit-{uuid.uuid4().hex[:10]}", "enable.auto.commit": False,
-            "enable.partition.eof": False, "logger": _KAFKA_LOGGER})
-        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)
-                               for partition in topic_partitions(self._consumer, topic)])
-        self._thread = threading.Thread(target=self._run, name="kafka-tally", daemon=True)
 
-    def start(self) -> "KafkaTally":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for record in self._consumer.consume(1000, 0.2):
-                    self._add(record)
-        finally:
-            self._consumer.close()
-
-    def _add(self, record) -> None:
+    def on_record(self, record) -> None:
         error = record.error()
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
@@ -136,10 +123,6 @@ class KafkaTally:
         with self._lock:
             return {device: list(entries) for device, entries in self.arrivals.items()}
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
 
 # ---------------------------------------------------------------------------------------------
 # The processes
@@ -149,7 +132,6 @@ class ChildProcess(AppProcess):
 
     def __init__(self, name: str, args: list[str], settings: Settings, log_path: Path):
         super().__init__(args, {**os.environ, **settings.to_env()}, log_path, name)
-        self.metrics_url = ""  # a bridge's /metrics
         LOGGER.info("%s started (pid %d), log %s", name, self.pid, log_path)
 
 
@@ -182,8 +164,9 @@ class PipelineRun:
         self.replication = replication  # of the run's Kafka topic
         self.publisher: ChildProcess | None = None
         self.publisher_url = ""
-        self.bridge: ChildProcess | None = None
-        self.bridges: list[ChildProcess] = []
+        self.bridge: AppProcess | None = None
+        self.bridges: list[AppProcess] = []
+        self._metrics_urls: dict[AppProcess, str] = {}  # each bridge's /metrics
         self.bridge_exit_codes: list[int] = []
         self.tally: KafkaTally | None = None
         self.rows: dict[str, dict] = {}        # last GET /devices row per device
@@ -244,14 +227,12 @@ class PipelineRun:
         topology.enrol_devices(self.settings, self.devices)
         topology.declare_devices(self.settings, self.devices)
 
-    def start_bridge(self, wait: bool = True) -> ChildProcess:
+    def start_bridge(self, wait: bool = True) -> AppProcess:
         """Start a `python -m bridge` for this run's queues and topic; wait until it consumes."""
-        port = free_port()
-        bridge = ChildProcess(
-            "bridge", ["bridge", "--queues", ",".join(self.queues), "--topic-template", self.topic,
-                       "--metrics-port", str(port), *self.bridge_flags],
-            self.settings, self.work_dir / f"bridge-{len(self.bridges) + 1}.log")
-        bridge.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        bridge, metrics_url = start_bridge(
+            self.settings, self.queues, self.work_dir / f"bridge-{len(self.bridges) + 1}.log",
+            ["--topic-template", self.topic, *self.bridge_flags])
+        self._metrics_urls[bridge] = metrics_url + "/metrics"
         self.bridge = bridge
         self.bridges.append(bridge)
         if wait:
@@ -259,11 +240,11 @@ class PipelineRun:
         self.note(f"bridge {len(self.bridges)} started (pid {bridge.process.pid})")
         return bridge
 
-    def bridge_metric(self, name: str, bridge: ChildProcess | None = None) -> float | None:
+    def bridge_metric(self, name: str, bridge: AppProcess | None = None) -> float | None:
         """One sample of `bridge`'s /metrics (default: the current bridge's), None when it does
         not answer."""
         try:
-            text = self._http.get((bridge or self.bridge).metrics_url, timeout=2).text
+            text = self._http.get(self._metrics_urls[bridge or self.bridge], timeout=2).text
         except requests.RequestException:
             return None
         return parse_samples(text).get(name)
@@ -274,7 +255,7 @@ class PipelineRun:
                    timeout, 0.1, f"the bridge to consume {len(self.queues)} queues",
                    watch=[self.bridge])
 
-    def kill_bridge(self, bridge: ChildProcess | None = None) -> int:
+    def kill_bridge(self, bridge: AppProcess | None = None) -> int:
         """kill -9 `bridge` (default: the current one; the one started before it becomes the
         current one); returns its exit code (-9)."""
         bridge = bridge or self.bridge
@@ -410,7 +391,7 @@ class PipelineRun:
         for child in [self.publisher, *self.bridges]:
             if child is not None and child.running:
                 child.kill()
-        if self.tally is not None and self.tally._thread.is_alive():
+        if self.tally is not None and self.tally.thread.is_alive():
             self.tally.stop()
         if self.declare:
             try:

@@ -35,7 +35,7 @@ import pika.exceptions
 import psutil
 import requests
 
-from bench.common import pyplot, save_figure
+from bench.common import listening_process, pyplot, save_figure
 from common.devices import DeviceConfig
 from publisher.simulator import Simulator
 from rabbitmq import topology
@@ -78,18 +78,6 @@ def broker_files_needed(devices: int) -> int:
     """Open files RabbitMQ needs for `devices` MQTT devices with a queue each: a socket and a
     queue file per device (a 300-device trial had 643 open), and some to spare."""
     return 2 * devices + 1024
-
-
-def broker_process(settings: Settings) -> psutil.Process | None:
-    """The RabbitMQ process listening on the MQTT port (to show where the CPU goes), if visible."""
-    try:
-        for connection in psutil.net_connections(kind="tcp"):
-            if (connection.status == psutil.CONN_LISTEN and connection.laddr
-                    and connection.laddr.port == settings.mqtt_port and connection.pid):
-                return psutil.Process(connection.pid)
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        pass
-    return None
 
 
 def broker_memory(settings: Settings, broker: psutil.Process | None) -> dict:
@@ -194,103 +182,107 @@ def _declare_queues(settings: Settings, devices: list[str], delete: bool = False
                             "deleted" if delete else "declared", done, time.monotonic() - started)
 
 
-def run_one(settings: Settings, count: int, seconds: float, plain: bool = False) -> dict:
-    """Run `count` devices for `seconds` of measurement; the figures for that count. `plain`:
-    MQTT without TLS, each device by its password (the baseline TLS is measured against)."""
-    transport = "plain" if plain else "tls"
-    devices = [f"bench{count}{transport[0]}-{i:05d}" for i in range(count)]
-    LOGGER.info("%d devices: enrolling them (certificates, broker users)", count)
+def _enrol(settings: Settings, devices: list[str]) -> float:
+    """Certificates, broker users and queues for `devices`; the seconds enrolling took."""
+    LOGGER.info("%d devices: enrolling them (certificates, broker users)", len(devices))
     enrol_started = time.monotonic()
     topology.enrol_devices(settings, devices, timeout=300)
     enrol_seconds = time.monotonic() - enrol_started
-    LOGGER.info("%d devices: enrolled in %.1f s; declaring queues", count, enrol_seconds)
+    LOGGER.info("%d devices: enrolled in %.1f s; declaring queues", len(devices), enrol_seconds)
     _declare_queues(settings, devices)
-    process = psutil.Process()
-    broker = broker_process(settings)
-    if broker is None:
-        LOGGER.warning("%d devices: RabbitMQ's process is not visible here; its CPU and RSS are "
-                       "not measured", count)
-    memory_before = broker_memory(settings, broker)
-    simulator = Simulator(settings, [DeviceConfig(d, interval=INTERVAL) for d in devices],
-                          max_queued_messages=1000, seed=count, plain=plain)
-    # The simulator runs inside this process, which holds what earlier benchmarks left: its
-    # memory is what RSS grows by from here (a low bound under `make bench`, where it may reuse
-    # memory those benchmarks freed; run `python -m bench publisher_scale` alone for the figure).
-    rss_before = process.memory_info().rss
+    return enrol_seconds
+
+
+def _wait_connected(simulator: Simulator, broker: psutil.Process | None, count: int) -> float:
+    """Until every device connected, the deadline passed or connecting stalled; the seconds it
+    took (from the simulator's start)."""
     started = time.monotonic()
     simulator.start()
-    try:
-        deadline = started + max(60.0, count / 20)
-        next_progress = started + PROGRESS_PERIOD
-        last_count, last_change = 0, started
-        while simulator.stats()["connected"] < count and time.monotonic() < deadline:
-            time.sleep(0.2)  # polling the simulator's count; it connects on its own thread
-            connected_now = simulator.stats()["connected"]
-            if connected_now != last_count:
-                last_count, last_change = connected_now, time.monotonic()
-            elif connected_now and time.monotonic() - last_change > CONNECT_STALL:
-                LOGGER.warning("%d devices: no more connected in %.0f s; measuring %d", count,
-                               CONNECT_STALL, connected_now)
-                break
-            if time.monotonic() >= next_progress:
-                next_progress += PROGRESS_PERIOD
-                # The scheduler opens every socket before it reads the first CONNACK: "added"
-                # moves first, then "connected".
-                stats = simulator.stats()
-                files, file_limit = open_files(broker)
-                LOGGER.info("%d devices: %d added, %d connected after %.0f s (RabbitMQ has %s of "
-                            "%s files open)", count, stats["devices"], stats["connected"],
-                            time.monotonic() - started, files, file_limit)
-        connect_seconds = time.monotonic() - started
-        connected = simulator.stats()["connected"]
-        LOGGER.info("%d devices: %d connected in %.1f s", count, connected, connect_seconds)
-        memory_connected = broker_memory(settings, broker)
-        # As `python -m publisher` does once its devices run: what exists now (here also what
-        # earlier benchmarks left) is kept out of the collector's walks.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(10_000, *gc.get_threshold()[1:])
-        time.sleep(WARM_UP)  # let the start-up burst settle before measuring
+    deadline = started + max(60.0, count / 20)
+    next_progress = started + PROGRESS_PERIOD
+    last_count, last_change = 0, started
+    while simulator.stats()["connected"] < count and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the simulator's count; it connects on its own thread
+        connected_now = simulator.stats()["connected"]
+        if connected_now != last_count:
+            last_count, last_change = connected_now, time.monotonic()
+        elif connected_now and time.monotonic() - last_change > CONNECT_STALL:
+            LOGGER.warning("%d devices: no more connected in %.0f s; measuring %d", count,
+                           CONNECT_STALL, connected_now)
+            break
+        if time.monotonic() >= next_progress:
+            next_progress += PROGRESS_PERIOD
+            # The scheduler opens every socket before it reads the first CONNACK: "added"
+            # moves first, then "connected".
+            stats = simulator.stats()
+            files, file_limit = open_files(broker)
+            LOGGER.info("%d devices: %d added, %d connected after %.0f s (RabbitMQ has %s of "
+                        "%s files open)", count, stats["devices"], stats["connected"],
+                        time.monotonic() - started, files, file_limit)
+    return time.monotonic() - started
 
-        simulator.call(simulator.lateness.reset).result(10)
-        before = simulator.stats()
-        cpu_before = process.cpu_times()
-        broker_before = _cpu_seconds(broker)
-        scheduler_thread = simulator._thread.native_id
-        sched_before = _schedstat(scheduler_thread)
-        psutil.cpu_percent()
-        window_start = time.monotonic()
-        rss, machine_cpu, threads = [], [], 0
-        while time.monotonic() - window_start < seconds:
-            time.sleep(1.0)  # one sample per second over the measurement window
-            rss.append(process.memory_info().rss)
-            machine_cpu.append(psutil.cpu_percent())
-            threads = max(threads, process.num_threads())
-        load_average = os.getloadavg()[0]
-        window = time.monotonic() - window_start
-        after = simulator.stats()
-        cpu_after = process.cpu_times()
-        broker_cpu = _cpu_seconds(broker) - broker_before
-        sched_after = _schedstat(scheduler_thread)
-        lateness = after["lateness"]
-        broker_files, broker_file_limit = open_files(broker)
-    finally:
-        simulator.close()
 
-    cpu_seconds = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-    published = after["published"] - before["published"]
-    acked = after["acked"] - before["acked"]
-    per_connection = memory_per_connection(memory_before, memory_connected, connected)
+def _freeze_heap() -> None:
+    """As `python -m publisher` does once its devices run: what exists now (here also what
+    earlier benchmarks left) is kept out of the collector's walks."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
-    def rss_mib(reading: dict) -> float | None:
-        return round(reading["rss"] / 2**20, 1) if reading["rss"] is not None else None
 
-    figures = {
+def _measure_window(simulator: Simulator, process: psutil.Process,
+                    broker: psutil.Process | None, seconds: float) -> dict:
+    """The simulator's, this process's and RabbitMQ's figures over `seconds` of steady running."""
+    simulator.call(simulator.lateness.reset).result(10)
+    before = simulator.stats()
+    cpu_before = process.cpu_times()
+    broker_before = _cpu_seconds(broker)
+    scheduler_thread = simulator._thread.native_id
+    sched_before = _schedstat(scheduler_thread)
+    psutil.cpu_percent()
+    window_start = time.monotonic()
+    rss, machine_cpu, threads = [], [], 0
+    while time.monotonic() - window_start < seconds:
+        time.sleep(1.0)  # one sample per second over the measurement window
+        rss.append(process.memory_info().rss)
+        machine_cpu.append(psutil.cpu_percent())
+        threads = max(threads, process.num_threads())
+    load_average = os.getloadavg()[0]
+    window = time.monotonic() - window_start
+    after = simulator.stats()
+    cpu_after = process.cpu_times()
+    sched_after = _schedstat(scheduler_thread)
+    broker_files, broker_file_limit = open_files(broker)
+    return {"window": window, "after": after, "lateness": after["lateness"],
+            "cpu_seconds": ((cpu_after.user + cpu_after.system)
+                            - (cpu_before.user + cpu_before.system)),
+            "published": after["published"] - before["published"],
+            "acked": after["acked"] - before["acked"],
+            "broker_cpu": _cpu_seconds(broker) - broker_before,
+            "sched": (sched_after[0] - sched_before[0], sched_after[1] - sched_before[1]),
+            "rss": rss, "machine_cpu": machine_cpu, "threads": threads,
+            "load_average": load_average, "broker_files": broker_files,
+            "broker_file_limit": broker_file_limit}
+
+
+def _rss_mib(reading: dict) -> float | None:
+    return round(reading["rss"] / 2**20, 1) if reading["rss"] is not None else None
+
+
+def _figures(count: int, transport: str, setup: dict, measured: dict, measured_broker: bool) -> dict:
+    """The figures of one run from its set-up (`enrol_seconds`, `connect_seconds`, `connected`,
+    `rss_before`, `memory_before`, `memory_connected`) and its measurement window."""
+    window, lateness = measured["window"], measured["lateness"]
+    published, acked, broker_cpu = measured["published"], measured["acked"], measured["broker_cpu"]
+    rss = measured["rss"]
+    per_connection = memory_per_connection(setup["memory_before"], setup["memory_connected"],
+                                           setup["connected"])
+    return {
         "devices": count,
         "transport": transport,
-        "connected": connected,
-        "enrol_seconds": round(enrol_seconds, 1),
-        "connect_seconds": round(connect_seconds, 1),
+        "connected": setup["connected"],
+        "enrol_seconds": round(setup["enrol_seconds"], 1),
+        "connect_seconds": round(setup["connect_seconds"], 1),
         "window_seconds": round(window, 1),
         "on_time_share": round(lateness["on_time_share"] or 0.0, 4),
         "lateness_p50_ms": lateness["p50_ms"],
@@ -299,31 +291,34 @@ def run_one(settings: Settings, count: int, seconds: float, plain: bool = False)
         "messages_per_s": round(published / window, 1),
         "acked_per_s": round(acked / window, 1),
         "expected_per_s": round(count / (sum(INTERVAL) / 2), 1),
-        "dropped": after["dropped"],
-        "cpu_percent_of_one_core": round(100 * cpu_seconds / window, 1),
+        "dropped": measured["after"]["dropped"],
+        "cpu_percent_of_one_core": round(100 * measured["cpu_seconds"] / window, 1),
         # How long the scheduler thread was ready to run but had no CPU (machine overloaded).
-        "scheduler_thread_cpu_percent": round(100 * (sched_after[0] - sched_before[0]) / window, 1),
-        "scheduler_thread_waiting_for_cpu_percent":
-            round(100 * (sched_after[1] - sched_before[1]) / window, 1),
+        "scheduler_thread_cpu_percent": round(100 * measured["sched"][0] / window, 1),
+        "scheduler_thread_waiting_for_cpu_percent": round(100 * measured["sched"][1] / window, 1),
         "rss_mib_max": round(max(rss) / 2**20, 1),
-        "rss_mib_added": round((max(rss) - rss_before) / 2**20, 1),
-        "rabbitmq_cpu_percent_of_one_core": round(100 * broker_cpu / window, 1) if broker else None,
+        "rss_mib_added": round((max(rss) - setup["rss_before"]) / 2**20, 1),
+        "rabbitmq_cpu_percent_of_one_core":
+            round(100 * broker_cpu / window, 1) if measured_broker else None,
         # Where the CPU goes: RabbitMQ per message it acknowledged, this process per message it
         # handed to paho, over the same window.
-        "rabbitmq_cpu_us_per_ack": cpu_us_per_message(broker_cpu, acked) if broker else None,
-        "publisher_cpu_us_per_message": cpu_us_per_message(cpu_seconds, published),
+        "rabbitmq_cpu_us_per_ack": cpu_us_per_message(broker_cpu, acked) if measured_broker else None,
+        "publisher_cpu_us_per_message": cpu_us_per_message(measured["cpu_seconds"], published),
         "rabbitmq_memory_per_connection_kib": per_connection["rss_kib"],
         "rabbitmq_connection_processes_per_connection_kib":
             per_connection["connection_processes_kib"],
         "rabbitmq_erlang_allocated_per_connection_kib": per_connection["erlang_allocated_kib"],
-        "rabbitmq_rss_mib_before_connect": rss_mib(memory_before),
-        "rabbitmq_rss_mib_connected": rss_mib(memory_connected),
-        "rabbitmq_open_files": broker_files,
-        "rabbitmq_open_files_limit": broker_file_limit,
-        "machine_cpu_percent": round(sum(machine_cpu) / len(machine_cpu), 1),
-        "threads": threads,
-        "load_average_1min": round(load_average, 1),
+        "rabbitmq_rss_mib_before_connect": _rss_mib(setup["memory_before"]),
+        "rabbitmq_rss_mib_connected": _rss_mib(setup["memory_connected"]),
+        "rabbitmq_open_files": measured["broker_files"],
+        "rabbitmq_open_files_limit": measured["broker_file_limit"],
+        "machine_cpu_percent": round(sum(measured["machine_cpu"]) / len(measured["machine_cpu"]), 1),
+        "threads": measured["threads"],
+        "load_average_1min": round(measured["load_average"], 1),
     }
+
+
+def _log_figures(count: int, figures: dict) -> None:
     LOGGER.info("%d devices: %s", count, figures)
     LOGGER.info("%d devices: %.1f %% on time (target 99 %%), p99 late %.0f ms; acked %.0f/s of "
                 "%.0f/s expected; CPU per message: RabbitMQ %s µs per ack, publisher %s µs; "
@@ -334,6 +329,39 @@ def run_one(settings: Settings, count: int, seconds: float, plain: bool = False)
                 figures["publisher_cpu_us_per_message"],
                 figures["rabbitmq_memory_per_connection_kib"],
                 figures["rabbitmq_connection_processes_per_connection_kib"])
+
+
+def run_one(settings: Settings, count: int, seconds: float, plain: bool = False) -> dict:
+    """Run `count` devices for `seconds` of measurement; the figures for that count. `plain`:
+    MQTT without TLS, each device by its password (the baseline TLS is measured against)."""
+    transport = "plain" if plain else "tls"
+    devices = [f"bench{count}{transport[0]}-{i:05d}" for i in range(count)]
+    setup = {"enrol_seconds": _enrol(settings, devices)}
+    process = psutil.Process()
+    broker = listening_process(settings.mqtt_port)
+    if broker is None:
+        LOGGER.warning("%d devices: RabbitMQ's process is not visible here; its CPU and RSS are "
+                       "not measured", count)
+    setup["memory_before"] = broker_memory(settings, broker)
+    simulator = Simulator(settings, [DeviceConfig(d, interval=INTERVAL) for d in devices],
+                          max_queued_messages=1000, seed=count, plain=plain)
+    # The simulator runs inside this process, which holds what earlier benchmarks left: its
+    # memory is what RSS grows by from here (a low bound under `make bench`, where it may reuse
+    # memory those benchmarks freed; run `python -m bench publisher_scale` alone for the figure).
+    setup["rss_before"] = process.memory_info().rss
+    try:
+        setup["connect_seconds"] = _wait_connected(simulator, broker, count)
+        setup["connected"] = simulator.stats()["connected"]
+        LOGGER.info("%d devices: %d connected in %.1f s", count, setup["connected"],
+                    setup["connect_seconds"])
+        setup["memory_connected"] = broker_memory(settings, broker)
+        _freeze_heap()
+        time.sleep(WARM_UP)  # let the start-up burst settle before measuring
+        measured = _measure_window(simulator, process, broker, seconds)
+    finally:
+        simulator.close()
+    figures = _figures(count, transport, setup, measured, broker is not None)
+    _log_figures(count, figures)
     LOGGER.info("%d devices: deleting queues", count)
     try:
         _declare_queues(settings, devices, delete=True)
@@ -397,7 +425,7 @@ def run(settings: Settings, out_dir) -> dict:
     counts = device_counts()
     seconds = float(os.environ.get("WEBOS_BENCH_SECONDS", "25"))
     file_limit = raise_file_limit(max(counts) + 1024)
-    _, broker_file_limit = open_files(broker_process(settings))
+    _, broker_file_limit = open_files(listening_process(settings.mqtt_port))
     if broker_file_limit is not None and broker_file_limit < broker_files_needed(max(counts)):
         LOGGER.warning("RabbitMQ may open only %d files and %d devices need about %d: expect "
                        "refused connections or failing queues near the end. `python -m bench` "

@@ -185,8 +185,8 @@ def stop_brokers(settings: Settings, running=None) -> None:
     down(settings, running=running)
 
 
-def main(argv=None) -> int:
-    """Command line of the local stack."""
+def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per thing to do with the stack."""
     parser = argparse.ArgumentParser(
         prog="python -m stack",
         description="Local RabbitMQ + Kafka for the webos pipeline. Their data and logs are under "
@@ -211,44 +211,36 @@ def main(argv=None) -> int:
                     "certificate (copy both to the device; its broker user stays).")
     pki.add_argument("--issue", metavar="DEVICE", help="issue a certificate for DEVICE if it has none")
     pki.add_argument("--rotate", metavar="DEVICE", help="replace DEVICE's key and certificate")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    return parser
 
-    if args.command in ("run", "up"):
-        # SIGTERM stops as Ctrl-C does, also while the brokers start.
-        signal.signal(signal.SIGTERM, _interrupt)
-        added = ensure_credentials()
-        if added:
-            LOGGER.info("generated %s into %s", ", ".join(added), DOTENV_PATH)
-    settings = load_settings()
 
-    if args.command == "status":
-        for broker in services(settings, left_behind=True):
-            pid = broker.pid()
-            print(f"{broker.describe()}: {'running, pid %d' % pid if pid else 'stopped'}  "
-                  f"(log {broker.log_path})")
-        print("\n".join(app_status(settings)))
-        return 0
-    if args.command == "setup":
-        return setup(settings)
-    if args.command == "pki":
-        return pki_command(settings, args)
-    if args.command in ("down", "clean"):
-        down(settings)
-        if args.command == "clean":
-            # Only what the brokers wrote: WEBOS_STACK_DIR may name a directory with other things.
-            for broker in services(settings, left_behind=True):
-                if broker.base_dir.exists():
-                    shutil.rmtree(broker.base_dir)
-                    LOGGER.info("deleted %s", broker.base_dir)
-            (stack_dir(settings) / "rabbitmq-cookie").unlink(missing_ok=True)
-            try:
-                stack_dir(settings).rmdir()
-            except OSError:
-                pass  # missing, or holds other things
-        return 0
-    if args.command == "run" and apps_running(settings):
+def status(settings: Settings) -> int:
+    """`status`: each broker (running or not, its log) and each app under `run`."""
+    for broker in services(settings, left_behind=True):
+        pid = broker.pid()
+        print(f"{broker.describe()}: {'running, pid %d' % pid if pid else 'stopped'}  "
+              f"(log {broker.log_path})")
+    print("\n".join(app_status(settings)))
+    return 0
+
+
+def clean(settings: Settings) -> None:
+    """`clean` after `down`: delete what the brokers wrote (WEBOS_STACK_DIR may name a directory
+    with other things: only theirs goes)."""
+    for broker in services(settings, left_behind=True):
+        if broker.base_dir.exists():
+            shutil.rmtree(broker.base_dir)
+            LOGGER.info("deleted %s", broker.base_dir)
+    (stack_dir(settings) / "rabbitmq-cookie").unlink(missing_ok=True)
+    try:
+        stack_dir(settings).rmdir()
+    except OSError:
+        pass  # missing, or holds other things
+
+
+def start(settings: Settings, with_apps: bool) -> int:
+    """`up` (brokers in the background) or `run` (brokers, then the apps until Ctrl-C)."""
+    if with_apps and apps_running(settings):
         # Its brokers are in use: starting, then stopping them again would pull them from under it.
         LOGGER.error("this stack (%s) already runs: an earlier `make run` is still running; stop "
                      "it with Ctrl-C there, or use another WEBOS_STACK_DIR", stack_dir(settings))
@@ -263,13 +255,41 @@ def main(argv=None) -> int:
         LOGGER.info("interrupted while starting")
         stop_brokers(settings)
         return 130
-    print(banner(settings, apps=args.command == "run"), flush=True)
-    if args.command == "up":
+    print(banner(settings, apps=with_apps), flush=True)
+    if not with_apps:
         return 0
     try:
         return run_apps(settings)
     finally:
         stop_brokers(settings, running)
+
+
+def main(argv=None) -> int:
+    """Command line of the local stack."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+    if args.command in ("run", "up"):
+        # SIGTERM stops as Ctrl-C does, also while the brokers start.
+        signal.signal(signal.SIGTERM, _interrupt)
+        added = ensure_credentials()
+        if added:
+            LOGGER.info("generated %s into %s", ", ".join(added), DOTENV_PATH)
+    settings = load_settings()
+
+    if args.command == "status":
+        return status(settings)
+    if args.command == "setup":
+        return setup(settings)
+    if args.command == "pki":
+        return pki_command(settings, args)
+    if args.command in ("down", "clean"):
+        down(settings)
+        if args.command == "clean":
+            clean(settings)
+        return 0
+    return start(settings, with_apps=args.command == "run")
 
 
 if __name__ == "__main__":

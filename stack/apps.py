@@ -241,16 +241,87 @@ def stop_orphans(apps: dict[str, list[str]], pids: dict[str, int]) -> None:
         process.kill()
 
 
+def _write_config(run_dir: Path, text: str) -> Path:
+    """supervisord.conf in `run_dir`, readable by this user only; written whole, then renamed
+    into place: `make status` may read it at any moment."""
+    config_path = run_dir / "supervisord.conf"
+    written = run_dir / "supervisord.conf.new"
+    written.unlink(missing_ok=True)
+    with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as config:
+        config.write(text)
+    written.rename(config_path)
+    return config_path
+
+
+def _start_supervisord(settings: Settings, config_path: Path, pipes: dict[str, tuple[int, int]],
+                       apps) -> subprocess.Popen:
+    """supervisord in the foreground of its own session (a terminal's Ctrl-C reaches this process
+    alone, which stops it once), its lines and each app's on their pipe's writing end."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(config_path)], env=env,
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=pipes["supervisord"][1],
+            stderr=subprocess.STDOUT, pass_fds=[pipes[name][1] for name in apps],
+            start_new_session=True)
+    finally:
+        for _, write in pipes.values():
+            os.close(write)  # supervisord has them: the pipes end when it does
+
+
+def _supervise(supervisord: subprocess.Popen, watch: AppWatch, apps) -> int:
+    """Until supervisord exits; its exit code as a shell reports it (128 + signal)."""
+    while True:
+        try:
+            code = supervisord.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            watch.poll()
+    # 0: supervisord itself got SIGTERM or SIGINT and stopped every app, a requested stop.
+    if code != 0:
+        LOGGER.error("supervisord exited with %s: the apps are no longer supervised",
+                     f"code {code}" if code > 0 else signal.Signals(-code).name)
+        stop_orphans(apps, watch.pids)
+    return code if code >= 0 else 128 - code
+
+
+def _stop_supervisord(supervisord: subprocess.Popen) -> int:
+    """SIGTERM to supervisord (it stops every app) and wait; 0."""
+    LOGGER.info("stopping the apps")
+    supervisord.send_signal(signal.SIGTERM)
+    while True:  # an impatient second Ctrl-C changes nothing: the apps stop once
+        try:
+            supervisord.wait()
+            return 0
+        except KeyboardInterrupt:
+            continue
+
+
+def _clean_up(run_dir: Path, relay: threading.Thread, pipes: dict[str, tuple[int, int]]) -> None:
+    """Read what is left on the pipes, then remove the run directory's files."""
+    if relay.ident is None:
+        for read, _ in pipes.values():
+            os.close(read)
+    else:
+        relay.join(timeout=5)  # the rest of what supervisord and the apps wrote
+    # supervisord removes its socket and pid file as it exits, unless it was killed.
+    for name in ("supervisord.conf", "supervisor.sock", "supervisord.pid"):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # holds something else
+
+
 def run_apps(settings: Settings, apps: dict[str, list[str]] = APPS) -> int:
     """Run the apps (python + each command line) under supervisord in the foreground, restarting
     each that exits (see STARTSECS), until Ctrl-C or SIGTERM: then stop them all and return 0.
     If supervisord itself fails, stop what it left running and return its exit code."""
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run_dir = supervisor_dir(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)
-    config_path, socket_path = run_dir / "supervisord.conf", run_dir / "supervisor.sock"
+    socket_path = run_dir / "supervisor.sock"
     if listening(socket_path):
         LOGGER.error("the apps of this stack already run under another supervisord (%s answers): "
                      "is an earlier `make run` still running?", socket_path)
@@ -258,63 +329,17 @@ def run_apps(settings: Settings, apps: dict[str, list[str]] = APPS) -> int:
     password = secrets.token_urlsafe(18)
     # One pipe per app and one for supervisord's own lines; the reading ends stay here.
     pipes = {name: os.pipe() for name in ("supervisord", *apps)}
-    # Written whole, then renamed into place: `make status` may read it at any moment.
-    written = run_dir / "supervisord.conf.new"
-    written.unlink(missing_ok=True)
-    with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as config:
-        config.write(supervisord_config(settings, apps, {name: pipes[name][1] for name in apps},
-                                        password))
-    written.rename(config_path)
+    config_path = _write_config(run_dir, supervisord_config(
+        settings, apps, {name: pipes[name][1] for name in apps}, password))
     relay = threading.Thread(target=relay_output, name="app-output", daemon=True,
                              args=({read: name for name, (read, _) in pipes.items()},
                                    sys.stdout.buffer))
     supervisord = None
     try:
-        try:
-            # Its own session: a terminal's Ctrl-C reaches this process alone, which stops it once.
-            supervisord = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.supervisord", "-c", str(config_path)], env=env,
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=pipes["supervisord"][1],
-                stderr=subprocess.STDOUT, pass_fds=[pipes[name][1] for name in apps],
-                start_new_session=True)
-        finally:
-            for _, write in pipes.values():
-                os.close(write)  # supervisord has them: the pipes end when it does
+        supervisord = _start_supervisord(settings, config_path, pipes, apps)
         relay.start()
-        watch = AppWatch(settings, supervisor_rpc(settings, password))
-        while True:
-            try:
-                code = supervisord.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                watch.poll()
-        # 0: supervisord itself got SIGTERM or SIGINT and stopped every app, a requested stop.
-        if code != 0:
-            LOGGER.error("supervisord exited with %s: the apps are no longer supervised",
-                         f"code {code}" if code > 0 else signal.Signals(-code).name)
-            stop_orphans(apps, watch.pids)
-        return code if code >= 0 else 128 - code
+        return _supervise(supervisord, AppWatch(settings, supervisor_rpc(settings, password)), apps)
     except KeyboardInterrupt:
-        if supervisord is None:
-            return 0
-        LOGGER.info("stopping the apps")
-        supervisord.send_signal(signal.SIGTERM)
-        while True:  # an impatient second Ctrl-C changes nothing: the apps stop once
-            try:
-                supervisord.wait()
-                return 0
-            except KeyboardInterrupt:
-                continue
+        return 0 if supervisord is None else _stop_supervisord(supervisord)
     finally:
-        if relay.ident is None:
-            for read, _ in pipes.values():
-                os.close(read)
-        else:
-            relay.join(timeout=5)  # the rest of what supervisord and the apps wrote
-        # supervisord removes its socket and pid file as it exits, unless it was killed.
-        for path in (config_path, socket_path, run_dir / "supervisord.pid"):
-            path.unlink(missing_ok=True)
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass  # holds something else
+        _clean_up(run_dir, relay, pipes)

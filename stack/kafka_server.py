@@ -1,4 +1,5 @@
-"""Apache Kafka (jars from Maven Central) as a single-node KRaft process, and its topic."""
+"""Apache Kafka (jars from Maven Central) as a single-node KRaft process, its topics, and a
+reader of a whole topic for the tests and benchmarks."""
 from __future__ import annotations
 
 import base64
@@ -6,11 +7,12 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common.config import REPO_ROOT, ConfigError
@@ -218,3 +220,42 @@ def topic_partitions(client, topic: str, timeout: float = 30.0) -> list[int]:
         return sorted(metadata.partitions) if metadata and metadata.error is None else []
     return wait_until(known, timeout, 0.1, f"Kafka to know the topic {topic}")
 
+
+class TopicReader:
+    """Every partition of `topic` read from the beginning on a thread of its own, up to `batch`
+    records per fetch; a subclass handles each record (errors included) in `on_record`.
+    Partitions are assigned, not subscribed: no group to join, so reading starts at once and a
+    broker's restart neither stalls it nor rewinds it."""
+
+    poll_seconds = 0.2
+    batch = 1
+    join_seconds = 10.0
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int | None = None,
+                 config: dict | None = None):
+        self.consumer = Consumer({"bootstrap.servers": bootstrap,
+                                  "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                                  "enable.auto.commit": False, **(config or {})})
+        numbers = range(partitions) if partitions else topic_partitions(self.consumer, topic)
+        self.consumer.assign([TopicPartition(topic, number, OFFSET_BEGINNING) for number in numbers])
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self) -> "TopicReader":
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                for record in self.consumer.consume(self.batch, self.poll_seconds):
+                    self.on_record(record)
+        finally:
+            self.consumer.close()
+
+    def on_record(self, record) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(self.join_seconds)

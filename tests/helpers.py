@@ -1,4 +1,5 @@
-"""Small helpers the tests share: waiting on a condition, MQTT clients, reading queues and Kafka."""
+"""Small helpers the tests share: waiting on a condition, MQTT clients, reading queues and Kafka
+(the one poll loop every Kafka read of the tests goes through)."""
 from __future__ import annotations
 
 import os
@@ -91,17 +92,40 @@ def kafka_consumer(settings: Settings, topics, group: str | None = None) -> Cons
     return consumer
 
 
-def consume(consumer: Consumer, count: int, timeout: float = 30.0) -> list:
-    """Poll until `count` records (errors fail the test) or the timeout."""
+def poll_records(consumer: Consumer, done, timeout: float = 30.0) -> list:
+    """Poll until `done(records)` is true or the timeout (errors fail the test); what was read."""
     records = []
     deadline = time.monotonic() + timeout
-    while len(records) < count and time.monotonic() < deadline:
+    while not done(records) and time.monotonic() < deadline:
         record = consumer.poll(0.5)
         if record is None:
             continue
         assert record.error() is None, record.error()
         records.append(record)
     return records
+
+
+def consume(consumer: Consumer, count: int, timeout: float = 30.0) -> list:
+    """Poll until `count` records (errors fail the test) or the timeout."""
+    return poll_records(consumer, lambda records: len(records) >= count, timeout)
+
+
+def read_records(settings: Settings, topic: str, done, timeout: float = 60.0, reader=None) -> list:
+    """Records of `topic` (from `reader`, else a fresh consumer) until `done(records)` is true;
+    fails after `timeout`."""
+    consumer = reader or kafka_consumer(settings, [topic])
+    try:
+        records = poll_records(consumer, done, timeout)
+    finally:
+        if reader is None:
+            consumer.close()
+    assert done(records), f"only {len(records)} records in {topic}"
+    return records
+
+
+def queue_depth(channel, queue: str) -> int:
+    """Ready messages in `queue` (unacked ones are not counted), by a passive declare."""
+    return channel.queue_declare(queue, passive=True).method.message_count
 
 
 def dead_command(settings: Settings, *args: str, input: str | None = None):

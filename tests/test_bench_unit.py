@@ -1,5 +1,5 @@
 """The benchmarks' arithmetic, without brokers: memory and CPU per connection and per message
-(bench/publisher_scale.py), why an end-to-end round was slow (bench/e2e_latency.py), and the
+(bench/publisher_scale.py), why an end-to-end round was slow (bench/slow_rounds.py), and the
 summary table's new rows (bench/__main__.py)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from bench.__main__ import summary_table
 from bench import common
 from bench.common import jvm_seconds, parse_perfdata
-from bench.e2e_latency import (bursts, diagnose, histogram_buckets, histogram_quantile_ms,
+from bench.slow_rounds import (bursts, diagnose, histogram_buckets, histogram_quantile_ms,
                                slow_split, timing_pattern)
 from bench import publisher_scale
 from bench.publisher_scale import cpu_us_per_message, memory_per_connection, raise_file_limit

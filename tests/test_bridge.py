@@ -29,8 +29,8 @@ from rabbitmq.naming import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER
 from common.config import Settings
 from stack.kafka_server import LocalKafka, ensure_topic
 from stack.process import AppProcess, free_port
-from tests.helpers import MqttDevice, dead_command, wait_for
-from tests.support.bridge import BridgeProcess, body, read_records
+from tests.helpers import MqttDevice, dead_command, queue_depth, read_records, wait_for
+from tests.support.bridge import BridgeProcess, body
 
 
 @pytest.fixture
@@ -57,11 +57,6 @@ def device_client(settings: Settings, device: str) -> MqttDevice:
 
 def seqs_of(records, device: str) -> list[int]:
     return [json.loads(r.value())["seq"] for r in records if r.key() == device.encode()]
-
-
-def queue_depth(admin_channel, queue: str) -> int:
-    """Ready messages in `queue` (unacked ones are not counted)."""
-    return admin_channel.queue_declare(queue, passive=True).method.message_count
 
 
 def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
@@ -287,7 +282,7 @@ def test_dead_list_shows_parked_messages_and_leaves_them_in_place(
                          for reason in ("not-json", "not-a-json-object")) >= 2, 20,
              message="both messages parked")
     assert bridge.stop(signal.SIGINT) == 0
-    depth = admin_channel.queue_declare(naming.DEAD_QUEUE, passive=True).method.message_count
+    depth = queue_depth(admin_channel, naming.DEAD_QUEUE)
 
     def dead_list(*flags):
         return dead_command(settings, "list", *flags)
@@ -301,8 +296,7 @@ def test_dead_list_shows_parked_messages_and_leaves_them_in_place(
         (device, "not-a-json-object", 9, naming.routing_key(device, "info"))]
     assert all(row["parked_at"] and row["detail"] for row in ours)
     # Nothing was taken out.
-    assert admin_channel.queue_declare(naming.DEAD_QUEUE,
-                                       passive=True).method.message_count == depth
+    assert queue_depth(admin_channel, naming.DEAD_QUEUE) == depth
     table = dead_list()
     assert table.returncode == 0 and f"{depth} message(s) in webos.dead" in table.stdout
     assert device in table.stdout and "not-a-json-object" in table.stdout

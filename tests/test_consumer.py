@@ -18,14 +18,15 @@ import requests
 
 from common.config import REPO_ROOT, Settings
 from rabbitmq import endpoints
-from stack.process import AppProcess, free_port
+from stack.process import AppProcess
 from tests.helpers import wait_for
+from tests.support.bridge import BridgeProcess
 from tests.support.consumer import LiveView, consumer_env, device_record, new_topic, produce
 
 DEVICES = ("3DF92-192", "4HHC2-392", "T-consumer-3")
 
 
-# -- helpers shared with tests/test_consumer_browser.py --------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def run_consumer(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -388,12 +389,11 @@ def test_presence_of_a_killed_device_reaches_kafka_and_the_live_view(
         settings, new_device, tmp_path):
     device = new_device("PR")
     env = consumer_env(settings)
-    bridge = AppProcess(["bridge", "--queues", f"webos.{device}", "--metrics-port",
-                         str(free_port())], env, tmp_path / "bridge.log")
+    bridge = BridgeProcess(settings, tmp_path, "--queues", f"webos.{device}", env=env)
     view = LiveView(settings, settings.kafka_topic)
     try:
-        wait_for(lambda: "consuming webos.presence" in bridge.output(), 30,
-                 message="the bridge to consume webos.presence", watch=[bridge])
+        wait_for(lambda: "consuming webos.presence" in bridge.output, 30,
+                 message="the bridge to consume webos.presence", watch=[bridge.app])
         client = AppProcess(["-c", DEVICE_PROCESS, device], env, tmp_path / "device.log")
         wait_for(lambda: "published" in client.output(), 30, message="the device to publish",
                  watch=[client])
@@ -423,4 +423,4 @@ def test_presence_of_a_killed_device_reaches_kafka_and_the_live_view(
             [device, "connected"], [device, "disconnected"]]
     finally:
         view.stop()
-        bridge.stop(30)
+        bridge.stop(timeout=30)

@@ -11,6 +11,7 @@ from publisher.simulator import Simulator
 from rabbitmq import topology
 from stack.process import AppProcess, free_port
 from tests.helpers import answers, wait_for
+from tests.support.bridge import BridgeProcess
 from tests.support.commands import start_relay
 from tests.support.consumer import LiveView, consumer_env, device_record, new_topic, produce
 
@@ -114,16 +115,15 @@ def test_toggle_on_the_publisher_page_turns_the_device_grey_on_the_live_page(
         publisher_url = f"http://127.0.0.1:{publisher_port}/"
         wait_for(lambda: alive(publisher) and answers(publisher_url), 30,
                  message="the publisher page")
-        bridge = app_process(settings, tmp_path / "bridge.log", "bridge", "--queues",
-                             f"webos.{stopping},webos.{walking}", "--topic-template", topic,
-                             "--metrics-port", "0")
+        bridge = BridgeProcess(settings, tmp_path, "--queues", f"webos.{stopping},webos.{walking}",
+                               "--topic-template", topic, env=consumer_env(settings))
         view = LiveView(settings, topic)
 
         page.goto(view.url + "/")
         for device in (stopping, walking):
             page.wait_for_selector(f'#markers .device[data-device="{device}"][data-status="Active"]',
                                    timeout=30000)
-        assert alive(bridge)
+        assert alive(bridge.app)
         publisher_page = page.context.new_page()
         publisher_page.goto(publisher_url)
         publisher_page.locator(f"tr[data-device='{stopping}'] button.toggle",

@@ -26,8 +26,8 @@ from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
 from stack.process import free_port, port_open
-from tests.helpers import MqttDevice, get_message, wait_for
-from tests.support.bridge import BridgeProcess, read_records
+from tests.helpers import MqttDevice, get_message, queue_depth, read_records, wait_for
+from tests.support.bridge import BridgeProcess
 
 
 def body(device: str, marker: str) -> bytes:
@@ -147,8 +147,8 @@ def test_a_device_asking_for_another_devices_client_id_is_refused_and_the_other_
         stop.set()
         publisher.join(10)
         device_b.close()
-    wait_for(lambda: admin_channel.queue_declare(naming.device_queue(b), passive=True)
-             .method.message_count >= len(published), 10, message="B's messages in its queue")
+    wait_for(lambda: queue_depth(admin_channel, naming.device_queue(b)) >= len(published), 10,
+             message="B's messages in its queue")
     while (message := admin_channel.basic_get(naming.device_queue(b), auto_ack=True))[0]:
         assert b"intruder" not in message[2]
 
@@ -285,8 +285,8 @@ def test_with_plain_listeners_on_each_device_has_its_own_password(tmp_path):
         assert plain(naming.mqtt_topic(a, "info"), a, "wrong").returncode != 0
         with pika.BlockingConnection(endpoints.admin_parameters(settings)) as connection:
             channel = connection.channel()
-            assert channel.queue_declare(naming.device_queue(a), passive=True).method.message_count == 1
-            assert channel.queue_declare(naming.device_queue(b), passive=True).method.message_count == 0
+            assert queue_depth(channel, naming.device_queue(a)) == 1
+            assert queue_depth(channel, naming.device_queue(b)) == 0
         assert port_open(settings.amqp_plain_port) and port_open(settings.management_plain_port)
     finally:
         broker.stop()

@@ -17,11 +17,11 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from rabbitmq import naming
-from stack.kafka_server import ensure_topic, local_cluster
+from stack.kafka_server import TopicReader, ensure_topic, local_cluster
 from stack.process import free_port
 from tests.helpers import MqttDevice, wait_for
 from tests.support.bridge import BridgeProcess, body
@@ -52,44 +52,31 @@ def kafka_cluster(tmp_path_factory):
                 node.kill()
 
 
-class PartitionReader:
+class PartitionReader(TopicReader):
     """Reads every partition of `topic` from the beginning in a thread; records per device."""
 
+    join_seconds = 15.0
+
     def __init__(self, bootstrap: str, topic: str, partitions: int):
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-assign-only",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 50})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        super().__init__(bootstrap, topic, partitions, config={"fetch.wait.max.ms": 50})
         self.records: dict[str, list[dict]] = {}
         self.partition_of: dict[str, int] = {}
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def run(self) -> None:
-        try:
-            while not self.done.is_set():
-                record = self.consumer.poll(0.2)
-                if record is None:
-                    continue
-                if record.error():
-                    self.errors.append(str(record.error()))  # transient while a leader moves
-                    continue
-                device = record.key().decode()
-                with self.lock:
-                    self.records.setdefault(device, []).append(json.loads(record.value()))
-                    self.partition_of[device] = record.partition()
-        finally:
-            self.consumer.close()
+    def on_record(self, record) -> None:
+        if record.error():
+            self.errors.append(str(record.error()))  # transient while a leader moves
+            return
+        device = record.key().decode()
+        with self.lock:
+            self.records.setdefault(device, []).append(json.loads(record.value()))
+            self.partition_of[device] = record.partition()
 
     def seqs(self, device: str) -> set[int]:
         with self.lock:
             return {payload["seq"] for payload in self.records.get(device, [])}
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(15)
 
 
 def audit(payloads: list[dict], count: int) -> dict:

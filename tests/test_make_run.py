@@ -25,7 +25,7 @@ from rabbitmq import topology
 from rabbitmq import naming
 from common.config import REPO_ROOT, load_settings
 from stack.process import free_port, port_open
-from tests.helpers import answers, consume, kafka_consumer, wait_for
+from tests.helpers import answers, kafka_consumer, poll_records, wait_for
 
 
 def stack_environment(tmp_path) -> dict[str, str]:
@@ -118,11 +118,8 @@ class MakeRun:
     def read_kafka(self, enough, timeout: float = 60) -> list:
         """Records of the topic from the start, until `enough(records)` or the timeout."""
         consumer = kafka_consumer(self.settings, [self.settings.kafka_topic])
-        records = []
         try:
-            deadline = time.monotonic() + timeout
-            while not enough(records) and time.monotonic() < deadline:
-                records += consume(consumer, 1, timeout=1)
+            records = poll_records(consumer, enough, timeout)
         finally:
             consumer.close()
         assert {record.key().decode() for record in records} <= set(topology.registered_devices(self.settings))

@@ -14,11 +14,11 @@ import os
 import signal
 import time
 from collections import Counter
-from urllib.parse import quote
 
 import pika
 import pytest
 
+from bench.common import queue_depth
 from bench.pipeline_run import PipelineRun
 from bridge.options import BridgeOptions
 from rabbitmq import topology
@@ -41,15 +41,6 @@ KAFKA_OUTAGE_SECONDS = float(os.environ.get("WEBOS_FAULT_KAFKA_OUTAGE", "30"))
 def report_line(name: str, report) -> None:
     """Shown with -s and in the log of a failing test: the figures a reader wants."""
     print(f"\n{name}: {report.summary()}")
-
-
-def queue_messages(settings: Settings, queue: str) -> int | None:
-    """`messages` (ready + unacked) of a queue as the management HTTP API shows it."""
-    with endpoints.management_api(settings) as http:
-        answer = http.get(f"{settings.management_url}/api/queues/{quote(settings.vhost, safe='')}/"
-                          f"{quote(queue, safe='')}", timeout=10)
-    answer.raise_for_status()
-    return answer.json().get("messages")
 
 
 @pytest.fixture
@@ -125,7 +116,7 @@ def test_kafka_outage_mid_stream_messages_wait_in_rabbitmq_then_all_arrive(
         depths = []
         outage_ends = time.monotonic() + KAFKA_OUTAGE_SECONDS
         while time.monotonic() < outage_ends:  # the outage's length, sampled once a second
-            depths.append(queue_messages(settings, watched))
+            depths.append(queue_depth(settings, watched))
             assert run.bridge.running, run.bridge.output()
             time.sleep(1.0)
         published_during_outage = run.published

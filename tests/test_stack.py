@@ -27,7 +27,7 @@ from common import config
 from stack import kafka_server
 from stack.kafka_server import ensure_topic
 from stack.process import AppProcess
-from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, wait_for
+from tests.helpers import MqttDevice, consume, get_message, kafka_consumer, queue_depth, wait_for
 
 DEVICE = "3DF92-192"
 
@@ -178,12 +178,12 @@ def test_applying_topology_twice_is_harmless(settings, admin_channel, device_cli
     queue = naming.device_queue(DEVICE)
     admin_channel.queue_purge(queue)
     assert device_client.publish(naming.mqtt_topic(DEVICE, "info"), payload(DEVICE))
-    wait_for(lambda: admin_channel.queue_declare(queue, passive=True).method.message_count == 1, 10)
+    wait_for(lambda: queue_depth(admin_channel, queue) == 1, 10)
 
     topology.apply(settings)
     topology.apply(settings)
 
-    assert admin_channel.queue_declare(queue, passive=True).method.message_count == 1
+    assert queue_depth(admin_channel, queue) == 1
     bindings = requests.get(f"{settings.management_url}/api/queues/%2F/{queue}/bindings",
                             auth=(settings.admin_user, settings.admin_password),
                          verify=str(settings.ca_file), timeout=5).json()

@@ -1,5 +1,5 @@
-"""The bridge as the tests run it: a child process with its /metrics, the device payloads they
-send, and reading what reached a Kafka topic."""
+"""The bridge as the tests run it: a child process with its /metrics, and the device payloads
+they send."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import requests
 from bridge.metrics import parse_samples
 from common.config import Settings
 from stack.process import AppProcess, free_port
-from tests.helpers import kafka_consumer, wait_for
+from tests.helpers import wait_for
 
 
 class BridgeProcess:
@@ -63,21 +63,3 @@ def body(device: str, seq: int, **extra) -> bytes:
     return json.dumps({"Producer": device, "command": "position", "id": device, "x": seq,
                        "y": -seq, "status": "Active", "seq": seq, "msg_id": f"{device}-{seq}",
                        "ts": int(time.time() * 1000), **extra}).encode()
-
-
-def read_records(settings: Settings, topic: str, done, timeout: float = 60.0, reader=None) -> list:
-    """Records of `topic` until `done(records)` is true; fails after `timeout`."""
-    consumer = reader or kafka_consumer(settings, [topic])
-    records = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not done(records):
-            assert time.monotonic() < deadline, f"only {len(records)} records in {topic}"
-            record = consumer.poll(0.5)
-            if record is not None:
-                assert record.error() is None, record.error()
-                records.append(record)
-    finally:
-        if reader is None:
-            consumer.close()
-    return records
