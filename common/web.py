@@ -29,6 +29,14 @@ def prometheus_text(families) -> tuple[bytes, int, dict]:
     return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
+def add_listen_arguments(parser, host: str, port: int, port_variable: str) -> None:
+    """--host and --port of a page's command line, their defaults from the settings."""
+    parser.add_argument("--host", default=host,
+                        help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
+    parser.add_argument("--port", type=int, default=port,
+                        help=f"HTTP port (default %(default)s, {port_variable})")
+
+
 def serve(app, host: str, port: int, close: Callable[[], None], name: str, detail: str = "") -> int:
     """Serve `app` on host:port (threaded) until SIGINT or SIGTERM, then `close()` what the app
     holds. 0 after that stop; 1 when host:port cannot be had (port taken, address invalid)."""

@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 
 from common.config import Settings, load_settings
-from common.web import serve
+from common.web import add_listen_arguments, serve
 from consumer.command_line import CommandProducer
 from consumer.kafka_group import LIVE_VIEW_GROUP
 from consumer.live_feed import LiveFeed
@@ -44,10 +44,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         description="Live page of the device stream: a map of every device coloured by status, "
                     "the last message time and rate per device, a rolling message log and the "
                     "group's lag per partition, pushed to the browser by server-sent events.")
-    parser.add_argument("--host", default=settings.bind_host,
-                        help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
-    parser.add_argument("--port", type=int, default=settings.consumer_port,
-                        help="port (default WEBOS_CONSUMER_PORT, %(default)s)")
+    add_listen_arguments(parser, settings.bind_host, settings.consumer_port, "WEBOS_CONSUMER_PORT")
     parser.add_argument("--topic", default=settings.kafka_topic, help="Kafka topic (default %(default)s)")
     parser.add_argument("--group", default=LIVE_VIEW_GROUP, help="consumer group (default %(default)s)")
     parser.add_argument("--replay", type=int, default=200,

@@ -9,7 +9,7 @@ import logging
 from common.devices import DeviceConfig, parse_interval
 from publisher.simulator import MQTT_VERSIONS
 from common.config import load_settings, run
-from common.web import serve
+from common.web import add_listen_arguments, serve
 
 LOGGER = logging.getLogger("publisher")
 
@@ -22,10 +22,7 @@ def parse_args(argv, settings):
                     "with a page and a JSON REST API to toggle, add and remove them. "
                     "State-changing calls need Content-Type: application/json and, when "
                     "PUBLISHER_API_TOKEN is set, 'Authorization: Bearer <token>'.")
-    parser.add_argument("--host", default=settings.bind_host,
-                        help="address to listen on (default %(default)s, WEBOS_BIND_HOST)")
-    parser.add_argument("--port", type=int, default=settings.publisher_port,
-                        help="HTTP port (default %(default)s, WEBOS_PUBLISHER_PORT)")
+    add_listen_arguments(parser, settings.bind_host, settings.publisher_port, "WEBOS_PUBLISHER_PORT")
     parser.add_argument("--devices-file", default=str(settings.devices_path),
                         help="JSON file with the devices, routes and intervals (default %(default)s)")
     parser.add_argument("--devices", help="comma-separated device ids to run instead of the file's "

@@ -100,6 +100,19 @@ async function refresh() {
   }
 }
 
+// One write call: its answer's message (or its error) in the status line; true when it worked.
+async function act(method, path, body) {
+  try {
+    say((await api(method, path, body)).message);
+    return true;
+  } catch (error) {
+    say(error.message, true);
+    return false;
+  }
+}
+
+const devicePath = (id) => `/devices/${encodeURIComponent(id)}`;
+
 tbody.addEventListener("click", async (event) => {
   const row = event.target.closest("tr");
   if (!row) return;
@@ -108,21 +121,12 @@ tbody.addEventListener("click", async (event) => {
     const button = event.target;
     const wanted = row.querySelector(".status").textContent === "Active" ? "Inactive" : "Active";
     button.disabled = true;
-    try {
-      say((await api("POST", `/status/${encodeURIComponent(id)}`, {status: wanted})).message);
-    } catch (error) {
-      say(error.message, true);
-    } finally {
-      button.disabled = false;
-      await refresh();
-    }
+    await act("POST", `/status/${encodeURIComponent(id)}`, {status: wanted});
+    button.disabled = false;
+    await refresh();
   } else if (event.target.classList.contains("remove")) {
     if (!confirm(`Remove device ${id}? Its queue is kept.`)) return;
-    try {
-      say((await api("DELETE", `/devices/${encodeURIComponent(id)}`)).message);
-    } catch (error) {
-      say(error.message, true);
-    }
+    await act("DELETE", devicePath(id));
     await refresh();
   }
 });
@@ -132,37 +136,21 @@ document.getElementById("add-form").addEventListener("submit", async (event) => 
   const form = event.target;
   const body = {id: form.elements["id"].value.trim(),
                 interval: [Number(form.elements["min"].value), Number(form.elements["max"].value)]};
-  try {
-    say((await api("POST", "/devices", body)).message);
-    form.reset();
-  } catch (error) {
-    say(error.message, true);
-  }
+  if (await act("POST", "/devices", body)) form.reset();
   await refresh();
 });
 
 document.getElementById("message-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = event.target;
-  const device = form.device.value;
-  try {
-    say((await api("POST", `/devices/${encodeURIComponent(device)}/messages`,
-                   {type: form.type.value, text: form.text.value})).message);
-    form.text.value = "";
-  } catch (error) {
-    say(error.message, true);
-  }
+  const body = {type: form.type.value, text: form.text.value};
+  if (await act("POST", `${devicePath(form.device.value)}/messages`, body)) form.text.value = "";
 });
 
 document.getElementById("broadcast-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = event.target;
-  try {
-    say((await api("POST", "/broadcast", {message: form.message.value})).message);
-    form.reset();
-  } catch (error) {
-    say(error.message, true);
-  }
+  if (await act("POST", "/broadcast", {message: form.message.value})) form.reset();
 });
 
 refresh();
