@@ -141,6 +141,11 @@ def _add_kafka_arguments(parser: argparse.ArgumentParser, settings: Settings) ->
                   type=_non_negative_float, metavar="SECONDS", help="on SIGTERM/SIGINT, how long "
                   "to wait for Kafka to confirm what is in flight; the rest stays unacked and is "
                   "delivered again")
+    _from_setting(parser, "--retry-max-seconds", settings, "bridge_retry_max_seconds",
+                  type=_non_negative_float, metavar="SECONDS", help="longest back-off of a "
+                  "device queue whose records Kafka refuses for a reason that may pass (topic "
+                  "authorization, topic gone, timeouts): its deliveries are held and produced "
+                  "again after 1 s, 2 s, ... up to this, jittered; other devices go on")
     parser.add_argument(
         "--kafka-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
         help="extra librdkafka producer property, repeatable (e.g. compression.type=lz4); "
@@ -179,7 +184,8 @@ def options_from(args) -> BridgeOptions:
         queues=args.queues, queue_pattern=args.queue_pattern, topic_template=args.topic_template,
         prefetch=args.prefetch, linger_ms=args.linger_ms, batch_size=args.batch_size,
         max_message_bytes=args.max_message_bytes, discovery_interval=args.discovery_interval,
-        flush_timeout=args.flush_timeout, kafka_config=tuple(args.kafka_config),
+        flush_timeout=args.flush_timeout, retry_max_seconds=args.retry_max_seconds,
+        kafka_config=tuple(args.kafka_config),
         presence=args.presence,
         instance=args.instance or f"{socket.gethostname()}:{args.metrics_port or os.getpid()}")
 
@@ -196,6 +202,10 @@ def configure_logging(level: str) -> None:
     # The management API closes a kept-alive connection now and then; the session retries such a
     # call once on a new connection (rabbitmq/endpoints.py), and urllib3 warned of each retry.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # librdkafka's informational lines (a refused topic's "partition count changed from 1 to 0"
+    # on every metadata refresh) only under --log-level DEBUG; its warnings and errors always.
+    if logging.getLevelName(level) > logging.DEBUG:
+        logging.getLogger("bridge.kafka").setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ from functools import partial
 
 from pika import exceptions as amqp_errors
 
+from bridge.backoff import QueueBackoff
 from bridge.discovery import QueueDiscovery, bridge_consumer_tag
 from bridge.metrics import BridgeStats
 from bridge.options import BridgeOptions, share_priority
@@ -30,7 +31,8 @@ class ChannelSession:
     """A connection's channels and consumers; see the module docstring."""
 
     def __init__(self, settings: Settings, options: BridgeOptions, producer, stats: BridgeStats,
-                 discovery: QueueDiscovery, missing_warned: set[str], presence: bool):
+                 discovery: QueueDiscovery, missing_warned: set[str], presence: bool,
+                 backoff: QueueBackoff):
         self.settings = settings
         self.options = options
         self.stats = stats
@@ -49,15 +51,17 @@ class ChannelSession:
         self.channel = self.connection.channel()
         self.channel.add_on_cancel_callback(self.on_consumer_cancelled)
         self.settlement = Settlement(self.channel, dead_channel, producer, stats,
-                                     options.prefetch, options.flush_timeout)
+                                     options.prefetch, options.flush_timeout, backoff)
         self.consumers: dict[str, str] = {}       # queue -> consumer tag
         self.deliveries: list[tuple] = []         # (queue, method, properties, body) this turn
         self.queue_prefetch = 0                   # the basic.qos set for the next consumers
         self.worked = False                       # a basic_consume went through
         self.sync_requested = False               # a queue event changed the queues
         self.next_sync = 0.0                      # when to look at the wanted queues again
+        self.backoff = backoff
         self.presence = (PresenceForwarder.start(self.connection, producer,
-                                                 settings.presence_topic, options.instance, stats)
+                                                 settings.presence_topic, options.instance, stats,
+                                                 options.retry_max_seconds)
                          if presence else None)
         self.events_channel = None if options.queues else self._watch_queue_events()
 
@@ -72,6 +76,14 @@ class ChannelSession:
             self.connection.process_data_events(time_limit=0.1)
 
     # ---- which queues ---------------------------------------------------------------------
+
+    def after_turn(self, now: float) -> None:
+        """Between two turns of the loop: what backs off, and which queues to consume."""
+        if self.backoff.waiting or self.backoff.probing or self.stats.retrying:
+            self.settlement.release_due(now)
+        if self.presence is not None and self.presence.backing_off:
+            self.presence.release_due(now)
+        self.sync_when_due(now)
 
     def sync_when_due(self, now: float) -> None:
         """Consume the queues wanted now: every SYNC_INTERVAL s, at once after a queue event."""
@@ -171,6 +183,8 @@ class ChannelSession:
     def close(self) -> None:
         """Forget the channels (their delivery tags die with them) and close the connection."""
         self.settlement.open = False
+        # Held deliveries die with the channel: RabbitMQ delivers them again, to be held again.
+        self.stats.held -= sum(len(held) for held in self.settlement.held.values())
         if self.presence is not None:
             self.presence.open = False
         if self.events_channel is not None:

@@ -137,6 +137,11 @@ class AckTracker:
     acks exactly the confirmed ones (nacked ones are no longer outstanding on the broker, so
     `multiple` skips them). `ack_due(now)` batches those acks: one per `batch` confirmed tags or
     per `interval` seconds, since each ack costs the loop a socket write.
+
+    `held`: tags kept unacked while their queue backs off (bridge/backoff.py). A held tag at the
+    head would stop every later ack, and with them the other queues (their prefetch windows
+    fill): while one is there, `take_singles()` hands out the confirmed tags behind it to be
+    acked one by one (an ack with `multiple` would settle the held tag too).
     """
 
     def __init__(self, batch: int = 1, interval: float = 0.0):
@@ -147,6 +152,7 @@ class AckTracker:
         self._ack_tag = 0        # highest confirmed tag taken and not yet acked
         self._ack_count = 0      # confirmed deliveries that ack will settle
         self._ack_since = 0.0    # when the oldest of them was taken
+        self.held: set[int] = set()
         # Called once per message: bound builtins, no Python frame.
         self.add = self._outstanding.append
         self.confirm = self._settled.add
@@ -166,6 +172,26 @@ class AckTracker:
     def nacked(self, tag: int) -> None:
         """The tag was nacked (requeued) on the broker; skip it when acking."""
         self._settled.add(-tag)
+
+    def head_held(self) -> bool:
+        """True when the oldest unsettled tag is held: later confirmed ones need `take_singles`."""
+        return bool(self.held) and bool(self._outstanding) and self._outstanding[0] in self.held
+
+    def take_singles(self) -> list[int]:
+        """The confirmed tags (to ack one by one), taken out; nacked ones are dropped too."""
+        outstanding, settled = self._outstanding, self._settled
+        singles, kept = [], []
+        for tag in outstanding:
+            if tag in settled:
+                settled.remove(tag)
+                singles.append(tag)
+            elif -tag in settled:
+                settled.remove(-tag)
+            else:
+                kept.append(tag)
+        outstanding.clear()  # in place: `add` is bound to this deque
+        outstanding.extend(kept)
+        return singles
 
     def take_ackable(self) -> tuple[int, int]:
         """(highest tag to ack with multiple=True or 0, how many confirmed tags that acks)."""

@@ -6,7 +6,7 @@ produces them in one burst (so librdkafka batches a whole socket read into one r
 per-delivery produce calls spread over the read would be cut into many small ones by linger.ms).
 Delivery reports only record; the session's Settlement acks, nacks and parks between
 `process_data_events` calls. The parts: bridge/reconnect.py (the run loop), channel_session.py
-(one connection), settlement.py, presence.py, kafka_check.py.
+(one connection), settlement.py, backoff.py (a refused queue's wait), presence.py, kafka_check.py.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from functools import partial
 
 from confluent_kafka import KafkaException, Producer
 
+from bridge.backoff import QueueBackoff
 from bridge.channel_session import ChannelSession
 from bridge.delivery import RouteCache, inspect_body, message_headers
 from bridge.discovery import QueueDiscovery
@@ -47,6 +48,7 @@ class Forwarder:
         self.routes = RouteCache(options.topic_template)
         self.missing_warned: set[str] = set()  # queues found missing, warned about once
         self.fatal_error: str | None = None    # librdkafka's fatal error, once there is one
+        self.backoff = QueueBackoff(options.retry_max_seconds)  # outlives connections
 
     def run(self) -> int:
         """Forward until `stop` is set; 0 after a clean stop. Raises ConfigurationError."""
@@ -77,7 +79,7 @@ class Forwarder:
 
     def _open_session(self, presence: bool, first: bool) -> ChannelSession:
         session = ChannelSession(self.settings, self.options, self.producer, self.stats,
-                                 self.discovery, self.missing_warned, presence)
+                                 self.discovery, self.missing_warned, presence, self.backoff)
         if not first:
             self.stats.reconnects += 1
             self.discovery.request_listing()  # what was created while disconnected
@@ -106,7 +108,8 @@ class Forwarder:
         tracker, stats, prefetch = settlement.tracker, self.stats, self.options.prefetch
         burst, wait = max(1, prefetch // 2), BUSY_WAIT
         while not self.stop.is_set() and self.fatal_error is None:
-            in_flight, consumed = tracker.in_flight, stats.consumed
+            # Held deliveries wait for their back-off, not for Kafka: they do not keep us busy.
+            in_flight, consumed = tracker.in_flight - len(tracker.held), stats.consumed
             if in_flight >= prefetch:
                 # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
                 connection.process_data_events(time_limit=0)
@@ -127,7 +130,7 @@ class Forwarder:
                 served = producer.poll(0)
             wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
             settlement.settle()
-            session.sync_when_due(time.monotonic())
+            session.after_turn(time.monotonic())
         self._drain(session)
 
     def _forward_turn(self, session: ChannelSession) -> None:
@@ -143,7 +146,7 @@ class Forwarder:
         settlement = session.settlement
         # Once per delivery: locals, the route from a dict, no Python call but inspect_body.
         add, max_bytes = settlement.tracker.add, self.max_message_bytes
-        cached, route_for_queue = self.routes.cached, self.routes.get
+        cached, route_for_queue, waiting = self.routes.cached, self.routes.get, self.backoff.waiting
         produce, on_delivery = self.producer.produce, settlement.on_delivery
         for queue, method, properties, body in deliveries:
             tag = method.delivery_tag
@@ -158,6 +161,9 @@ class Forwarder:
             headers = [*route.headers, ("msg_id", msg_id)] if msg_id else [*route.headers]
             if properties.headers or properties.content_type:  # an MQTT 5 device's properties
                 headers += message_headers(properties.headers, properties.content_type)
+            if waiting and queue in waiting:  # after its refused ones, in order
+                settlement.hold(tag, route, body, headers)
+                continue
             try:
                 produce(route.topic, body, route.key, headers=headers,
                         on_delivery=partial(on_delivery, tag, route))

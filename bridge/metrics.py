@@ -62,7 +62,6 @@ class BridgeStats:
         self.consumed = 0
         self.produced = 0
         self.acked = 0
-        self.requeued = 0
         self.forgotten = 0  # confirmed after their channel was gone: will come again (duplicates)
         self.dead_lettered: Counter[str] = Counter()
         self.in_flight = 0
@@ -71,13 +70,16 @@ class BridgeStats:
         self.connected = False
         self.reconnects = 0
         self.presence = 0  # devices' connects and disconnects handed to Kafka
+        self.refused = 0   # records Kafka refused for a reason that may pass (then held)
+        self.held = 0      # deliveries held unacked while their queue backs off
+        self.retrying: dict[str, int] = {}  # queues in back-off per Kafka error name
         self.latency = LatencyHistogram()
 
     def summary(self) -> str:
         """One line for the log."""
         dead = sum(self.dead_lettered.values())
         return (f"consumed={self.consumed} produced={self.produced} acked={self.acked} "
-                f"requeued={self.requeued} dead_lettered={dead} in_flight={self.in_flight}")
+                f"refused={self.refused} dead_lettered={dead} in_flight={self.in_flight}")
 
 
 class StatsCollector:
@@ -93,12 +95,13 @@ class StatsCollector:
                 ("consumed", stats.consumed, "Deliveries received from RabbitMQ"),
                 ("produced", stats.produced, "Records Kafka confirmed (acks=all)"),
                 ("acked", stats.acked, "RabbitMQ deliveries acked after Kafka or webos.dead confirmed"),
-                ("requeued", stats.requeued, "Deliveries nacked with requeue after a Kafka error"),
                 ("forgotten", stats.forgotten,
                  "Kafka confirmations for a channel that had closed (redelivered: duplicates)"),
                 ("reconnects", stats.reconnects, "RabbitMQ connections opened after the first"),
                 ("presence", stats.presence,
-                 "Devices' connects and disconnects produced to the presence topic")):
+                 "Devices' connects and disconnects produced to the presence topic"),
+                ("refused", stats.refused,
+                 "Records Kafka refused for a reason that may pass; held and sent again")):
             yield CounterMetricFamily(f"webos_bridge_{name}", text, value=value)
         dead = CounterMetricFamily("webos_bridge_dead_lettered",
                                    "Messages parked in webos.dead, by reason", labels=["reason"])
@@ -117,6 +120,15 @@ class StatsCollector:
             "stand by), from the management API's queue listing", value=stats.active_queues)
         yield GaugeMetricFamily("webos_bridge_connected", "1 while connected to RabbitMQ",
                                 value=int(stats.connected))
+        yield GaugeMetricFamily("webos_bridge_held",
+                                "Deliveries held unacked while their queue backs off", value=stats.held)
+        retrying = GaugeMetricFamily(
+            "webos_bridge_retrying_queues",
+            "Device queues backing off after Kafka refused their records, by Kafka error",
+            labels=["error"])
+        for error, queues in sorted(dict(stats.retrying).items()):
+            retrying.add_metric([error], queues)
+        yield retrying
         histogram = HistogramMetricFamily(
             "webos_bridge_delivery_latency_seconds",
             "Time from produce() to Kafka's delivery report")

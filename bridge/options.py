@@ -28,6 +28,7 @@ class BridgeOptions:
     # Forward webos.presence (devices' connects and disconnects) to Settings.presence_topic.
     presence: bool = True
     flush_timeout: float = Settings.bridge_flush_timeout
+    retry_max_seconds: float = Settings.bridge_retry_max_seconds
     kafka_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def producer_config(self, settings: Settings, max_message_bytes: int | None = None) -> dict:

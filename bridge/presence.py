@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from functools import partial
 
 from pika import exceptions as amqp_errors
 
+from bridge.backoff import QueueBackoff
 from bridge.metrics import BridgeStats
 from rabbitmq import naming
 from rabbitmq.naming import header_text, is_valid_device_id
@@ -53,14 +55,21 @@ def presence_record(event: str, headers: dict | None) -> tuple[str, bytes] | Non
 class PresenceForwarder:
     """One connection's forwarding of webos.presence to Kafka, on a channel of its own (its few
     deliveries are acked one by one, apart from the device messages' batches). One bridge
-    instance at a time gets them (single active consumer), so a device's events stay in order."""
+    instance at a time gets them (single active consumer), so a device's events stay in order.
+    What Kafka refuses for a reason that may pass is held and produced again after a back-off
+    (bridge/backoff.py), with every later event, in order; acks are one by one, so nothing
+    else waits behind it."""
 
-    def __init__(self, connection, producer, topic: str, instance: str, stats: BridgeStats):
+    def __init__(self, connection, producer, topic: str, instance: str, stats: BridgeStats,
+                 retry_max_seconds: float = 60.0):
         self.producer = producer
         self.topic = topic
         self.stats = stats
         self.events: list[tuple] = []  # (method, properties) of this turn
         self.open = True
+        self.backoff = QueueBackoff(retry_max_seconds)
+        self.refused: list[tuple[int, bytes, bytes, list, str]] = []  # reported, not yet held
+        self.held: list[tuple[int, bytes, bytes, list]] = []  # (tag, key, value, headers)
         self.channel = connection.channel()
         self.channel.basic_qos(prefetch_count=PRESENCE_PREFETCH)
         self.channel.basic_consume(naming.PRESENCE_QUEUE, self.on_event,
@@ -69,11 +78,11 @@ class PresenceForwarder:
                     "a time)", naming.PRESENCE_QUEUE, topic)
 
     @classmethod
-    def start(cls, connection, producer, topic: str, instance: str,
-              stats: BridgeStats) -> "PresenceForwarder | None":
+    def start(cls, connection, producer, topic: str, instance: str, stats: BridgeStats,
+              retry_max_seconds: float) -> "PresenceForwarder | None":
         """A forwarder, or None (logged) when webos.presence cannot be consumed."""
         try:
-            return cls(connection, producer, topic, instance, stats)
+            return cls(connection, producer, topic, instance, stats, retry_max_seconds)
         except amqp_errors.ChannelClosedByBroker as error:
             LOGGER.warning("not forwarding device presence: %s (apply the topology: python -m "
                            "rabbitmq.topology)", error.reply_text)
@@ -95,21 +104,48 @@ class PresenceForwarder:
                 continue
             device, value = record
             headers = [("type", EVENT_TYPES[method.routing_key].encode())]
-            while True:
-                try:
-                    self.producer.produce(self.topic, value, device.encode(), headers=headers,
-                                          on_delivery=partial(self.on_delivery, tag))
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
+            if naming.PRESENCE_QUEUE in self.backoff:
+                self.held.append((tag, device.encode(), value, headers))
+            else:
+                self._produce(tag, device.encode(), value, headers)
+
+    def _produce(self, tag: int, key: bytes, value: bytes, headers: list) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, value, key, headers=headers,
+                                      on_delivery=partial(self.on_delivery, tag))
+                return
+            except BufferError:
+                self.producer.poll(0.05)
 
     def on_delivery(self, tag: int, error, record) -> None:
-        """Kafka's report on a presence record: ack its event, or requeue it."""
+        """Kafka's report on a presence record: ack its event, or note the refusal."""
         if not self.open or not self.channel.is_open:
             return  # its channel is gone: RabbitMQ delivers it again
         if error is None:
             self.stats.presence += 1
             self.channel.basic_ack(tag)
+            self.backoff.taken(naming.PRESENCE_QUEUE)
         else:
-            LOGGER.warning("Kafka did not take a presence record (%s); requeueing it", error.str())
-            self.channel.basic_nack(tag, requeue=True)
+            self.refused.append((tag, record.key(), record.value(), record.headers() or [],
+                                 f"{error.name()}: {error.str()}"))
+
+    @property
+    def backing_off(self) -> bool:
+        """True while anything is refused, held or waiting: `release_due` has work."""
+        return bool(self.refused or self.held or self.backoff.waiting)
+
+    def release_due(self, now: float | None = None) -> None:
+        """Hold what Kafka refused; once the back-off is due, produce what is held, in order."""
+        now = time.monotonic() if now is None else now
+        refused, self.refused = self.refused, []
+        for tag, key, value, headers, detail in refused:
+            wait = self.backoff.refused(naming.PRESENCE_QUEUE, detail, now)
+            if wait is not None and self.backoff.should_log(detail, now):
+                LOGGER.warning("Kafka refuses presence records (%s): holding them, next try in "
+                               "%.1f s", detail, wait)
+            self.held.append((tag, key, value, headers))
+        if self.held and self.backoff.due(now):
+            held, self.held = sorted(self.held, key=lambda item: item[0]), []
+            for tag, key, value, headers in held:
+                self._produce(tag, key, value, headers)

@@ -122,6 +122,10 @@ class Settings:
     bridge_discovery_interval: float = 30.0
     # s that a stopping bridge waits for Kafka to confirm what is in flight; the rest is redelivered.
     bridge_flush_timeout: float = 10.0
+    # s: the longest back-off of a device queue whose records Kafka refuses for a reason that may
+    # pass (bridge/backoff.py: 1 s, doubling, jittered). A minute keeps a refused bridge below a
+    # few wake-ups a second and still notices a fixed ACL within a minute.
+    bridge_retry_max_seconds: float = 60.0
 
     def __post_init__(self):
         if self.rabbitmq_nodes < 1:

@@ -255,7 +255,7 @@ def test_metrics_text_has_every_counter():
     registry.register(StatsCollector(stats))
     text = generate_latest(registry).decode()
     for line in ("webos_bridge_consumed_total 5.0", "webos_bridge_produced_total 4.0",
-                 "webos_bridge_acked_total 3.0", "webos_bridge_requeued_total 0.0",
+                 "webos_bridge_acked_total 3.0", "webos_bridge_refused_total 0.0",
                  'webos_bridge_dead_lettered_total{reason="not-json"} 1.0',
                  "webos_bridge_in_flight 2.0",
                  'webos_bridge_delivery_latency_seconds_bucket{le="0.005"} 1.0',

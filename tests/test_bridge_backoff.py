@@ -1,0 +1,118 @@
+"""The bridge when Kafka refuses one device's records for minutes (a topic authorization failure,
+on a Kafka with an authorizer and SCRAM users): that device's messages are held and retried
+with back-off, in order; the other devices go on; the log says it once; nothing is lost."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+
+import pika
+import pytest
+from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, AclPermissionType,
+                                   AdminClient, ResourcePatternType, ResourceType)
+
+from common.pki import PKI
+from rabbitmq import endpoints, naming
+from stack.kafka_server import LocalKafka, SecureListener, ensure_topic
+from stack.process import free_port
+from tests.helpers import read_records, wait_for
+from tests.support.bridge import BridgeProcess, body
+
+BRIDGE = "User:webos-bridge"
+# Kafka's own listeners (plain, controller) are anonymous: that principal may do anything, and
+# the test sets up and reads through it. The bridge logs in over SASL_SSL and gets ACLs.
+AUTHORIZER = {"authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+              "super.users": "User:ANONYMOUS"}
+
+
+@pytest.fixture
+def authorizing_kafka(tmp_path, settings):
+    """A Kafka of its own that checks ACLs: the bridge's SCRAM user may use every topic."""
+    listener = SecureListener(port=free_port(), pki=PKI(settings.pki_path),
+                              users={"webos-bridge": secrets.token_urlsafe(12)})
+    kafka = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port(),
+                       secure=listener, overrides=AUTHORIZER)
+    kafka.start()
+    try:
+        kafka.wait_ready()
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        grants = [AclBinding(kind, name, ResourcePatternType.LITERAL, BRIDGE, "*",
+                             AclOperation.ALL, AclPermissionType.ALLOW)
+                  for kind, name in ((ResourceType.TOPIC, "*"), (ResourceType.BROKER, "kafka-cluster"))]
+        for future in admin.create_acls(grants).values():
+            future.result(30)
+        yield kafka, listener, admin
+    finally:
+        kafka.stop()
+
+
+def deny_write(topic: str) -> AclBinding:
+    return AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, BRIDGE, "*",
+                      AclOperation.WRITE, AclPermissionType.DENY)
+
+
+def seqs(records, device: str) -> list[int]:
+    return [json.loads(record.value())["seq"] for record in records if record.key() == device.encode()]
+
+
+def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_goes_on(
+        settings, authorizing_kafka, new_device, tmp_path):
+    kafka, listener, admin = authorizing_kafka
+    refused_device, other_device = new_device("R"), new_device("G")
+    for device in (refused_device, other_device):
+        ensure_topic(kafka.bootstrap, f"test.acl.{device}", 1)
+    as_bridge = dataclasses.replace(settings, **listener.client("webos-bridge"))
+    bridge = BridgeProcess(as_bridge, tmp_path, "--queues", ",".join(
+        naming.device_queue(device) for device in (refused_device, other_device)),
+        "--topic-template", "test.acl.{device}", "--no-presence", "--retry-max-seconds", "4")
+    connection = pika.BlockingConnection(endpoints.admin_parameters(settings))
+    channel = connection.channel()
+    channel.confirm_delivery()
+
+    def publish(device: str, numbers: range) -> None:
+        for seq in numbers:
+            channel.basic_publish(naming.TOPIC_EXCHANGE, naming.routing_key(device, "info"),
+                                  body(device, seq), pika.BasicProperties(delivery_mode=2))
+    as_reader = dataclasses.replace(settings, kafka_bootstrap=kafka.bootstrap)
+    try:
+        bridge.wait_consuming(2)
+        publish(refused_device, range(0, 10))
+        read_records(as_reader, f"test.acl.{refused_device}", lambda got: len(got) >= 10, 30)
+
+        # Write on the one device's topic denied: its messages are held, the other's flow.
+        admin.create_acls([deny_write(f"test.acl.{refused_device}")])[
+            deny_write(f"test.acl.{refused_device}")].result(30)
+        retrying = 'webos_bridge_retrying_queues{error="TOPIC_AUTHORIZATION_FAILED"}'
+        publish(refused_device, range(10, 20))
+        wait_for(lambda: bridge.metric(retrying) == 1, 30,
+                 message="the refused device's queue to back off")
+        for round_ in range(3):  # the refusal lasts several back-offs (up to 4 s each)
+            publish(refused_device, range(20 + 10 * round_, 30 + 10 * round_))
+            publish(other_device, range(10 * round_, 10 * round_ + 10))
+            got = read_records(as_reader, f"test.acl.{other_device}",
+                               lambda got: len(got) >= 10 * (round_ + 1), 30)
+            assert seqs(got, other_device) == list(range(10 * (round_ + 1)))
+        wait_for(lambda: bridge.metric("webos_bridge_held") == 40, 30,
+                 message="the refused device's 40 messages held")
+        assert bridge.metric(retrying) == 1
+        assert bridge.metric("webos_bridge_refused_total") >= 10
+        refusal_lines = [line for line in bridge.output.splitlines() if "Kafka refuses" in line]
+        assert len(refusal_lines) == 1, bridge.output[-3000:]  # once a minute, not per record
+
+        # The ACL gone: the held messages arrive, in order, none lost, and the back-off ends.
+        filter_ = AclBindingFilter(ResourceType.TOPIC, f"test.acl.{refused_device}",
+                                   ResourcePatternType.LITERAL, BRIDGE, "*", AclOperation.WRITE,
+                                   AclPermissionType.DENY)
+        admin.delete_acls([filter_])[filter_].result(30)
+        got = read_records(as_reader, f"test.acl.{refused_device}",
+                           lambda got: set(seqs(got, refused_device)) >= set(range(50)), 60)
+        first_seen = list(dict.fromkeys(seqs(got, refused_device)))
+        assert first_seen == list(range(50))
+        wait_for(lambda: bridge.metric(retrying) == 0 and bridge.metric("webos_bridge_held") == 0
+                 and bridge.metric("webos_bridge_acked_total") == 80, 30,
+                 message="the back-off over and everything acked")
+        assert "Kafka takes records again" in bridge.output
+    finally:
+        connection.close()
+        assert bridge.stop() == 0, bridge.output
