@@ -28,7 +28,7 @@ from stack.local import start_fresh_brokers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ["bridge_throughput", "e2e_latency", "command_latency", "publisher_scale", "memory",
-              "discovery", "audit"]
+              "discovery", "kafka_refusal", "audit"]
 # The module of a benchmark whose name is not its module's: the audit runs the audited pipeline
 # (bench/audit.py is the pure audit it reports with).
 MODULES = {"audit": "pipeline_run"}
@@ -61,6 +61,14 @@ def summary_table(results: dict) -> list[str]:
         add("bridge throughput", "ratio bridge / min(A, B): best, of medians",
             f"{bridge.get('ratio')}, {bridge.get('ratio_of_medians')}")
         add("bridge throughput", "bridge peak RSS, MB", bridge.get("bridge_peak_rss_mb"))
+    refusal = results.get("kafka_refusal") or {}
+    if refusal.get("bridge_cpu_percent_refused") is not None:
+        add("Kafka refusing a topic", f"bridge CPU, % of a core: flowing / refused for "
+            f"{refusal['seconds_per_window']:g} s (ratio)",
+            f"{refusal['bridge_cpu_percent_baseline']} / {refusal['bridge_cpu_percent_refused']} "
+            f"({refusal['refused_over_baseline']})")
+        add("Kafka refusing a topic", "bridge log lines a minute while refused; missing after",
+            f"{refusal['log_lines_per_minute_refused']}; {refusal['missing']}")
     for run in (results.get("e2e_latency") or {}).get("runs", []):
         add("end to end", f"MQTT -> Kafka, {run['rate_target']} msg/s offered "
             f"({run['rate_achieved']} achieved): p50 / p99 / max ms",

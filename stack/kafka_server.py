@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, AclPermissionType,
+                                   AdminClient, NewTopic, ResourcePatternType, ResourceType)
 
 from common.config import REPO_ROOT, ConfigError
 from common.pki import PKI, write_private
@@ -161,6 +162,44 @@ class SecureListener:
                 "kafka_sasl_mechanism": self.MECHANISM, "kafka_sasl_username": user,
                 "kafka_sasl_password": self.users[user],
                 "kafka_ssl_ca_location": str(self.pki.ca_cert)}
+
+
+# Kafka checking ACLs: its own listeners (plain, controller) are anonymous and that principal may
+# do anything (setup and reading go through it); SASL users get what ACLs grant them.
+AUTHORIZER = {"authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+              "super.users": "User:ANONYMOUS"}
+
+
+class TopicAcls:
+    """ACLs of one SCRAM user on an authorizing Kafka, set through its anonymous plain listener:
+    every topic and the cluster granted, and a topic's Write denied and allowed again (a deny
+    wins over a grant), as an operator's mistaken ACL would."""
+
+    def __init__(self, bootstrap: str, user: str, timeout: float = 30.0):
+        self.admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+        self.principal = f"User:{user}"
+        self.timeout = timeout
+
+    def _apply(self, bindings: list[AclBinding]) -> None:
+        for future in self.admin.create_acls(bindings).values():
+            future.result(self.timeout)
+
+    def grant_all(self) -> None:
+        self._apply([AclBinding(kind, name, ResourcePatternType.LITERAL, self.principal, "*",
+                                AclOperation.ALL, AclPermissionType.ALLOW)
+                     for kind, name in ((ResourceType.TOPIC, "*"),
+                                        (ResourceType.BROKER, "kafka-cluster"))])
+
+    def deny_write(self, topic: str) -> None:
+        self._apply([AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL,
+                                self.principal, "*", AclOperation.WRITE, AclPermissionType.DENY)])
+
+    def allow_write(self, topic: str) -> None:
+        """Remove what deny_write added."""
+        found = AclBindingFilter(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL,
+                                 self.principal, "*", AclOperation.WRITE, AclPermissionType.DENY)
+        for future in self.admin.delete_acls([found]).values():
+            future.result(self.timeout)
 
 
 def local_cluster(base_dir: Path, ports: list[tuple[int, int]]) -> list[LocalKafka]:

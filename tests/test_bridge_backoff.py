@@ -9,21 +9,13 @@ import secrets
 
 import pika
 import pytest
-from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, AclPermissionType,
-                                   AdminClient, ResourcePatternType, ResourceType)
 
 from common.pki import PKI
 from rabbitmq import endpoints, naming
-from stack.kafka_server import LocalKafka, SecureListener, ensure_topic
+from stack.kafka_server import AUTHORIZER, LocalKafka, SecureListener, TopicAcls, ensure_topic
 from stack.process import free_port
 from tests.helpers import read_records, wait_for
 from tests.support.bridge import BridgeProcess, body
-
-BRIDGE = "User:webos-bridge"
-# Kafka's own listeners (plain, controller) are anonymous: that principal may do anything, and
-# the test sets up and reads through it. The bridge logs in over SASL_SSL and gets ACLs.
-AUTHORIZER = {"authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-              "super.users": "User:ANONYMOUS"}
 
 
 @pytest.fixture
@@ -36,20 +28,11 @@ def authorizing_kafka(tmp_path, settings):
     kafka.start()
     try:
         kafka.wait_ready()
-        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
-        grants = [AclBinding(kind, name, ResourcePatternType.LITERAL, BRIDGE, "*",
-                             AclOperation.ALL, AclPermissionType.ALLOW)
-                  for kind, name in ((ResourceType.TOPIC, "*"), (ResourceType.BROKER, "kafka-cluster"))]
-        for future in admin.create_acls(grants).values():
-            future.result(30)
-        yield kafka, listener, admin
+        acls = TopicAcls(kafka.bootstrap, "webos-bridge")
+        acls.grant_all()
+        yield kafka, listener, acls
     finally:
         kafka.stop()
-
-
-def deny_write(topic: str) -> AclBinding:
-    return AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, BRIDGE, "*",
-                      AclOperation.WRITE, AclPermissionType.DENY)
 
 
 def seqs(records, device: str) -> list[int]:
@@ -58,7 +41,7 @@ def seqs(records, device: str) -> list[int]:
 
 def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_goes_on(
         settings, authorizing_kafka, new_device, tmp_path):
-    kafka, listener, admin = authorizing_kafka
+    kafka, listener, acls = authorizing_kafka
     refused_device, other_device = new_device("R"), new_device("G")
     for device in (refused_device, other_device):
         ensure_topic(kafka.bootstrap, f"test.acl.{device}", 1)
@@ -81,8 +64,7 @@ def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_go
         read_records(as_reader, f"test.acl.{refused_device}", lambda got: len(got) >= 10, 30)
 
         # Write on the one device's topic denied: its messages are held, the other's flow.
-        admin.create_acls([deny_write(f"test.acl.{refused_device}")])[
-            deny_write(f"test.acl.{refused_device}")].result(30)
+        acls.deny_write(f"test.acl.{refused_device}")
         retrying = 'webos_bridge_retrying_queues{error="TOPIC_AUTHORIZATION_FAILED"}'
         publish(refused_device, range(10, 20))
         wait_for(lambda: bridge.metric(retrying) == 1, 30,
@@ -101,10 +83,7 @@ def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_go
         assert len(refusal_lines) == 1, bridge.output[-3000:]  # once a minute, not per record
 
         # The ACL gone: the held messages arrive, in order, none lost, and the back-off ends.
-        filter_ = AclBindingFilter(ResourceType.TOPIC, f"test.acl.{refused_device}",
-                                   ResourcePatternType.LITERAL, BRIDGE, "*", AclOperation.WRITE,
-                                   AclPermissionType.DENY)
-        admin.delete_acls([filter_])[filter_].result(30)
+        acls.allow_write(f"test.acl.{refused_device}")
         got = read_records(as_reader, f"test.acl.{refused_device}",
                            lambda got: set(seqs(got, refused_device)) >= set(range(50)), 60)
         first_seen = list(dict.fromkeys(seqs(got, refused_device)))

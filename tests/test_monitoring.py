@@ -30,7 +30,7 @@ def test_promtool_passes_the_rule_tests_and_checks_the_config():
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
     checked = promtool("check", "config", "prometheus.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "5 rules found" in checked.stdout
+    assert "6 rules found" in checked.stdout
 
 
 def test_every_alert_fires_in_a_test_and_stays_silent_on_the_healthy_pipeline():
@@ -42,7 +42,7 @@ def test_every_alert_fires_in_a_test_and_stays_silent_on_the_healthy_pipeline():
     healthy = next(test for test in tests if test["name"] == "a healthy pipeline raises nothing")
     silent = {case["alertname"] for case in healthy["alert_rule_test"] if not case["exp_alerts"]}
     assert alerts == firing == silent == {"BridgeDown", "DeviceQueueGrowing", "DeadLettersArriving",
-                                         "KafkaConsumerLagGrowing", "DeviceSilent"}
+                                         "KafkaConsumerLagGrowing", "DeviceSilent", "BridgeRetrying"}
 
 
 def test_the_local_config_scrapes_this_stack_on_loopback():
