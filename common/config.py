@@ -276,20 +276,50 @@ def _coerce(setting: dataclasses.Field, raw: str):
     return raw
 
 
+# What a running local stack tells every later command (a bridge, the CLI, a tool started by hand
+# in another shell): written by `make run`/`make up` into its stack directory, removed when it
+# stops. Only the cluster's size: without it a client would assume one node and, that node lost,
+# retry only it.
+STACK_STATE_FILE = "running.env"
+STACK_STATE_VARIABLES = ("WEBOS_RABBITMQ_NODES",)
+
+
 def environment(env: Mapping[str, str] | None = None,
-                dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
-    """`.env`'s variables under the environment (`env`, default os.environ), which wins."""
+                dotenv_path: Path | None = DOTENV_PATH, running_stack: bool = True) -> dict[str, str]:
+    """`.env`'s variables under the environment (`env`, default os.environ), which wins; under
+    both, with `running_stack`, what the running local stack recorded (STACK_STATE_FILE)."""
     merged: dict[str, str] = {}
     if dotenv_path is not None and dotenv_path.exists():
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ if env is None else env)
+    if running_stack:
+        state = (REPO_ROOT / Path(merged.get("WEBOS_STACK_DIR") or Settings.stack_dir).expanduser()
+                 / STACK_STATE_FILE)
+        if state.exists():
+            recorded = {k: v for k, v in dotenv_values(state).items()
+                        if k in STACK_STATE_VARIABLES and v}
+            merged = {**recorded, **merged}
     return merged
 
 
+def record_stack_state(settings: Settings) -> None:
+    """`make run`/`make up`: note the cluster's size where every later command finds it."""
+    state = stack_dir(settings) / STACK_STATE_FILE
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("# Written by the running local stack (python -m stack), removed when it "
+                     f"stops.\nWEBOS_RABBITMQ_NODES={settings.rabbitmq_nodes}\n")
+
+
+def clear_stack_state(settings: Settings) -> None:
+    """The local stack stopped: later commands no longer assume its cluster."""
+    (stack_dir(settings) / STACK_STATE_FILE).unlink(missing_ok=True)
+
+
 def load_settings(env: Mapping[str, str] | None = None, dotenv_path: Path | None = DOTENV_PATH,
-                  **overrides) -> Settings:
-    """Settings from `.env`, then the environment (which wins), then explicit overrides."""
-    merged = environment(env, dotenv_path)
+                  running_stack: bool = True, **overrides) -> Settings:
+    """Settings from the running stack's record (`running_stack`), then `.env`, then the
+    environment (which wins), then explicit overrides."""
+    merged = environment(env, dotenv_path, running_stack)
     values = {}
     for setting in dataclasses.fields(Settings):
         raw = merged.get(env_name(setting))

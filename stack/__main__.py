@@ -9,7 +9,8 @@ import time
 
 from stack.apps import app_status, apps_running, run_apps
 from common.devices import load_devices
-from common.config import (DOTENV_PATH, ConfigError, Settings, ensure_credentials, load_settings,
+from common.config import (DOTENV_PATH, ConfigError, Settings, clear_stack_state,
+                           ensure_credentials, load_settings, record_stack_state,
                            run, stack_dir)
 from common.pki import PKI
 from stack.kafka_server import LocalKafka, ensure_pipeline_topics
@@ -109,6 +110,7 @@ def down(settings: Settings, running=None) -> None:
     """Stop both local brokers (data is kept); `running` are the handles `up` returned."""
     for broker in running or services(settings, left_behind=True):
         broker.stop()
+    clear_stack_state(settings)
 
 
 def banner(settings: Settings, apps: bool = True) -> str:
@@ -255,6 +257,7 @@ def start(settings: Settings, with_apps: bool) -> int:
         LOGGER.info("interrupted while starting")
         stop_brokers(settings)
         return 130
+    record_stack_state(settings)
     print(banner(settings, apps=with_apps), flush=True)
     if not with_apps:
         return 0
@@ -276,7 +279,8 @@ def main(argv=None) -> int:
         added = ensure_credentials()
         if added:
             LOGGER.info("generated %s into %s", ", ".join(added), DOTENV_PATH)
-    settings = load_settings()
+    # `run` and `up` start what the environment asks for, not what a stack recorded before.
+    settings = load_settings(running_stack=args.command not in ("run", "up"))
 
     if args.command == "status":
         return status(settings)

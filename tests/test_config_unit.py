@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from common import config
 from common.config import REPO_ROOT, ConfigError, Settings, load_settings, stack_dir
 
 
@@ -70,3 +71,18 @@ def test_each_cluster_node_has_its_own_ports_and_node_name():
         Settings(rabbitmq_nodes=3, plain_listeners=True).check_local_ports()
     Settings(rabbitmq_nodes=3, plain_listeners=True, rabbitmq_metrics_port=15800).check_local_ports()
     Settings().check_local_ports()
+
+
+def test_a_running_cluster_stack_is_what_later_commands_assume_until_it_stops(tmp_path):
+    """`WEBOS_RABBITMQ_NODES=3 make run` records the cluster; a bridge or CLI started in another
+    shell (no variable set) then knows its three nodes; the environment still wins; `run` and
+    `up` ignore the record; once the stack stops, one node again."""
+    env = {"WEBOS_STACK_DIR": str(tmp_path / "stack")}
+    assert config.load_settings(env, dotenv_path=None).rabbitmq_nodes == 1
+    config.record_stack_state(Settings(stack_dir=str(tmp_path / "stack"), rabbitmq_nodes=3))
+    assert config.load_settings(env, dotenv_path=None).rabbitmq_nodes == 3
+    assert config.load_settings({**env, "WEBOS_RABBITMQ_NODES": "1"},
+                                dotenv_path=None).rabbitmq_nodes == 1
+    assert config.load_settings(env, dotenv_path=None, running_stack=False).rabbitmq_nodes == 1
+    config.clear_stack_state(Settings(stack_dir=str(tmp_path / "stack")))
+    assert config.load_settings(env, dotenv_path=None).rabbitmq_nodes == 1
