@@ -9,10 +9,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # uidmap: mmdebstrap builds the RabbitMQ 4 root without root through it (newuidmap).
 # prometheus: its promtool tests the alert rules; the stack runs it under WEBOS_PROMETHEUS=1.
 RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven) prometheus
-TEST_PACKAGES := chromium docker-compose mosquitto-clients
+# The container engine (make images, and the suite's compose and testcontainers tests): Debian's
+# podman with runc, netavark and aardvark-dns (service names), docker-compose 1.29 on its API.
+CONTAINER_PACKAGES := podman runc netavark aardvark-dns docker-compose
+TEST_PACKAGES := chromium mosquitto-clients $(CONTAINER_PACKAGES)
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test run up stop status clean test bench
+.PHONY: help install install-test run up stop status clean test bench images stop-engine
 
 help:
 	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, consumer"
@@ -22,6 +25,8 @@ help:
 	@echo "make status   show which local brokers run, and each app's state under make run"
 	@echo "make clean    stop the brokers and delete their data and logs (.stack/; .env stays)"
 	@echo "make bench    every benchmark on fresh brokers (~15 min), results in bench/results/"
+	@echo "make images   podman and the images docker-compose.yml runs, built here (then: docker-compose up -d)"
+	@echo "make stop-engine  stop podman's API service that make images started (containers stay)"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,3 +81,10 @@ test: install-test
 
 bench: install
 	$(PY) -m bench
+
+images: install
+	$(call apt_ensure,$(CONTAINER_PACKAGES))
+	$(PY) -m stack.images
+
+stop-engine:
+	$(PY) -m stack.images stop-engine

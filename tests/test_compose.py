@@ -32,12 +32,12 @@ def test_compose_has_every_service_with_healthchecked_brokers(resolved_compose):
     config, _ = resolved_compose
     services = config["services"]
     assert set(services) == {"pki", "rabbitmq", "kafka", "setup", "publisher", "bridge", "consumer",
-                             "prometheus", "grafana"}
+                             "relay", "prometheus", "grafana"}
     assert services["rabbitmq"]["depends_on"]["pki"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["kafka"]
-    assert services["setup"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
-    assert services["setup"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    for app in ("publisher", "bridge", "consumer"):
+    assert services["setup"]["depends_on"]["rabbitmq"]["condition"] == "service_started"
+    assert services["setup"]["depends_on"]["kafka"]["condition"] == "service_started"
+    for app in ("publisher", "bridge", "consumer", "relay"):
         assert services[app]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
     assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"] == "webos-admin"
 
