@@ -19,7 +19,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, consumer"
-	@echo "make test     the whole test suite against real brokers (its own, on free ports)"
+	@echo "make test     the whole test suite against real brokers (its own, on free ports), then"
+	@echo "              the pipeline tests on brokers in containers"
 	@echo "make up       start only the brokers in the background (make stop stops them)"
 	@echo "make stop     stop brokers left running"
 	@echo "make status   show which local brokers run, and each app's state under make run"
@@ -76,8 +77,10 @@ clean:
 	$(PY) -m stack clean
 
 # COLUMNS: without a terminal pytest assumes 80 and cuts the reason off each failure's summary line.
+# Then the pipeline tests once more, on RabbitMQ and Kafka in containers (testcontainers).
 test: install-test
 	COLUMNS=$${COLUMNS:-200} $(PY) -m pytest $(PYTEST_ARGS)
+	COLUMNS=$${COLUMNS:-200} WEBOS_TEST_BROKERS=containers $(PY) -m pytest -m pipeline $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench

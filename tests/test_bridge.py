@@ -59,6 +59,7 @@ def seqs_of(records, device: str) -> list[int]:
     return [json.loads(r.value())["seq"] for r in records if r.key() == device.encode()]
 
 
+@pytest.mark.pipeline
 def test_every_mqtt_message_reaches_kafka_with_key_headers_and_order(
         settings, new_device, bridges, kafka_topic, admin_channel):
     devices = [new_device("K"), new_device("K")]
@@ -205,6 +206,7 @@ def bridge_to_a_50_kb_topic(settings, bridges, device):
     return topic, admin, bridge
 
 
+@pytest.mark.pipeline
 def test_poison_messages_are_parked_with_reasons_and_the_queue_keeps_flowing(
         settings, new_device, bridges, admin_channel):
     device = new_device("P")
@@ -393,6 +395,7 @@ def test_a_redrive_killed_halfway_loses_nothing(
     assert bridge.stop() == 0
 
 
+@pytest.mark.pipeline
 def test_kill_9_mid_stream_loses_nothing_and_the_standby_takes_over(
         settings, new_device, bridges, kafka_topic, admin_channel):
     device = new_device("X")

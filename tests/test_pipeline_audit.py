@@ -76,6 +76,7 @@ def own_rabbitmq(tmp_path, settings):
 # ---------------------------------------------------------------------------------------------
 # 1. kill -9 of the bridge, twice, during a stream of 20,000 messages from 100 devices
 
+@pytest.mark.pipeline
 def test_bridge_killed_twice_mid_stream_loses_nothing(settings, tmp_path):
     with PipelineRun(settings, tmp_path, devices=100, messages=20_000) as run:
         run.start()
