@@ -7,6 +7,7 @@ from __future__ import annotations
 import pika
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from common.config import Settings
@@ -39,6 +40,18 @@ def connect(parameters: list[pika.ConnectionParameters]):
     raise failure
 
 
+class RetryClosedOnce(Retry):
+    """urllib3's Retry for one case only: a kept-alive connection the server had closed. A read
+    timeout (a node that hangs: it accepts TCP, never answers) is raised at once, not waited out
+    a second time."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                  _stacktrace=None):
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 class ClusterSession(requests.Session):
     """A requests session that sends a call meant for the first node's management API to the
     other nodes when that one does not answer (any node's API serves the whole cluster), and then
@@ -50,8 +63,9 @@ class ClusterSession(requests.Session):
         self.bases = list(bases)
         # The API closes a kept-alive connection now and then (every minute or two in a run
         # here): a call that finds it closed is sent again, once, on a new connection, if it is
-        # idempotent (GET, PUT, DELETE, not POST). A node that does not answer fails at once.
-        adapter = HTTPAdapter(max_retries=Retry(total=1, connect=0, redirect=0, status=0))
+        # idempotent (GET, PUT, DELETE, not POST). A node that refuses or hangs fails at once
+        # (one timeout, not two), and the call moves on to the next node.
+        adapter = HTTPAdapter(max_retries=RetryClosedOnce(total=1, connect=0, redirect=0, status=0))
         self.mount("https://", adapter)
         self.mount("http://", adapter)
 
@@ -62,7 +76,7 @@ class ClusterSession(requests.Session):
         for base in list(self.bases):
             try:
                 response = super().request(method, base + path, *args, **kwargs)
-            except requests.ConnectionError as error:
+            except (requests.ConnectionError, requests.Timeout) as error:
                 failure = error
                 continue
             self.bases.remove(base)

@@ -1,6 +1,7 @@
 """The management API session against a local HTTP server that drops a kept-alive connection the
 way RabbitMQ's API did now and then in a long `make run`: it reads the next request and closes
-without an answer (the bridge logged "cannot list queues ... RemoteDisconnected")."""
+without an answer (the bridge logged "cannot list queues ... RemoteDisconnected"), and against
+one that hangs (a SIGSTOPped node)."""
 from __future__ import annotations
 
 import threading
@@ -68,3 +69,32 @@ def test_a_post_on_a_dropped_connection_is_not_sent_twice(api):
         with pytest.raises(requests.ConnectionError):
             http.post(api + "/api/definitions", json={})
     assert DropsSecondRequest.connections == 1
+
+
+class Hangs(BaseHTTPRequestHandler):
+    """A node that accepts and reads a request but never answers (a SIGSTOPped broker's socket)."""
+    requests_read = 0
+    release = threading.Event()
+
+    def do_GET(self):
+        type(self).requests_read += 1
+        self.release.wait(30)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_node_that_hangs_costs_one_timeout_and_the_call_moves_to_the_next_node(api):
+    Hangs.requests_read, Hangs.release = 0, threading.Event()
+    hung = ThreadingHTTPServer(("127.0.0.1", 0), Hangs)
+    threading.Thread(target=hung.serve_forever, daemon=True).start()
+    first = f"http://127.0.0.1:{hung.server_port}"
+    try:
+        with ClusterSession([first, api]) as http:
+            assert http.get(first + "/api/queues", timeout=0.5).json() == []
+            assert Hangs.requests_read == 1  # waited out once, not sent again to the hung node
+            assert http.bases == [api, first]  # the node that answered is asked first from now on
+    finally:
+        Hangs.release.set()
+        hung.shutdown()
+        hung.server_close()
