@@ -77,9 +77,11 @@ class QueueBackoff:
         return counts
 
     def should_log(self, error: str, now: float) -> bool:
-        """True at most once per `log_interval` per refusal text: a refusal that lasts an hour
-        is a few log lines, not one per record."""
-        if now - self.logged.get(error, -self.log_interval) < self.log_interval:
+        """True at most once per `log_interval` per kind of refusal (Kafka's error name, before
+        the first colon: produce() and a delivery report word the same refusal differently): a
+        refusal that lasts an hour is a few log lines, not one per record."""
+        kind = error.split(":", 1)[0]
+        if now - self.logged.get(kind, -self.log_interval) < self.log_interval:
             return False
-        self.logged[error] = now
+        self.logged[kind] = now
         return True

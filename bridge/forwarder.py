@@ -181,13 +181,16 @@ class Forwarder:
             session.channel.basic_cancel(consumer_tag)
         session.consumers = {}
         deadline = time.monotonic() + self.options.flush_timeout
-        while (settlement.tracker.in_flight or session.deliveries) and time.monotonic() < deadline:
+        tracker = settlement.tracker
+        # Held deliveries are not in Kafka's hands: they stay unacked, RabbitMQ delivers them again.
+        while ((tracker.in_flight - len(tracker.held) or session.deliveries)
+               and time.monotonic() < deadline):
             if session.deliveries:
                 self._forward(session)  # delivered before the cancel took effect
             self.producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
             settlement.settle(force=True)
             session.connection.process_data_events(time_limit=0)
         settlement.settle(force=True)
-        if settlement.tracker.in_flight:
-            LOGGER.warning("%d deliveries not confirmed by Kafka in time: left unacked, RabbitMQ "
-                           "delivers them again", settlement.tracker.in_flight)
+        if tracker.in_flight:
+            LOGGER.warning("%d deliveries not confirmed by Kafka in time or held: left unacked, "
+                           "RabbitMQ delivers them again", tracker.in_flight)

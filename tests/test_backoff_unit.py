@@ -40,6 +40,7 @@ def test_a_refusal_is_logged_once_a_minute():
     backoff = QueueBackoff(cap=60.0)
     assert backoff.should_log("E: x", 100.0)
     assert not backoff.should_log("E: x", 130.0)
+    assert not backoff.should_log("E: worded otherwise", 131.0)  # the same kind of refusal
     assert backoff.should_log("F: other", 130.0)
     assert backoff.should_log("E: x", 160.0)
 

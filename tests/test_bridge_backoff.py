@@ -78,7 +78,7 @@ def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_go
         wait_for(lambda: bridge.metric("webos_bridge_held") == 40, 30,
                  message="the refused device's 40 messages held")
         assert bridge.metric(retrying) == 1
-        assert bridge.metric("webos_bridge_refused_total") >= 10
+        assert bridge.metric("webos_bridge_refused_total") >= 1  # the rest held without a try
         refusal_lines = [line for line in bridge.output.splitlines() if "Kafka refuses" in line]
         assert len(refusal_lines) == 1, bridge.output[-3000:]  # once a minute, not per record
 
