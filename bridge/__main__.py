@@ -218,9 +218,9 @@ def main(argv=None) -> int:
 
         return dead_letters_cli.main(argv[1:])
     if argv[:1] == ["relay"]:
-        from bridge import relay
+        from bridge import relay_cli
 
-        return relay.main(argv[1:])
+        return relay_cli.main(argv[1:])
     settings = load_settings()
     args = build_parser(settings).parse_args(argv)
     configure_logging(args.log_level)

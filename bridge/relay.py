@@ -22,6 +22,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from pika import exceptions as amqp_errors
 
 from common import command_records as records
+from bridge.backoff import QueueBackoff
 from bridge.reconnect import run_sessions
 from bridge.state_store import FeedbackWriter, commands_consumer, feedback_producer, load_states
 from common.config import Settings
@@ -57,6 +58,8 @@ class RelaySession:
         self.consume_channel = self.connection.channel()
         self.consume_channel.basic_qos(prefetch_count=REPLY_PREFETCH)
         self.deliveries: list[tuple[str, int, str, object, bytes]] = []
+        self.backoff = QueueBackoff(settings.bridge_retry_max_seconds)
+        self.held: list[int] = []  # replies whose feedback Kafka refused, requeued when due
         for queue in (naming.REPLIES_QUEUE, naming.EXPIRED_QUEUE):
             self.consume_channel.basic_consume(queue, self.on_message)
         writer.forget_deliveries()  # the tags of an earlier connection died with it
@@ -137,16 +140,26 @@ class RelaySession:
             self.writer.end()
 
     def ack_confirmed(self) -> None:
-        """Ack the replies Kafka has; requeue those it refused (they come again)."""
-        writer = self.writer
+        """Ack the replies Kafka has. Those it refused are held unacked and requeued (to come
+        again) after a back-off that doubles while Kafka keeps refusing (bridge/backoff.py):
+        requeued at once, they came back at once, and the relay spun."""
+        writer, now = self.writer, time.monotonic()
         writer.producer.poll(0)
         for tag in writer.to_ack:
             self.consume_channel.basic_ack(tag)
-        for tag in writer.to_nack:
-            self.consume_channel.basic_nack(tag, requeue=True)
+        if writer.to_ack:
+            self.backoff.taken(naming.REPLIES_QUEUE)
         if writer.to_nack:
-            LOGGER.warning("Kafka did not take %d feedback records (%s); their replies are "
-                           "requeued", len(writer.to_nack), writer.failed[-1:])
+            error = writer.failed[-1] if writer.failed else "refused"
+            wait = self.backoff.refused(naming.REPLIES_QUEUE, error, now)
+            if wait is not None and self.backoff.should_log(error, now):
+                LOGGER.warning("Kafka refuses feedback records (%s): %d replies held, requeued in "
+                               "%.1f s", error, len(self.held) + len(writer.to_nack), wait)
+            self.held += writer.to_nack
+        if self.held and self.backoff.due(now):
+            for tag in self.held:
+                self.consume_channel.basic_nack(tag, requeue=True)
+            self.held = []
         writer.to_ack, writer.to_nack, writer.failed = [], [], []
 
     def _on_expired(self, headers, body: bytes, now: int) -> None:
@@ -263,38 +276,3 @@ def _rewind(consumer, unhandled) -> None:
         first.setdefault((record.topic(), record.partition()), record.offset())
     for (topic, partition), offset in first.items():
         consumer.seek(TopicPartition(topic, partition, offset))
-
-
-DESCRIPTION = """\
-Relay commands from Kafka to the devices and their outcomes back (the bridge's other direction).
-Reads Kafka webos.commands (key = device id or "broadcast", value {"command_id", "name", "args",
-"ttl_s"}), publishes each to RabbitMQ's webos.topic with key webos.<device>.command (persistent,
-mandatory, confirmed) and commits the offset after the broker confirmed. Writes to Kafka
-webos.command-feedback (key = device id) "sent", then exactly one final record per command and
-device: succeeded | failed | rejected (device refused, unknown device, invalid record, queue full)
-| expired (its TTL ran out in the device's queue) | undeliverable (no device session). Keeps each
-device's desired and reported state in the compacted Kafka topic webos.state. Broker addresses
-and the webos-bridge password come from WEBOS_* variables (environment or .env).
-"""
-
-
-def main(argv=None) -> int:
-    """`python -m bridge relay`: run the relay until SIGINT or SIGTERM."""
-    import argparse
-
-    from common.config import ConfigError, load_settings, stop_on_signals
-
-    argparse.ArgumentParser(prog="python -m bridge relay", description=DESCRIPTION,
-                            epilog="exit codes: 0 after SIGTERM/SIGINT; 2 when a Kafka topic is "
-                            "missing or a password is wrong (the message says what to fix)."
-                            ).parse_args(argv)
-    settings = load_settings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pika logs every returned (unroutable) command and every refused probe at WARNING; the relay
-    # reports both as feedback and logs its own line.
-    logging.getLogger("pika").setLevel(logging.ERROR)
-    try:
-        return Relay(settings, stop_on_signals(LOGGER)).run()
-    except KafkaException as error:
-        raise ConfigError(f"{error.args[0]}") from None

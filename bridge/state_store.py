@@ -2,6 +2,7 @@
 states read back from the compacted `webos.state` at start (the relay is their one writer)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import partial
@@ -123,9 +124,12 @@ class FeedbackWriter:
             self.to_ack.append(tag)
 
     def on_delivery(self, connection: int, tag: int | None, error, record) -> None:
-        """Kafka's report on one record: noted; the relay loop acks and nacks."""
+        """Kafka's report on one record: noted; the relay loop acks and nacks. A final record
+        Kafka refused is forgotten, so that its reply, delivered again, writes it again."""
         if error is not None:
             self.failed.append(error.str())
+            if record is not None:
+                self._forget_final(record.key(), record.value())
         if tag is None or connection != self.connection or tag not in self.outstanding:
             return
         if error is not None:
@@ -139,7 +143,7 @@ class FeedbackWriter:
 
     def _produce(self, topic: str, key: str, value: bytes) -> None:
         tag = self.delivery
-        if tag is not None:
+        if tag is not None and tag in self.outstanding:
             self.outstanding[tag] += 1
         while True:
             try:
@@ -149,6 +153,21 @@ class FeedbackWriter:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as error:
+                # Refused at once (a topic the client knows it may not write): as if reported.
+                self.failed.append(error.args[0].str())
+                self._forget_final(key.encode(), value)
+                if tag is not None and self.outstanding.pop(tag, None) is not None:
+                    self.to_nack.append(tag)
+                return
+
+    def _forget_final(self, key: bytes | None, value: bytes | None) -> None:
+        try:
+            document = json.loads(value or b"{}")
+        except ValueError:
+            return
+        if document.get("status") not in (None, records.SENT):
+            self.finals.pop(((key or b"").decode(), document.get("command_id")), None)
 
     def sent_to(self, command: records.Command, now_ms: int) -> None:
         """The broker confirmed `command` into the device's (or devices') queue."""

@@ -172,7 +172,7 @@ AUTHORIZER = {"authorizer.class.name": "org.apache.kafka.metadata.authorizer.Sta
 
 class TopicAcls:
     """ACLs of one SCRAM user on an authorizing Kafka, set through its anonymous plain listener:
-    every topic and the cluster granted, and a topic's Write denied and allowed again (a deny
+    every topic, every group and the cluster granted, and a topic's Write denied and allowed again (a deny
     wins over a grant), as an operator's mistaken ACL would."""
 
     def __init__(self, bootstrap: str, user: str, timeout: float = 30.0):
@@ -187,7 +187,7 @@ class TopicAcls:
     def grant_all(self) -> None:
         self._apply([AclBinding(kind, name, ResourcePatternType.LITERAL, self.principal, "*",
                                 AclOperation.ALL, AclPermissionType.ALLOW)
-                     for kind, name in ((ResourceType.TOPIC, "*"),
+                     for kind, name in ((ResourceType.TOPIC, "*"), (ResourceType.GROUP, "*"),
                                         (ResourceType.BROKER, "kafka-cluster"))])
 
     def deny_write(self, topic: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import uuid
 from pathlib import Path
@@ -24,7 +25,10 @@ import pytest
 from rabbitmq import topology
 from rabbitmq import endpoints
 from common.config import REPO_ROOT, Settings, load_settings
-from stack.kafka_server import LocalKafka, ensure_pipeline_topics, ensure_topic
+from common.pki import PKI
+from stack.process import free_port
+from stack.kafka_server import (AUTHORIZER, LocalKafka, SecureListener, TopicAcls,
+                                ensure_pipeline_topics, ensure_topic)
 from stack.local import start_fresh_brokers
 from stack.rabbitmq_server import LocalRabbitMQ
 from tests.browser import browser, page  # noqa: F401  (fixtures)
@@ -137,3 +141,21 @@ def kafka_topic(settings):
     topic = f"test.{uuid.uuid4().hex[:10]}"
     ensure_topic(settings.kafka_bootstrap, topic, 3)
     return topic
+
+
+@pytest.fixture
+def authorizing_kafka(tmp_path, settings):
+    """A Kafka of its own that checks ACLs, with a SASL_SSL listener: the bridge's SCRAM user
+    (also the relay's) may use every topic and group until a test denies it something."""
+    listener = SecureListener(port=free_port(), pki=PKI(settings.pki_path),
+                              users={"webos-bridge": secrets.token_urlsafe(12)})
+    kafka = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port(),
+                       secure=listener, overrides=AUTHORIZER)
+    kafka.start()
+    try:
+        kafka.wait_ready()
+        acls = TopicAcls(kafka.bootstrap, "webos-bridge")
+        acls.grant_all()
+        yield kafka, listener, acls
+    finally:
+        kafka.stop()

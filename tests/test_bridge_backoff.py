@@ -1,38 +1,21 @@
 """The bridge when Kafka refuses one device's records for minutes (a topic authorization failure,
 on a Kafka with an authorizer and SCRAM users): that device's messages are held and retried
-with back-off, in order; the other devices go on; the log says it once; nothing is lost."""
+with back-off, in order; the other devices go on; the log says it once; nothing is lost. The
+relay the same when Kafka refuses its feedback: the reply waits, and is not redelivered in a
+tight loop."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
 
 import pika
-import pytest
 
-from common.pki import PKI
 from rabbitmq import endpoints, naming
-from stack.kafka_server import AUTHORIZER, LocalKafka, SecureListener, TopicAcls, ensure_topic
-from stack.process import free_port
+from stack.kafka_server import ensure_pipeline_topics, ensure_topic
 from tests.helpers import read_records, wait_for
 from tests.support.bridge import BridgeProcess, body
-
-
-@pytest.fixture
-def authorizing_kafka(tmp_path, settings):
-    """A Kafka of its own that checks ACLs: the bridge's SCRAM user may use every topic."""
-    listener = SecureListener(port=free_port(), pki=PKI(settings.pki_path),
-                              users={"webos-bridge": secrets.token_urlsafe(12)})
-    kafka = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port(),
-                       secure=listener, overrides=AUTHORIZER)
-    kafka.start()
-    try:
-        kafka.wait_ready()
-        acls = TopicAcls(kafka.bootstrap, "webos-bridge")
-        acls.grant_all()
-        yield kafka, listener, acls
-    finally:
-        kafka.stop()
+from tests.support.command_device import CommandDevice
+from tests.support.commands import CommandSender, start_relay
 
 
 def seqs(records, device: str) -> list[int]:
@@ -95,3 +78,42 @@ def test_a_topic_refused_for_one_device_holds_it_with_backoff_while_the_other_go
     finally:
         connection.close()
         assert bridge.stop() == 0, bridge.output
+
+
+def test_feedback_refused_holds_the_reply_with_backoff_and_it_arrives_once_allowed(
+        settings, authorizing_kafka, new_device, tmp_path):
+    kafka, listener, acls = authorizing_kafka
+    plain = dataclasses.replace(settings, kafka_bootstrap=kafka.bootstrap)  # setup and reading
+    ensure_pipeline_topics(plain)
+    as_relay = dataclasses.replace(settings, **listener.client("webos-bridge"),
+                                   bridge_retry_max_seconds=4.0)
+    relay = start_relay(as_relay, tmp_path / "relay.log")
+    device = CommandDevice(settings, new_device("FB")).connect()
+    sender = CommandSender(plain)
+    try:
+        assert device.subscribed.wait(10)
+        acls.deny_write(settings.feedback_topic)
+        command_id = sender.send(device.device, "ping")
+        wait_for(lambda: device.applied == [command_id], 30, message="the device to apply it")
+        wait_for(lambda: "Kafka refuses feedback records" in relay.output(), 30,
+                 message="the relay to hold the reply")
+        # Held, and requeued after 1, 2, 4, 4 ... s: a few redeliveries, not a tight loop.
+        wait_for(lambda: _redelivered(settings) >= 2, 30, message="a retry of the held reply")
+        assert _redelivered(settings) < 10
+        assert relay.output().count("Kafka refuses feedback records") == 1
+
+        acls.allow_write(settings.feedback_topic)
+        [final] = sender.wait_final(command_id, timeout=30)
+        assert final["status"] == "succeeded" and final["device"] == device.device
+    finally:
+        sender.close()
+        device.disconnect()
+        assert relay.stop() == 0, relay.output(30)
+
+
+def _redelivered(settings) -> int:
+    """How many times RabbitMQ delivered webos.replies' messages again (management API)."""
+    with endpoints.management_api(settings) as http:
+        queue = http.get(f"{settings.management_url}/api/queues/%2F/{naming.REPLIES_QUEUE}",
+                         timeout=10).json()
+    return int((queue.get("message_stats") or {}).get("redeliver", 0))
