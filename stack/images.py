@@ -71,10 +71,11 @@ def engine_answers(path: Path = ENGINE_SOCKET) -> bool:
         return False
 
 
-def start_engine(timeout: float = 30.0) -> None:
-    """The API service on ENGINE_SOCKET, in the background, unless it answers already."""
+def start_engine(timeout: float = 30.0) -> bool:
+    """The API service on ENGINE_SOCKET, in the background, unless it answers already; True
+    when this call started it."""
     if engine_answers():
-        return
+        return False
     ENGINE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = open(ENGINE_DIR / "service.log", "ab")
     process = subprocess.Popen(["podman", "system", "service", "--time=0", DOCKER_HOST],
@@ -88,6 +89,7 @@ def start_engine(timeout: float = 30.0) -> None:
         time.sleep(0.2)  # polling the socket the service is about to open
     LOGGER.info("podman's Docker API on %s (stop it: python -m stack.images stop-engine)",
                 DOCKER_HOST)
+    return True
 
 
 def stop_engine() -> bool:

@@ -58,8 +58,8 @@ class _Brokers:
     def containers(self) -> Settings:
         from tests.support import container_brokers
 
-        settings, containers = container_brokers.start(self.tmp_root)
-        self.stoppers += [container.stop for container in containers]
+        settings, stoppers = container_brokers.start(self.tmp_root)
+        self.stoppers += stoppers
         return settings
 
     def stop(self) -> None:

@@ -30,13 +30,15 @@ PORTS = ["WEBOS_AMQP_PORT", "WEBOS_MQTT_PORT", "WEBOS_MANAGEMENT_PORT", "KAFKA_P
 
 
 @pytest.fixture(scope="module")
-def engine() -> dict[str, str]:
+def engine():
     """podman's API and the images (built once, then reused: `make images` does the same)."""
     for tool in ("podman", "docker-compose", "mosquitto_pub"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: `make install-test` installs it")
-    images.start_engine()
-    return {"DOCKER_HOST": images.DOCKER_HOST, **images.build_images()}
+    started = images.start_engine()
+    yield {"DOCKER_HOST": images.DOCKER_HOST, **images.build_images()}
+    if started:  # no socket process of ours left behind either
+        images.stop_engine()
 
 
 class Project:

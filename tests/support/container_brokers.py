@@ -20,8 +20,9 @@ def _compose_service(name: str) -> dict:
 
 
 def start(base_dir: Path) -> tuple[Settings, list]:
-    """Start both; (their settings, the containers to stop)."""
-    images.start_engine()
+    """Start both; (their settings, what to stop, in reverse order: the engine's API service when
+    this call started it, then the containers)."""
+    engine_started = images.start_engine()
     built = images.build_images()
     os.environ.update({"DOCKER_HOST": images.DOCKER_HOST, "TESTCONTAINERS_RYUK_DISABLED": "true"})
     from testcontainers.core.container import DockerContainer  # reads DOCKER_HOST
@@ -64,4 +65,6 @@ def start(base_dir: Path) -> tuple[Settings, list]:
         for container in reversed(started):
             container.stop()
         raise
-    return settings, started
+    # Stopped in reverse order: the containers first, then the engine.
+    stoppers = [images.stop_engine] if engine_started else []
+    return settings, stoppers + [container.stop for container in started]
