@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: help install install-test run up stop status clean test bench images stop-engine
 
 help:
-	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, consumer"
+	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, relay, consumer"
 	@echo "make test     the whole test suite against real brokers (its own, on free ports), then"
 	@echo "              the pipeline tests on brokers in containers"
 	@echo "make up       start only the brokers in the background (make stop stops them)"

@@ -195,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
                     "WEBOS_STACK_DIR (default .stack/); ports, passwords and the RabbitMQ node name "
                     "(WEBOS_RABBITMQ_NODE) come from WEBOS_* variables and .env.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start brokers, apply topology, run the three apps; Ctrl-C stops all")
+    sub.add_parser("run", help="start brokers, apply topology, run the apps (publisher, bridge, relay, live view); Ctrl-C stops all")
     sub.add_parser("up", help="start the brokers in the background and apply the topology")
     sub.add_parser("down", help="stop brokers left running by `up` (data is kept)")
     sub.add_parser("status", help="show which brokers run and the state of each app "
