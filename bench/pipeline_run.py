@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -239,6 +240,10 @@ class PipelineRun:
             self.wait_bridge_consuming()
         self.note(f"bridge {len(self.bridges)} started (pid {bridge.process.pid})")
         return bridge
+
+    def bridge_instance(self, bridge: AppProcess) -> str:
+        """The bridge's instance name: its default, <host name>:<metrics port>."""
+        return f"{socket.gethostname()}:{self._metrics_urls[bridge].rsplit(':', 1)[1].split('/')[0]}"
 
     def bridge_metric(self, name: str, bridge: AppProcess | None = None) -> float | None:
         """One sample of `bridge`'s /metrics (default: the current bridge's), None when it does

@@ -15,6 +15,7 @@ import pika
 import pytest
 
 from bench.pipeline_run import PipelineRun
+from bridge.options import share_priority
 from rabbitmq import topology
 from rabbitmq import naming
 from rabbitmq import endpoints
@@ -127,9 +128,24 @@ def test_two_bridges_share_the_queues_and_one_takes_all_when_the_other_dies(clus
             return run.bridge_metric("webos_bridge_active_queues", bridge)
         wait_for(lambda: active(first) == 40, 30, 0.5, "the first bridge active on all")
         second = run.start_bridge()
-        wait_for(lambda: 0 < (active(second) or 0) < 40 and
-                 (active(first) or 0) + active(second) == 40, 30, 0.5,
-                 "both bridges active on a share")
+        # Each queue goes to the instance of the higher priority (rendezvous hashing; a tie
+        # leaves it where it is). RabbitMQ hands a queue over once the old consumer's in-flight
+        # messages are settled, one queue after another: wait for all of them, not the first.
+        priorities = [(share_priority(run.bridge_instance(second), queue),
+                       share_priority(run.bridge_instance(first), queue)) for queue in run.queues]
+        mine = sum(new > old for new, old in priorities)
+        ties = sum(new == old for new, old in priorities)
+        seen = []
+
+        def settled() -> bool:
+            seen.append((active(first), active(second)))
+            return (seen[-1][0] or 0) + (seen[-1][1] or 0) == 40 and \
+                mine <= (seen[-1][1] or 0) <= mine + ties
+        try:
+            wait_for(settled, 60, 0.5, "the bridges on their shares")
+        except TimeoutError:
+            raise AssertionError(f"shares {seen[-1]}, expected ({40 - mine}, {mine}) with "
+                                 f"{ties} ties") from None
         shares = active(first), active(second)
         run.kill_bridge(first)
         wait_for(lambda: active(second) == 40, 30, 0.5, "the second bridge active on all")
