@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pika
 import psutil
-from confluent_kafka import Consumer
 
 from bench.common import start_bridge, write_figures
 from common.config import Settings
 from common.pki import PKI
 from rabbitmq import endpoints, naming, topology
-from stack.kafka_server import AUTHORIZER, LocalKafka, SecureListener, TopicAcls, ensure_topic
-from stack.process import free_port
+from stack.kafka_server import (AUTHORIZER, LocalKafka, SecureListener, TopicAcls, TopicReader,
+                                ensure_topic)
+from stack.process import free_port, wait_until
 
 COMMAND = ".venv/bin/python -m bench kafka_refusal  (WEBOS_BENCH_REFUSAL_SECONDS=120)"
 
@@ -72,21 +72,16 @@ def _cpu_percent(process: psutil.Process, seconds: float) -> float:
     return round(100 * used / seconds, 2)
 
 
-def _read_all(bootstrap: str, topic: str, count: int, timeout: float) -> list[int]:
-    """The seqs in `topic` once there are `count` distinct ones (or at the timeout)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    seqs: list[int] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(set(seqs)) < count and time.monotonic() < deadline:
-            record = consumer.poll(0.5)
-            if record is not None and record.error() is None:
-                seqs.append(json.loads(record.value())["seq"])
-    finally:
-        consumer.close()
-    return seqs
+class SeqReader(TopicReader):
+    """The seqs of the run's topic, as they arrive."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        super().__init__(bootstrap, topic, partitions=1)
+        self.seqs: list[int] = []
+
+    def on_record(self, record) -> None:
+        if record.error() is None:
+            self.seqs.append(json.loads(record.value())["seq"])
 
 
 def run(settings: Settings, out_dir: Path) -> dict:
@@ -125,7 +120,15 @@ def run(settings: Settings, out_dir: Path) -> dict:
         publisher.stop.set()
         publisher.join(10)
         _say(f"allowed again: waiting for all {publisher.sent} messages in Kafka")
-        seqs = _read_all(kafka.bootstrap, topic, publisher.sent, 10 * seconds)
+        reader = SeqReader(kafka.bootstrap, topic).start()
+        try:
+            wait_until(lambda: len(set(reader.seqs)) >= publisher.sent, 10 * seconds, 0.1,
+                       f"all {publisher.sent} messages in Kafka")
+        except TimeoutError:
+            pass  # what did not arrive is counted as missing below
+        finally:
+            reader.stop()
+        seqs = list(reader.seqs)
         recovered = round(time.monotonic() - allowed_at, 1)
         first_seen = list(dict.fromkeys(seqs))
         figures = {

@@ -16,6 +16,12 @@ import random
 from dataclasses import dataclass
 
 
+def refusal(error) -> str:
+    """A KafkaError as the back-off keys it and the log shows it: "NAME: text" (should_log
+    throttles per NAME)."""
+    return f"{error.name()}: {error.str()}"
+
+
 @dataclass
 class Retrying:
     """One queue's back-off: how many refusals in a row, until when it waits, and why."""

@@ -20,7 +20,7 @@ from functools import partial
 
 from pika import exceptions as amqp_errors
 
-from bridge.backoff import QueueBackoff
+from bridge.backoff import QueueBackoff, refusal
 from bridge.metrics import BridgeStats
 from rabbitmq import naming
 from rabbitmq.naming import header_text, is_valid_device_id
@@ -128,7 +128,7 @@ class PresenceForwarder:
             self.backoff.taken(naming.PRESENCE_QUEUE)
         else:
             self.refused.append((tag, record.key(), record.value(), record.headers() or [],
-                                 f"{error.name()}: {error.str()}"))
+                                 refusal(error)))
 
     @property
     def backing_off(self) -> bool:

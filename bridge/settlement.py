@@ -15,7 +15,7 @@ import pika
 from confluent_kafka import KafkaError, KafkaException, Producer
 from pika import exceptions as amqp_errors
 
-from bridge.backoff import QueueBackoff
+from bridge.backoff import QueueBackoff, refusal
 from bridge.delivery import AckTracker, Route
 from bridge.metrics import BridgeStats
 from rabbitmq import naming
@@ -70,12 +70,12 @@ class Settlement:
         elif error.code() in REJECTED_BY_KAFKA:
             # Kafka refuses whole batches: a good record batched with a bad one fails with it.
             # Only a record refused when sent alone is parked.
-            detail = f"{error.name()}: {error.str()}"
+            detail = refusal(error)
             (self.to_park if alone else self.to_isolate).append(
                 (tag, route, record.value(), record.headers() or [], detail))
         else:
             self.refused.append((tag, route, record.value(), record.headers() or [],
-                                 f"{error.name()}: {error.str()}"))
+                                 refusal(error)))
 
     def produce(self, tag: int, route: Route, body: bytes, headers: list, amqp_headers=None,
                 exchange: str = "", alone: bool = False) -> None:
@@ -94,7 +94,7 @@ class Settlement:
                 # Raised at once when the client already knows: a record too large is parked,
                 # a topic it may not write (or that is gone) is held like a refused record.
                 kafka_error = error.args[0]
-                detail = f"{kafka_error.name()}: {kafka_error.str()}"
+                detail = refusal(kafka_error)
                 if kafka_error.code() in REJECTED_BY_KAFKA:
                     self.park(tag, body, KAFKA_REJECTED, detail, route.queue, route.routing_key,
                               exchange, amqp_headers)

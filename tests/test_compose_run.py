@@ -19,7 +19,7 @@ import requests
 from common.config import REPO_ROOT, Settings
 from rabbitmq import naming
 from stack import images
-from stack.process import free_port
+from stack.process import answers, free_port
 from tests.helpers import read_records, wait_for
 
 # What docker-compose.yml reads from the repository: the project is a copy of these, with its
@@ -77,18 +77,6 @@ class Project:
                 "volumes": self.podman("volume", "ls", "-q", "--filter", label),
                 "networks": self.podman("network", "ls", "-q", "--filter", label)}
 
-    def publisher_answers(self) -> bool:
-        try:
-            return requests.get(self.url("WEBOS_PUBLISHER_PORT", "/devices"), timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    def bridge_healthy(self) -> bool:
-        try:
-            return requests.get(self.url("WEBOS_BRIDGE_METRICS_PORT", "/healthz"), timeout=2).ok
-        except requests.RequestException:
-            return False
-
 
 def real_device(project: Project, folder) -> tuple[str, dict]:
     """A device enrolled as a real one (POST /devices, "simulated": false: its certificate, broker
@@ -124,8 +112,10 @@ def test_compose_up_carries_a_device_message_to_kafka_survives_a_bridge_crash_an
     try:
         up = project.compose("up", "-d")
         assert up.returncode == 0, up.stderr.decode()[-3000:]
-        wait_for(project.bridge_healthy, 120, interval=1, message="the bridge in compose to connect")
-        wait_for(project.publisher_answers, 60, interval=1, message="the publisher in compose")
+        wait_for(lambda: answers(project.url("WEBOS_BRIDGE_METRICS_PORT", "/healthz")), 120,
+                 interval=1, message="the bridge in compose to connect")
+        wait_for(lambda: answers(project.url("WEBOS_PUBLISHER_PORT", "/devices")), 60,
+                 interval=1, message="the publisher in compose")
         device, files = real_device(project, tmp_path)
         kafka = Settings(kafka_bootstrap=f"127.0.0.1:{project.ports['KAFKA_PORT']}")
         run = uuid.uuid4().hex
