@@ -10,8 +10,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # prometheus: its promtool tests the alert rules; the stack runs it under WEBOS_PROMETHEUS=1.
 RUN_PACKAGES := mmdebstrap $(if $(SUDO),uidmap) default-jre-headless $(if $(shell command -v mvn),,maven) prometheus
 # The container engine (make images, and the suite's compose and testcontainers tests): Debian's
-# podman with runc, netavark and aardvark-dns (service names), docker-compose 1.29 on its API.
-CONTAINER_PACKAGES := podman runc netavark aardvark-dns docker-compose
+# podman with runc, netavark (its firewall rules through iptables) and aardvark-dns (service
+# names), docker-compose 1.29 on its API.
+CONTAINER_PACKAGES := podman runc netavark aardvark-dns iptables docker-compose
 TEST_PACKAGES := chromium mosquitto-clients $(CONTAINER_PACKAGES)
 PYTEST_ARGS ?=
 
