@@ -136,7 +136,7 @@ def sweep(settings: Settings, act: Callable | None, selection: Selection = Selec
                                           password or settings.bridge_password,
                                           connection_attempts=2, retry_delay=1)
     outcome = Outcome()
-    with pika.BlockingConnection(parameters) as connection:
+    with endpoints.open_connection(parameters) as connection:
         channel = connection.channel()
         outcome.in_queue = channel.queue_declare(DEAD_QUEUE, passive=True).method.message_count
         wanted = outcome.in_queue

@@ -49,7 +49,7 @@ class RelaySession:
     def __init__(self, settings: Settings, writer: FeedbackWriter):
         self.settings = settings
         self.writer = writer
-        self.connection = pika.BlockingConnection(endpoints.amqp_parameters(
+        self.connection = endpoints.open_connection(endpoints.amqp_parameters(
             settings, settings.bridge_user, settings.bridge_password, heartbeat=30,
             blocked_connection_timeout=60, connection_attempts=1,
             client_properties={"connection_name": "webos-relay"}))

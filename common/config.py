@@ -16,7 +16,9 @@ from dotenv import dotenv_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOTENV_PATH = REPO_ROOT / ".env"
-PASSWORD_VARIABLES = ("WEBOS_ADMIN_PASSWORD", "WEBOS_BRIDGE_PASSWORD")
+# The secrets generated into .env; WEBOS_ERLANG_COOKIE: the one the nodes of
+# docker-compose.cluster.yml share (the local stack makes its own).
+PASSWORD_VARIABLES = ("WEBOS_ADMIN_PASSWORD", "WEBOS_BRIDGE_PASSWORD", "WEBOS_ERLANG_COOKIE")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Node k (1-based) of a RabbitMQ cluster listens on each RabbitMQ port + RABBITMQ_PORT_STEP * (k-1).
 RABBITMQ_PORT_STEP = 10
@@ -35,6 +37,10 @@ class Settings:
     # 1, or 3 (any N > 1) for a cluster, where the device queues are quorum queues replicated
     # over the nodes. The nodes are on rabbitmq_host, node k on the ports below + 10 * (k - 1).
     rabbitmq_nodes: int = 1
+    # Or the nodes by host name, each on the ports below (containers, machines of their own:
+    # docker-compose.cluster.yml sets rabbitmq,rabbitmq-2,rabbitmq-3); then rabbitmq_host is the
+    # first and rabbitmq_nodes their number.
+    rabbitmq_hosts: tuple[str, ...] = ()
     # Every client uses TLS: AMQPS, MQTT over TLS (devices by certificate), management HTTPS.
     amqp_port: int = 5671
     mqtt_port: int = 8883
@@ -130,6 +136,13 @@ class Settings:
     def __post_init__(self):
         if self.rabbitmq_nodes < 1:
             raise ConfigError(f"WEBOS_RABBITMQ_NODES={self.rabbitmq_nodes}: use 1, or 3 for a cluster")
+        if self.rabbitmq_hosts:
+            if self.rabbitmq_nodes not in (1, len(self.rabbitmq_hosts)):
+                raise ConfigError(f"WEBOS_RABBITMQ_HOSTS names {len(self.rabbitmq_hosts)} nodes and "
+                                  f"WEBOS_RABBITMQ_NODES={self.rabbitmq_nodes}: set one of the two")
+            # The host list is the one fact; the two settings it implies follow from it.
+            object.__setattr__(self, "rabbitmq_host", self.rabbitmq_hosts[0])
+            object.__setattr__(self, "rabbitmq_nodes", len(self.rabbitmq_hosts))
 
     @property
     def cluster(self) -> bool:
@@ -157,6 +170,9 @@ class Settings:
         node first: every client takes this list and moves to the next node when its node dies."""
         if not self.cluster:
             return [self]
+        if self.rabbitmq_hosts:
+            return [dataclasses.replace(self, rabbitmq_hosts=(), rabbitmq_nodes=1, rabbitmq_host=host)
+                    for host in self.rabbitmq_hosts]
         return [dataclasses.replace(
                     self, rabbitmq_nodes=1,
                     rabbitmq_node=self.rabbitmq_node if k == 0 else f"{self.rabbitmq_node}-{k + 1}",

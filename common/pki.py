@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_NAME = "webos pipeline local CA"
-SERVER_DNS_NAMES = ("localhost", "rabbitmq")   # rabbitmq: the broker's name under docker compose
+# rabbitmq, rabbitmq-2, rabbitmq-3: the brokers' names under docker compose (docker-compose.yml,
+# docker-compose.cluster.yml).
+SERVER_DNS_NAMES = ("localhost", "rabbitmq", "rabbitmq-2", "rabbitmq-3")
 SERVER_IPS = ("127.0.0.1", "::1")
 CA_DAYS, SERVER_DAYS, DEVICE_DAYS = 3650, 825, 397
 

@@ -118,7 +118,7 @@ class AdminLink:
     def _ensure_channel(self):
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
-                self._connection = pika.BlockingConnection(endpoints.admin_parameters(
+                self._connection = endpoints.open_connection(endpoints.admin_parameters(
                     self.settings, heartbeat=30, blocked_connection_timeout=10,
                     connection_attempts=2, retry_delay=0.5))
             self._channel = self._connection.channel()

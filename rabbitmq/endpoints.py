@@ -18,16 +18,19 @@ def amqp_parameters(settings: Settings, user: str, password: str,
                     **extra) -> list[pika.ConnectionParameters]:
     """pika connection parameters for one of the project's users, one per RabbitMQ node (pika
     tries them in order): AMQPS, the broker's certificate checked against the stack's authority."""
-    tls = pika.SSLOptions(client_context(settings.ca_file), server_hostname=settings.rabbitmq_host)
+    context = client_context(settings.ca_file)
     return [pika.ConnectionParameters(
                 host=node.rabbitmq_host, port=node.amqp_port, virtual_host=settings.vhost,
-                credentials=pika.PlainCredentials(user, password), ssl_options=tls, **extra)
+                credentials=pika.PlainCredentials(user, password),
+                ssl_options=pika.SSLOptions(context, server_hostname=node.rabbitmq_host), **extra)
             for node in settings.rabbitmq_addresses()]
 
 
 def connect(parameters: list[pika.ConnectionParameters]):
     """A BlockingConnection to the first node of `parameters` that accepts one, and that node's
-    parameters (pika's own list-of-parameters form keeps which node it reached private)."""
+    parameters. Not pika's own list-of-parameters form: it keeps which node it reached private,
+    and a node whose name does not resolve (a stopped container's) ends its whole attempt with
+    socket.gaierror instead of trying the next node."""
     failure = None
     for node in parameters:
         try:
@@ -35,9 +38,16 @@ def connect(parameters: list[pika.ConnectionParameters]):
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
                 pika.exceptions.ProbableAccessDeniedError):
             raise  # a wrong password is wrong on every node
-        except pika.exceptions.AMQPConnectionError as error:
+        except (pika.exceptions.AMQPConnectionError, OSError) as error:
             failure = error
+    if isinstance(failure, OSError):
+        raise pika.exceptions.AMQPConnectionError(f"no RabbitMQ node answered: {failure!r}")
     raise failure
+
+
+def open_connection(parameters: list[pika.ConnectionParameters]) -> pika.BlockingConnection:
+    """A BlockingConnection to the first node of `parameters` that accepts one (`connect`)."""
+    return connect(parameters)[0]
 
 
 class RetryClosedOnce(Retry):

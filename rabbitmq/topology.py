@@ -17,7 +17,7 @@ import pika
 from common.config import ConfigError, Settings, load_settings, run
 from common.devices import load_devices
 from common.pki import PKI
-from rabbitmq.endpoints import admin_parameters, management_api
+from rabbitmq.endpoints import admin_parameters, management_api, open_connection
 from rabbitmq.naming import (BROADCAST, COMMAND_TYPE, CONNECTION_EVENTS, DEAD_QUEUE,
                              DELIVERY_LIMIT, EVENT_EXCHANGE, EXPIRED_QUEUE, FANOUT_EXCHANGE,
                              MESSAGE_TYPES, PRESENCE_MAX_LENGTH, PRESENCE_QUEUE, REPLIES_QUEUE,
@@ -132,7 +132,7 @@ def declare(channel, devices, quorum: bool = False) -> None:
 def declare_devices(settings: Settings, devices) -> None:
     """Queues and bindings for `devices` on the RabbitMQ `settings` names (quorum queues on a
     cluster), over one connection as webos-admin."""
-    with pika.BlockingConnection(admin_parameters(settings)) as connection:
+    with open_connection(admin_parameters(settings)) as connection:
         channel = connection.channel()
         for device in devices:
             declare_device(channel, device, settings.cluster)
@@ -281,7 +281,7 @@ def apply(settings: Settings, devices=None) -> None:
     apply_policies(settings)
     devices = registered_devices(settings) if devices is None else devices
     enrol_devices(settings, devices)
-    with pika.BlockingConnection(admin_parameters(settings)) as connection:
+    with open_connection(admin_parameters(settings)) as connection:
         declare(connection.channel(), devices, quorum=settings.cluster)
     LOGGER.info("topology applied: exchanges %s, %s; queues %s", TOPIC_EXCHANGE, FANOUT_EXCHANGE,
                 ", ".join([device_queue(d) for d in devices]

@@ -217,9 +217,10 @@ def local_cluster(base_dir: Path, ports: list[tuple[int, int]]) -> list[LocalKaf
             for i, (port, controller) in enumerate(ports, 1)]
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: int = 1,
+def ensure_topic(bootstrap: str, topic: str, partitions: int = 6, replication: int = -1,
                  timeout: float = 30.0, config: dict | None = None) -> bool:
-    """Create `topic` (with topic `config`) unless it exists; True when this call created it."""
+    """Create `topic` (with topic `config`) unless it exists; True when this call created it.
+    Replication -1: the brokers' default.replication.factor (1 alone, 3 in a cluster)."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
     metadata = admin.list_topics(timeout=timeout)
     if topic in metadata.topics:

@@ -1,7 +1,9 @@
 """docker-compose.yml for real: the images `make images` builds, on podman's Docker API, from `up`
 to a device's message in Kafka (its certificate, MQTT over TLS, the published port) to `down -v`
 with nothing of the project left behind; a bridge that crashes inside compose is restarted and
-loses nothing. Every call goes to ports published on 127.0.0.1."""
+loses nothing. Then the cluster variant (docker-compose.cluster.yml): three RabbitMQ nodes and
+three Kafka brokers, a device going on through another node when one stops. Every call goes to
+ports published on 127.0.0.1."""
 from __future__ import annotations
 
 import io
@@ -15,8 +17,9 @@ import uuid
 
 import pytest
 import requests
+from confluent_kafka.admin import AdminClient
 
-from common.config import REPO_ROOT, Settings
+from common.config import PASSWORD_VARIABLES, REPO_ROOT, Settings
 from rabbitmq import naming
 from stack import images
 from stack.process import answers, free_port
@@ -24,9 +27,12 @@ from tests.helpers import read_records, wait_for
 
 # What docker-compose.yml reads from the repository: the project is a copy of these, with its
 # own .env, so that a test run never touches the developer's .env or a stack of theirs.
-PROJECT_FILES = ["docker-compose.yml", "Dockerfile", "rabbitmq", "monitoring"]
+PROJECT_FILES = ["docker-compose.yml", "docker-compose.cluster.yml", "Dockerfile", "rabbitmq",
+                 "monitoring", "containers"]
 PORTS = ["WEBOS_AMQP_PORT", "WEBOS_MQTT_PORT", "WEBOS_MANAGEMENT_PORT", "KAFKA_PORT",
          "WEBOS_PUBLISHER_PORT", "WEBOS_CONSUMER_PORT", "WEBOS_BRIDGE_METRICS_PORT"]
+CLUSTER_PORTS = [f"WEBOS_NODE{k}_{name}_PORT" for k in (2, 3) for name in ("AMQP", "MQTT", "MANAGEMENT")] + [
+    "KAFKA_2_PORT", "KAFKA_3_PORT"]
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +50,20 @@ def engine():
 class Project:
     """One docker-compose project in a folder of its own, on free ports."""
 
-    def __init__(self, folder, engine: dict[str, str]):
+    def __init__(self, folder, engine: dict[str, str], cluster: bool = False):
         for name in PROJECT_FILES:
             source = REPO_ROOT / name
             (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
         self.name = f"webostest{uuid.uuid4().hex[:8]}"
-        self.ports = {name: str(free_port()) for name in PORTS}
-        passwords = {"WEBOS_ADMIN_PASSWORD": secrets.token_urlsafe(12),
-                     "WEBOS_BRIDGE_PASSWORD": secrets.token_urlsafe(12)}
+        self.ports = {name: str(free_port()) for name in PORTS + (CLUSTER_PORTS if cluster else [])}
+        passwords = {name: secrets.token_urlsafe(12) for name in PASSWORD_VARIABLES}
         (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in passwords.items()))
         self.folder = folder
+        files = "docker-compose.yml:docker-compose.cluster.yml" if cluster else "docker-compose.yml"
         self.env = {"PATH": os.environ["PATH"], "COMPOSE_PROJECT_NAME": self.name,
-                    **engine, **self.ports, **passwords}
+                    "COMPOSE_FILE": files, **engine, **self.ports, **passwords}
         self.admin_password = passwords["WEBOS_ADMIN_PASSWORD"]
+        self.label = f"label=com.docker.compose.project={self.name}"
 
     def compose(self, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(["docker-compose", *args], cwd=self.folder, env=self.env,
@@ -71,11 +78,42 @@ class Project:
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service, text=True).stdout.strip()
 
-    def left_behind(self, label: str) -> dict[str, str]:
-        """What of this project the engine still has: containers, volumes, networks."""
-        return {"containers": self.podman("ps", "-a", "-q", "--filter", label),
-                "volumes": self.podman("volume", "ls", "-q", "--filter", label),
-                "networks": self.podman("network", "ls", "-q", "--filter", label)}
+    def up(self) -> None:
+        """`up -d`, then until the bridge and the publisher answer on their published ports."""
+        up = self.compose("up", "-d")
+        assert up.returncode == 0, up.stderr.decode()[-3000:]
+        wait_for(lambda: answers(self.url("WEBOS_BRIDGE_METRICS_PORT", "/healthz")), 120,
+                 interval=1, message="the bridge in compose to connect")
+        wait_for(lambda: answers(self.url("WEBOS_PUBLISHER_PORT", "/devices")), 60,
+                 interval=1, message="the publisher in compose")
+
+    def subnets(self) -> list[str]:
+        """The subnets of the project's networks (their firewall rules name them)."""
+        networks = self.podman("network", "ls", "--quiet", "--filter", self.label).split()
+        return [json.loads(self.podman("network", "inspect", name))[0]["subnets"][0]["subnet"]
+                for name in networks]
+
+    def down_leaves_nothing(self, subnets: list[str]) -> None:
+        """`down -v`; then no container, volume, network or firewall rule of the project."""
+        down = self.compose("down", "-v")
+        assert down.returncode == 0, down.stderr
+        left = {"containers": self.podman("ps", "-a", "-q", "--filter", self.label),
+                "volumes": self.podman("volume", "ls", "-q", "--filter", self.label),
+                "networks": self.podman("network", "ls", "-q", "--filter", self.label)}
+        assert {kind: found.split() for kind, found in left.items()} == {
+            "containers": [], "volumes": [], "networks": []}
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        assert not [line for line in rules.splitlines()
+                    if any(subnet in line for subnet in subnets)
+                    or any(f"--dport {port} " in line for port in self.ports.values())]
+
+    def management(self, path: str, ca_file, port: str = "WEBOS_MANAGEMENT_PORT"):
+        """A management API call on a published port, as webos-admin, the broker checked."""
+        response = requests.get(f"https://127.0.0.1:{self.ports[port]}/api/{path}",
+                                auth=("webos-admin", self.admin_password), verify=str(ca_file),
+                                timeout=10)
+        response.raise_for_status()
+        return response.json()
 
 
 def real_device(project: Project, folder) -> tuple[str, dict]:
@@ -94,65 +132,93 @@ def real_device(project: Project, folder) -> tuple[str, dict]:
                     "--key": folder / f"devices/{device}.key"}
 
 
-def publish(project: Project, device: str, files: dict, payloads: list[dict]) -> None:
+def publish(project: Project, device: str, files: dict, payloads: list[dict],
+            port: str = "WEBOS_MQTT_PORT") -> None:
     for payload in payloads:
         sent = subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", project.ports["WEBOS_MQTT_PORT"],
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", project.ports[port],
              "-V", "mqttv311", "-q", "1", "-i", device, "-t", naming.mqtt_topic(device, "info"),
              "-m", json.dumps(payload), *[str(part) for item in files.items() for part in item]],
             capture_output=True, text=True, timeout=30)
         assert sent.returncode == 0, sent.stderr
 
 
+def device_seqs(records, device: str, run: str) -> list[int]:
+    """The `seq` of each record of `device` sent in this `run`, in Kafka's order."""
+    return [json.loads(r.value())["seq"] for r in records
+            if r.key() == device.encode() and json.loads(r.value()).get("run") == run]
+
+
 def test_compose_up_carries_a_device_message_to_kafka_survives_a_bridge_crash_and_down_leaves_nothing(
         engine, tmp_path):
     project = Project(tmp_path, engine)
-    label = f"label=com.docker.compose.project={project.name}"
     subnets: list[str] = []
     try:
-        up = project.compose("up", "-d")
-        assert up.returncode == 0, up.stderr.decode()[-3000:]
-        wait_for(lambda: answers(project.url("WEBOS_BRIDGE_METRICS_PORT", "/healthz")), 120,
-                 interval=1, message="the bridge in compose to connect")
-        wait_for(lambda: answers(project.url("WEBOS_PUBLISHER_PORT", "/devices")), 60,
-                 interval=1, message="the publisher in compose")
+        project.up()
         device, files = real_device(project, tmp_path)
         kafka = Settings(kafka_bootstrap=f"127.0.0.1:{project.ports['KAFKA_PORT']}")
         run = uuid.uuid4().hex
 
         # A message from the device's own certificate reaches Kafka, keyed by the device.
         publish(project, device, files, [{"id": device, "run": run, "seq": 0}])
-
-        def mine(records) -> list[int]:
-            return [json.loads(r.value())["seq"] for r in records
-                    if r.key() == device.encode() and json.loads(r.value()).get("run") == run]
-        read_records(kafka, "webos.events", lambda got: mine(got) == [0], 60)
+        read_records(kafka, "webos.events", lambda got: device_seqs(got, device, run) == [0], 60)
 
         # The management UI on its published port is RabbitMQ 4.
-        overview = requests.get(f"https://127.0.0.1:{project.ports['WEBOS_MANAGEMENT_PORT']}/api/overview",
-                                auth=("webos-admin", project.admin_password),
-                                verify=str(files["--cafile"]), timeout=10).json()
-        assert overview["rabbitmq_version"].startswith("4.0")
+        assert project.management("overview", files["--cafile"])["rabbitmq_version"].startswith("4.0")
 
         # The bridge's process killed: compose's restart policy brings it back; nothing is lost.
         bridge = project.container("bridge")
         pid = project.podman("inspect", "--format", "{{.State.Pid}}", bridge).strip()
         subprocess.run(["kill", "-9", pid], check=True)
         publish(project, device, files, [{"id": device, "run": run, "seq": seq} for seq in range(1, 21)])
-        read_records(kafka, "webos.events", lambda got: set(mine(got)) == set(range(21)), 120)
+        read_records(kafka, "webos.events",
+                     lambda got: set(device_seqs(got, device, run)) == set(range(21)), 120)
         restarts = project.podman("inspect", "--format", "{{.RestartCount}}", bridge).strip()
         assert int(restarts) >= 1
 
-        network = project.podman("network", "ls", "--quiet", "--filter", label).split()
-        subnets += [json.loads(project.podman("network", "inspect", name))[0]["subnets"][0]["subnet"]
-                   for name in network]
+        subnets += project.subnets()
         assert subnets, "the project's network is labelled with its project"
     finally:
-        down = project.compose("down", "-v")
-    assert down.returncode == 0, down.stderr
-    assert {kind: found.split() for kind, found in project.left_behind(label).items()} == {
-        "containers": [], "volumes": [], "networks": []}
-    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
-    assert not [line for line in rules.splitlines()
-                if any(subnet in line for subnet in subnets)
-                or any(f"--dport {port} " in line for port in project.ports.values())]
+        project.down_leaves_nothing(subnets)
+
+
+def test_compose_cluster_runs_three_nodes_of_each_broker_and_a_device_goes_on_when_its_node_stops(
+        engine, tmp_path):
+    """docker-compose.cluster.yml: one RabbitMQ cluster of three nodes, the device queues quorum
+    queues on all three, the Kafka topics replicated on three brokers; a device that loses its
+    node publishes through another (as a device with the node list does), and the bridge, which
+    lost that node too, carries every message on."""
+    project = Project(tmp_path, engine, cluster=True)
+    subnets: list[str] = []
+    try:
+        project.up()
+        device, files = real_device(project, tmp_path)
+        ca_file = files["--cafile"]
+        nodes = project.management("nodes", ca_file)
+        assert sorted((n["name"], n["running"]) for n in nodes) == [
+            ("rabbit@rabbitmq", True), ("rabbit@rabbitmq-2", True), ("rabbit@rabbitmq-3", True)]
+        queue = project.management(f"queues/%2F/{naming.device_queue(device)}", ca_file)
+        assert queue["type"] == "quorum" and len(queue["members"]) == 3
+
+        kafka = Settings(kafka_bootstrap=",".join(
+            f"127.0.0.1:{project.ports[name]}" for name in ("KAFKA_PORT", "KAFKA_2_PORT", "KAFKA_3_PORT")))
+        admin = AdminClient({"bootstrap.servers": kafka.kafka_bootstrap})
+        topic = admin.list_topics("webos.events", timeout=30).topics["webos.events"]
+        assert {len(p.replicas) for p in topic.partitions.values()} == {3}
+        assert len(admin.list_topics(timeout=30).brokers) == 3
+
+        run = uuid.uuid4().hex
+        publish(project, device, files, [{"id": device, "run": run, "seq": 0}], port="WEBOS_NODE2_MQTT_PORT")
+        read_records(kafka, "webos.events", lambda got: device_seqs(got, device, run) == [0], 60)
+
+        # Node 1, where the bridge and the apps connected first, stops; the device goes on
+        # through node 3, and all of it reaches Kafka in order.
+        stopped = project.compose("stop", "rabbitmq")
+        assert stopped.returncode == 0, stopped.stderr
+        publish(project, device, files, [{"id": device, "run": run, "seq": seq} for seq in range(1, 21)],
+                port="WEBOS_NODE3_MQTT_PORT")
+        read_records(kafka, "webos.events",
+                     lambda got: device_seqs(got, device, run) == list(range(21)), 120)
+        subnets += project.subnets()
+    finally:
+        project.down_leaves_nothing(subnets)

@@ -86,3 +86,18 @@ def test_a_running_cluster_stack_is_what_later_commands_assume_until_it_stops(tm
     assert config.load_settings(env, dotenv_path=None, running_stack=False).rabbitmq_nodes == 1
     config.clear_stack_state(Settings(stack_dir=str(tmp_path / "stack")))
     assert config.load_settings(env, dotenv_path=None).rabbitmq_nodes == 1
+
+
+def test_cluster_nodes_named_by_host_share_the_ports():
+    """docker-compose.cluster.yml's apps: WEBOS_RABBITMQ_HOSTS names the nodes, each on the same
+    ports; the node count and the first host follow from the list."""
+    settings = config.load_settings({"WEBOS_RABBITMQ_HOSTS": "rabbitmq,rabbitmq-2,rabbitmq-3"},
+                                    dotenv_path=None, running_stack=False)
+    assert settings.cluster and settings.rabbitmq_nodes == 3 and settings.rabbitmq_host == "rabbitmq"
+    nodes = settings.rabbitmq_addresses()
+    assert [(n.rabbitmq_host, n.amqp_port, n.mqtt_port) for n in nodes] == [
+        ("rabbitmq", 5671, 8883), ("rabbitmq-2", 5671, 8883), ("rabbitmq-3", 5671, 8883)]
+    assert [n.management_url for n in nodes][2] == "https://rabbitmq-3:15671"
+    assert not nodes[1].cluster
+    with pytest.raises(ConfigError, match="set one of the two"):
+        Settings(rabbitmq_hosts=("a", "b", "c"), rabbitmq_nodes=2)

@@ -23,7 +23,7 @@ import requests
 
 from rabbitmq import topology
 from rabbitmq import naming
-from common.config import REPO_ROOT, load_settings
+from common.config import PASSWORD_VARIABLES, REPO_ROOT, load_settings
 from stack.process import free_port, port_open
 from tests.helpers import answers, kafka_consumer, poll_records, wait_for
 
@@ -41,8 +41,7 @@ def stack_environment(tmp_path) -> dict[str, str]:
            "WEBOS_PUBLISHER_PORT": str(free_port()),
            "WEBOS_CONSUMER_PORT": str(free_port()),
            "WEBOS_BRIDGE_METRICS_PORT": str(free_port()),
-           **{name: secrets.token_urlsafe(12) for name in
-              ("WEBOS_ADMIN_PASSWORD", "WEBOS_DEVICE_PASSWORD", "WEBOS_BRIDGE_PASSWORD")}}
+           **{name: secrets.token_urlsafe(12) for name in PASSWORD_VARIABLES}}
     env.pop("MAKEFLAGS", None)
     env.pop("MAKELEVEL", None)
     return env

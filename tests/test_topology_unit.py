@@ -4,12 +4,15 @@ without an answer (the bridge logged "cannot list queues ... RemoteDisconnected"
 one that hangs (a SIGSTOPped node)."""
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pika
 import pytest
 import requests
 
+from rabbitmq import endpoints
 from rabbitmq.endpoints import ClusterSession
 
 
@@ -98,3 +101,22 @@ def test_a_node_that_hangs_costs_one_timeout_and_the_call_moves_to_the_next_node
         Hangs.release.set()
         hung.shutdown()
         hung.server_close()
+
+
+def test_a_node_whose_name_does_not_resolve_is_skipped_for_the_next(monkeypatch):
+    """A stopped container's name stops resolving: pika's own list of parameters then ends the
+    whole attempt with socket.gaierror; endpoints.connect goes on to the next node."""
+    tried = []
+
+    def blocking_connection(node):
+        tried.append(node.host)
+        if node.host == "rabbitmq":
+            raise socket.gaierror(-2, "Name or service not known")
+        return f"connection to {node.host}"
+
+    monkeypatch.setattr(pika, "BlockingConnection", blocking_connection)
+    nodes = [pika.ConnectionParameters(host) for host in ("rabbitmq", "rabbitmq-2")]
+    assert endpoints.connect(nodes) == ("connection to rabbitmq-2", nodes[1])
+    assert tried == ["rabbitmq", "rabbitmq-2"]
+    with pytest.raises(pika.exceptions.AMQPConnectionError, match="Name or service not known"):
+        endpoints.connect(nodes[:1])
