@@ -2,7 +2,9 @@
 
 Each benchmark is a module in this package with `run(settings, out_dir) -> dict` that prints its
 own progress and returns JSON-serialisable figures; this runner starts the brokers, calls them in
-order, writes bench/results/<date>.json and prints a short table.
+order and, after each, writes bench/results/<date>.json (the headline figures under `summary`,
+bench/summary.py) and bench/results/latest.md, so that a run stopped part-way keeps what it
+measured. SIGINT or SIGTERM stops the benchmark under way and the brokers this run started.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from bench.publisher_scale import broker_files_needed, device_counts, raise_file_limit
 from bench.common import machine
+from bench.summary import summary, summary_rows
 from rabbitmq import topology
 from common import config
 from common.config import Settings
@@ -127,6 +131,19 @@ def summary_table(results: dict) -> list[str]:
     return rows
 
 
+def write_report(report: dict, out: Path) -> list[str]:
+    """The results so far into `out` (with their `summary` first) and latest.md; the table."""
+    headline = summary(report["results"])
+    out.write_text(json.dumps({"summary": headline, **report}, indent=2) + "\n")
+    table = summary_rows(headline) + [""] + summary_table(report["results"])
+    machine_line = (f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB, "
+                    f"Python {report['machine']['python']}, load average now "
+                    f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    (RESULTS / "latest.md").write_text(f"Measured {report['date']} on {machine_line}.\n\n"
+                                       + "\n".join(table) + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     """Run the benchmarks named on the command line (default: all)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -148,6 +165,11 @@ def main(argv=None) -> int:
     base = Path(tempfile.mkdtemp(prefix="webos-bench-"))
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "results": {}}
+    out = RESULTS / f"{dt.date.today().isoformat()}.json"
+
+    def stop(signum, frame):  # SIGTERM as SIGINT: out through the `finally` that stops brokers
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
     settings, brokers = start_brokers(base)
     failed: list[str] = []
     try:
@@ -162,18 +184,16 @@ def main(argv=None) -> int:
                 report["results"][name] = {"error": repr(error)}
                 failed.append(name)
             LOGGER.info("benchmark %s done in %.0f s", name, time.monotonic() - started)
+            table = write_report(report, out)
+    except KeyboardInterrupt as interrupted:
+        LOGGER.warning("stopped (%s) during the benchmarks; what finished is in %s",
+                       interrupted or "SIGINT", out)
+        failed.append("interrupted")
+        table = write_report(report, out)
     finally:
         for broker in reversed(brokers):
             broker.stop()
         shutil.rmtree(base, ignore_errors=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    table = summary_table(report["results"])
-    machine_line = (f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB, "
-                    f"Python {report['machine']['python']}, load average at end "
-                    f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    (RESULTS / "latest.md").write_text(f"Measured {report['date']} on {machine_line}.\n\n"
-                                       + "\n".join(table) + "\n")
     print("\n".join(table))
     print(f"results written to {out} and {RESULTS / 'latest.md'}")
     if failed:

@@ -42,6 +42,13 @@ class BridgeOptions:
                   # producer would put it. librdkafka's default (consistent_random, CRC32) put
                   # both default devices on partition 0 of 6; murmur2 puts them on 1 and 4.
                   "partitioner": "murmur2_random",
+                  # A broker that hangs (SIGSTOP: its sockets open, no answer) held its
+                  # partitions' records for librdkafka's default 60 s before they went to the new
+                  # leader. tests/test_kafka_cluster.py, a 20 s stream hung a third in: all in
+                  # Kafka 61.4 s after the hang with 60 s, 21.8 s with 10 s. By 10 s the
+                  # controller has fenced it (broker.session.timeout.ms, 9 s); the idempotent
+                  # producer resends in order, without duplicates.
+                  "socket.timeout.ms": 10_000,
                   **dict(self.kafka_config)}
         config["message.max.bytes"] = limit
         config["batch.size"] = min(int(config["batch.size"]), limit)

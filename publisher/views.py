@@ -180,7 +180,11 @@ def metrics():
     acked = CounterMetricFamily("webos_publisher_acked", "Messages RabbitMQ acknowledged (PUBACK)",
                                 labels=labels)
     dropped = CounterMetricFamily("webos_publisher_dropped",
-                                  "Messages dropped while RabbitMQ was unreachable", labels=labels)
+                                  "Messages dropped while RabbitMQ was unreachable or blocking "
+                                  "(the device's buffer was full)", labels=labels)
+    waiting = GaugeMetricFamily("webos_publisher_waiting",
+                                "Messages the device holds until RabbitMQ acknowledges them (its "
+                                "buffer, at most --max-queued)", labels=labels)
     for device in simulator().snapshot():
         label = [device["id"]]
         interval.add_metric(label, max(device["interval"]))
@@ -189,7 +193,8 @@ def metrics():
         published.add_metric(label, device["messages"])
         acked.add_metric(label, device["acked"])
         dropped.add_metric(label, device["dropped"])
-    return prometheus_text([interval, active, connected, published, acked, dropped])
+        waiting.add_metric(label, device["messages"] - device["acked"])
+    return prometheus_text([interval, active, connected, published, acked, dropped, waiting])
 
 
 @api.get("/devices/<device>")

@@ -173,6 +173,20 @@ class LocalProcess:
         self.pid_path.unlink(missing_ok=True)
         LOGGER.info("%s stopped", self.describe())
 
+    def main_pid(self) -> int | None:
+        """The process that does the broker's work (subclasses whose command is a wrapper say
+        which of its children that is)."""
+        return self.process.pid if self.process is not None else self.pid()
+
+    def hang(self) -> None:
+        """SIGSTOP of the broker's own process, for fault tests: a hung node, whose sockets stay
+        open and accept connections while nothing answers."""
+        os.kill(self.main_pid(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the hung node runs on."""
+        os.kill(self.main_pid(), signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
         pid = self.process.pid if self.process is not None else self.pid()

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pika
+import psutil
 import requests
 
 from common.config import REPO_ROOT, Settings
@@ -96,7 +97,13 @@ class LocalRabbitMQ(LocalProcess):
                       # cluster those queues are quorum queues, so that a session outlives the
                       # node it was made on (a classic one would be down with its node, and the
                       # device could not resume it on another).
-                      "mqtt.durable_queue_type = quorum"]
+                      "mqtt.durable_queue_type = quorum",
+                      # A quorum queue declared while a node was away gains it as a member
+                      # when it is back (else it stays on fewer nodes, and a majority of them
+                      # is sooner lost). containers/rabbitmq-cluster.conf: the same for compose.
+                      "quorum_queue.continuous_membership_reconciliation.enabled = true",
+                      f"quorum_queue.continuous_membership_reconciliation.target_group_size = "
+                      f"{min(3, len(self.cluster))}"]
         lines += [
             # Created on first boot instead of guest (which is then never created).
             f"default_user = {s.admin_user}",
@@ -152,6 +159,17 @@ class LocalRabbitMQ(LocalProcess):
 
     def command(self) -> list[str]:
         return self.runtime.command([SERVER_SCRIPT], self.base_dir)
+
+    def main_pid(self) -> int | None:
+        """The Erlang VM (beam.smp) under the runtime's wrapper: the node itself."""
+        top = super().main_pid()
+        if top is None:
+            return None
+        try:
+            tree = [psutil.Process(top), *psutil.Process(top).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return None
+        return next((p.pid for p in tree if p.name() == "beam.smp"), top)
 
     def rabbitmqctl(self, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the runtime's `rabbitmqctl` against this node (its cookie, its node name)."""

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from bench import summary
 from bench.__main__ import summary_table
 from bench import common
 from bench.common import jvm_seconds, parse_perfdata
@@ -283,3 +284,29 @@ def test_summary_table_shows_the_new_figures():
             "connection processes) | 30.1; 3.0 |") in rows
     assert ("| publisher scale | 5000 devices: connected (s to connect), msg/s acked of expected | "
             "5000 (14.2 s), 3301.0 of 3333.3 |") in rows
+
+
+def test_the_summary_reads_each_headline_figure_from_its_benchmark_and_none_where_it_did_not_run():
+    results = {
+        "publisher_scale": {"results": [
+            {"devices": 5000, "transport": "tls", "on_time_share": 0.663, "rabbitmq_cpu_us_per_ack": 399,
+             "publisher_cpu_us_per_message": 186},
+            {"devices": 5000, "transport": "plain", "on_time_share": 0.924},
+            {"devices": 10000, "transport": "tls", "on_time_share": 0.708, "acked_per_s": 2707,
+             "expected_per_s": 6666.7, "connect_seconds": 42.1,
+             "rabbitmq_memory_per_connection_kib": 69}]},
+        "bridge_throughput": {"ratio": 0.83, "ratio_of_medians": 0.81},
+        "e2e_latency": {"runs": [
+            {"rate_target": 100, "rate_achieved": 100, "p99_ms": 9.0},
+            {"rate_target": 1000, "rate_achieved": 1000, "p99_ms": 12.7,
+             "resources": {"bridge": {"cpu_mean_pct": 29.0}}}]},
+    }
+    figures = summary.summary(results)
+    assert set(figures) == set(summary.AIMS)
+    assert figures == {
+        "devices_5000_tls_on_time": 0.663, "devices_10000_tls_acked_ratio": 0.406,
+        "devices_10000_tls_on_time": 0.708, "devices_10000_tls_connect_s": 42.1,
+        "rabbitmq_cpu_us_per_msg": 399, "rabbitmq_kib_per_tls_connection": 69,
+        "publisher_cpu_us_per_msg": 186, "bridge_raw_pika_ratio": 0.81,
+        "bridge_cpu_us_per_msg_at_1000": 290.0, "e2e_p99_ms_at_1000": 12.7}
+    assert set(summary.summary({"bridge_throughput": {"error": "boom"}}).values()) == {None}

@@ -1,5 +1,6 @@
 """Fault 4: Kafka as a 3-broker KRaft cluster (RF 3, min.insync.replicas 2, acks=all); one broker
-killed with SIGKILL mid-stream, nothing lost.
+hung with SIGSTOP mid-stream (it keeps its sockets open and never answers: the bridge's requests to
+it time out), then killed with SIGKILL mid-stream; nothing lost either time.
 
 The session RabbitMQ carries the devices' messages; the cluster is this module's own (three local
 processes, each broker + controller). Devices publish over MQTT as webos-device, `python -m bridge`
@@ -58,7 +59,10 @@ class PartitionReader(TopicReader):
     join_seconds = 15.0
 
     def __init__(self, bootstrap: str, topic: str, partitions: int):
-        super().__init__(bootstrap, topic, partitions, config={"fetch.wait.max.ms": 50})
+        # socket.timeout.ms: a fetch from a hung leader gives up after 10 s, not 60 s, so that what
+        # this reader sees measures the bridge, not its own wait.
+        super().__init__(bootstrap, topic, partitions,
+                         config={"fetch.wait.max.ms": 50, "socket.timeout.ms": 10_000})
         self.records: dict[str, list[dict]] = {}
         self.partition_of: dict[str, int] = {}
         self.errors: list[str] = []
@@ -99,8 +103,16 @@ def partition_leaders(bootstrap: str, topic: str) -> dict[int, int]:
     return {p: meta.leader for p, meta in metadata.topics[topic].partitions.items()}
 
 
-def test_one_broker_of_three_killed_mid_stream_loses_nothing(
-        settings, new_device, kafka_cluster, tmp_path, record_property):
+# The longest a hung leader may hold the stream: the controller fences a broker that misses its
+# heartbeats for broker.session.timeout.ms (9 s) and moves its partitions' leadership; librdkafka
+# gives up on a request to it after request.timeout.ms (30 s) and sends it to the new leader.
+HANG_SECONDS = 60
+
+
+# "hang" first: it resumes its broker, and "kill" needs all three to create its topic.
+@pytest.mark.parametrize("fault", ["hang", "kill"])
+def test_one_broker_of_three_hung_or_killed_mid_stream_loses_nothing(
+        settings, new_device, kafka_cluster, tmp_path, record_property, fault):
     started = time.monotonic()
     bootstrap = ",".join(node.bootstrap for node in kafka_cluster)
     cluster_settings = dataclasses.replace(settings, kafka_bootstrap=bootstrap)
@@ -150,10 +162,14 @@ def test_one_broker_of_three_killed_mid_stream_loses_nothing(
                 leader = partition_leaders(bootstrap, topic)[reader.partition_of[devices[0]]]
                 killed = kafka_cluster[leader - 1]
                 assert killed.node_id == leader
-                killed.kill()
-                assert killed.process.poll() == -signal.SIGKILL
-                LOGGER.info("killed Kafka node %s (leader of %s's partition) after %d publishes",
-                            leader, devices[0], n)
+                if fault == "kill":
+                    killed.kill()
+                    assert killed.process.poll() == -signal.SIGKILL
+                else:
+                    killed.hang()
+                    hung_at = time.monotonic()
+                LOGGER.info("%s Kafka node %s (leader of %s's partition) after %d publishes",
+                            fault, leader, devices[0], n)
             seq, index = divmod(n, DEVICES)
             device = devices[index]
             pending.append(clients[index].client.publish(naming.mqtt_topic(device, "info"),
@@ -166,25 +182,46 @@ def test_one_broker_of_three_killed_mid_stream_loses_nothing(
         assert all(info.is_published() for info in pending)  # RabbitMQ accepted every message
 
         wait_for(lambda: all(len(reader.seqs(d)) >= PER_DEVICE for d in devices), 180,
-                 interval=0.5, message="every message in Kafka after the broker was killed")
+                 interval=0.5, message=f"every message in Kafka after the broker was {fault}")
         assert bridge.process.poll() is None, f"the bridge exited:\n{bridge.output}"
-        # The stream went on while the killed node stayed down: the survivors took over.
+        # The stream went on while the node stayed down: the survivors took over.
         survivors = set(partition_leaders(bootstrap, topic).values())
         assert killed.node_id not in survivors
+        if fault == "hang":
+            held = time.monotonic() - hung_at
+            record_property("all_in_kafka_s_after_hang", round(held, 1))
+            assert held < HANG_SECONDS, f"a hung broker held the stream {held:.0f} s"
+            # Everything arrived while the broker still hung. Back (SIGCONT), it rejoins and
+            # catches up: every partition has its three replicas in sync again, and the stream
+            # still flows.
+            killed.resume()
+            wait_for(lambda: all(len(p.isrs) == 3 for p in admin.list_topics(topic, timeout=10)
+                                 .topics[topic].partitions.values()), 120, interval=0.5,
+                     message="the resumed broker back in sync")
+            after = [clients[0].client.publish(naming.mqtt_topic(devices[0], "info"),
+                                               body(devices[0], PER_DEVICE + k), qos=1) for k in range(10)]
+            for info in after:
+                info.wait_for_publish(30)
+            wait_for(lambda: len(reader.seqs(devices[0])) >= PER_DEVICE + 10, 60, interval=0.5,
+                     message="messages after the resumed broker rejoined")
     finally:
+        if fault == "hang" and killed is not None:
+            killed.resume()  # harmless when running already
         reader.stop()
         for client in clients:
             client.close()
         code = bridge.stop()
     assert code == 0, bridge.output
 
-    audits = {device: audit(reader.records[device], PER_DEVICE) for device in devices}
+    extra = {devices[0]: 10} if fault == "hang" else {}
+    audits = {device: audit(reader.records[device], PER_DEVICE + extra.get(device, 0))
+              for device in devices}
     for device, result in audits.items():
         assert result["missing"] == [], (device, result["missing"][:20])
         assert result["out_of_order"] == 0, (device, result)
     duplicates = sum(result["duplicates"] for result in audits.values())
     record_property("duplicates", duplicates)
     record_property("seconds", round(time.monotonic() - started, 1))
-    LOGGER.info("3-broker cluster, node %s killed: %d messages, 0 missing, 0 out of order, "
-                "%d duplicates, %.0f s", killed.node_id, total, duplicates,
+    LOGGER.info("3-broker cluster, node %s %s: %d messages, 0 missing, 0 out of order, "
+                "%d duplicates, %.0f s", killed.node_id, fault, total, duplicates,
                 time.monotonic() - started)

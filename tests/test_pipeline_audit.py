@@ -257,3 +257,58 @@ def test_malformed_payloads_at_volume_are_parked_and_the_good_stream_is_complete
     assert report.foreign == 0  # no malformed payload reached Kafka
     assert report.unexpected == 0 and report.duplicated == 0 and report.dropped == 0
     assert report.ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. RabbitMQ's disk alarm mid-stream: devices are blocked, buffer, and resend once it clears
+
+def node_status(settings: Settings) -> dict:
+    """The (one) node's disk figures and alarm, from the management API (which has them a few
+    seconds after the node started, once it collected its first statistics)."""
+    def read() -> dict | None:
+        with endpoints.management_api(settings) as http:
+            node, = http.get(f"{settings.management_url}/api/nodes", timeout=10).json()
+        return node if "disk_free_alarm" in node else None
+    return wait_for(read, 30, interval=0.5, message="the node's disk statistics")
+
+
+def test_a_disk_alarm_blocks_the_devices_which_keep_what_they_can_and_count_the_rest(
+        own_rabbitmq, tmp_path):
+    """RabbitMQ's documented back-pressure: under a disk alarm it stops reading from publishing
+    connections. Each simulated device then holds its unacknowledged messages (up to
+    --max-queued, shown as webos_publisher_waiting) and counts what does not fit
+    (webos_publisher_dropped); after the alarm clears it hands everything it held over. Kafka
+    then holds every message a device kept, and exactly the dropped ones are missing."""
+    own = own_rabbitmq.settings_for_test
+    limit = node_status(own)["disk_free_limit"]
+    with PipelineRun(own, tmp_path, devices=10, messages=2_000, interval=(0.1, 0.1),
+                     max_queued=30) as run:
+        run.start()
+        run.wait_published(200)
+        # A limit above what is free raises the alarm (the issue's way to force it).
+        forced = own_rabbitmq.rabbitmqctl("set_disk_free_limit", str(node_status(own)["disk_free"] * 2))
+        assert forced.returncode == 0, forced.stderr
+        try:
+            wait_for(lambda: node_status(own)["disk_free_alarm"], 30, message="the disk alarm")
+            run.note("disk alarm raised")
+            # Blocked: no acknowledgement comes; every device fills its buffer and then drops.
+            wait_for(lambda: all(row["dropped"] > 0 for row in run.read_devices().values()), 60,
+                     interval=0.5, message="every device's buffer full")
+            metrics = run._http.get(run.publisher_url + "/metrics", timeout=10).text
+            waiting = [float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("webos_publisher_waiting{") and run.devices[0] in line]
+            assert waiting == [30.0], waiting
+        finally:
+            restored = own_rabbitmq.rabbitmqctl("set_disk_free_limit", str(limit))
+            assert restored.returncode == 0, restored.stderr
+        wait_for(lambda: not node_status(own)["disk_free_alarm"], 30, message="the alarm to clear")
+        run.note("disk alarm cleared")
+        report = run.finish(timeout=180)
+    report_line("disk alarm", report)
+    # Each seq a device gave out was either kept (RabbitMQ acknowledged it in the end, and it is
+    # in Kafka) or dropped and counted; exactly the counted ones are missing.
+    assert report.dropped > 0
+    assert report.acked + report.dropped == report.published, report.summary()
+    assert report.arrived == report.acked, report.summary()
+    assert report.missing == report.dropped, report.summary()
+    assert report.out_of_order == 0 and report.unexpected == 0, report.summary()

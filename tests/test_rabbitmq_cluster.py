@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from collections import Counter
 
 import pika
@@ -179,5 +181,40 @@ def test_a_node_and_a_bridge_killed_mid_stream_lose_nothing(clusters, tmp_path):
         victim.start()
         wait_cluster(nodes)
     print(f"\n{report.summary()}")
+    assert report.missing == 0, report.summary()
+    assert report.out_of_order == 0, report.summary()
+
+
+def test_a_node_that_hangs_mid_stream_is_left_within_the_heartbeat_window_and_nothing_is_lost(
+        clusters, tmp_path):
+    """SIGSTOP, not SIGKILL: the node keeps its sockets open and never answers. The bridge on it
+    notices by the missing heartbeats and moves to another node; the stream goes on through the
+    others while it hangs; resumed, it rejoins, and the audit finds nothing missing."""
+    settings, nodes = clusters
+    with PipelineRun(settings, tmp_path, devices=40, messages=9600, interval=(0.25, 0.25),
+                     replication=3) as run:
+        run.prepare()
+        port = int(re.findall(r"connected to RabbitMQ [\d.]+:(\d+)", run.bridge.output())[-1])
+        victim = next(node for node in nodes if node.settings.amqp_port == port)
+        run.stream()
+        run.wait_published(1000)
+        victim.hang()
+        hung_at = time.monotonic()
+        run.note(f"SIGSTOP RabbitMQ {victim.node_name}, the bridge's node")
+        try:
+            wait_for(lambda: (run.bridge_metric("webos_bridge_reconnects_total") or 0) >= 1, 120,
+                     interval=0.5, message="the bridge to leave the hung node")
+            moved = time.monotonic() - hung_at
+            run.note(f"the bridge reconnected elsewhere {moved:.1f} s after the hang began")
+            arrived = run.tally.count
+            wait_for(lambda: run.tally.count >= arrived + 500, 60, interval=0.5,
+                     message="the stream to go on through the other nodes")
+            run.note(f"500 more records in Kafka while {victim.node_name} hangs")
+        finally:
+            victim.resume()
+        run.note(f"SIGCONT after {time.monotonic() - hung_at:.0f} s")
+        report = run.finish(timeout=300)
+        wait_cluster(nodes)
+    print(f"\nbridge moved after {moved:.1f} s; {report.summary()}")
     assert report.missing == 0, report.summary()
     assert report.out_of_order == 0, report.summary()
