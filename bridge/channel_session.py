@@ -32,7 +32,7 @@ class ChannelSession:
 
     def __init__(self, settings: Settings, options: BridgeOptions, producer, stats: BridgeStats,
                  discovery: QueueDiscovery, missing_warned: set[str], presence: bool,
-                 backoff: QueueBackoff):
+                 backoff: QueueBackoff, last_node: str = ""):
         self.settings = settings
         self.options = options
         self.stats = stats
@@ -40,9 +40,11 @@ class ChannelSession:
         self.missing_warned = missing_warned  # the forwarder's: a warning per missing queue
         self.connection, node = endpoints.connect(endpoints.amqp_parameters(
             settings, settings.bridge_user, settings.bridge_password,
-            heartbeat=30, blocked_connection_timeout=60, connection_attempts=1,
+            heartbeat=endpoints.HEARTBEAT_SECONDS, blocked_connection_timeout=60,
+            connection_attempts=1,
             # Which bridge process a connection is, in the management UI and API.
-            client_properties={"connection_name": f"webos-bridge pid {os.getpid()}"}))
+            client_properties={"connection_name": f"webos-bridge pid {os.getpid()}"}),
+            last=last_node)
         self.node = f"{node.host}:{node.port}"
         dead_channel = self.connection.channel()
         dead_channel.confirm_delivery()

@@ -47,6 +47,7 @@ class Forwarder:
         self.stats = stats or BridgeStats()
         self.routes = RouteCache(options.topic_template)
         self.missing_warned: set[str] = set()  # queues found missing, warned about once
+        self.last_node = ""  # "host:port" of the last session's node
         self.fatal_error: str | None = None    # librdkafka's fatal error, once there is one
         self.backoff = QueueBackoff(options.retry_max_seconds)  # outlives connections
 
@@ -79,7 +80,9 @@ class Forwarder:
 
     def _open_session(self, presence: bool, first: bool) -> ChannelSession:
         session = ChannelSession(self.settings, self.options, self.producer, self.stats,
-                                 self.discovery, self.missing_warned, presence, self.backoff)
+                                 self.discovery, self.missing_warned, presence, self.backoff,
+                                 last_node=self.last_node)
+        self.last_node = session.node  # tried last next time: it may be hanging
         if not first:
             self.stats.reconnects += 1
             self.discovery.request_listing()  # what was created while disconnected

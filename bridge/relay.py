@@ -50,7 +50,7 @@ class RelaySession:
         self.settings = settings
         self.writer = writer
         self.connection = endpoints.open_connection(endpoints.amqp_parameters(
-            settings, settings.bridge_user, settings.bridge_password, heartbeat=30,
+            settings, settings.bridge_user, settings.bridge_password, heartbeat=endpoints.HEARTBEAT_SECONDS,
             blocked_connection_timeout=60, connection_attempts=1,
             client_properties={"connection_name": "webos-relay"}))
         self.publish_channel = self.connection.channel()

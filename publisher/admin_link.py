@@ -119,7 +119,7 @@ class AdminLink:
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
                 self._connection = endpoints.open_connection(endpoints.admin_parameters(
-                    self.settings, heartbeat=30, blocked_connection_timeout=10,
+                    self.settings, heartbeat=endpoints.HEARTBEAT_SECONDS, blocked_connection_timeout=10,
                     connection_attempts=2, retry_delay=0.5))
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()  # basic_publish returns after the broker confirmed

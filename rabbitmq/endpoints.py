@@ -4,14 +4,24 @@ does not answer.
 """
 from __future__ import annotations
 
+import logging
+
 import pika
 import requests
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from common.config import Settings
 from common.pki import client_context
+
+LOGGER = logging.getLogger(__name__)
+# The AMQP heartbeat the project's long-lived connections ask for (bridge, relay, publisher's
+# admin link). pika gives up on a silent connection after 1-2 heartbeats + 5 s: with 30 s a
+# bridge on a node that hangs (SIGSTOP) reconnected 62 s after the hang began
+# (tests/test_rabbitmq_cluster.py); with 10 s, within 15-25 s. Its cost: a frame every 5 s.
+HEARTBEAT_SECONDS = 10
 
 
 def amqp_parameters(settings: Settings, user: str, password: str,
@@ -26,23 +36,31 @@ def amqp_parameters(settings: Settings, user: str, password: str,
             for node in settings.rabbitmq_addresses()]
 
 
-def connect(parameters: list[pika.ConnectionParameters]):
+def connect(parameters: list[pika.ConnectionParameters], last: str = ""):
     """A BlockingConnection to the first node of `parameters` that accepts one, and that node's
-    parameters. Not pika's own list-of-parameters form: it keeps which node it reached private,
-    and a node whose name does not resolve (a stopped container's) ends its whole attempt with
-    socket.gaierror instead of trying the next node."""
+    parameters; the node `last` ("host:port", where a lost connection was) is tried after the
+    others: a node that hangs costs a stack timeout (15 s) per attempt.
+
+    Not pika's own list-of-parameters form: it keeps which node it reached private, and a node
+    whose name does not resolve (a stopped container's) ends its whole attempt with
+    socket.gaierror instead of trying the next node. Whatever fails on every node is raised as
+    AMQPConnectionError (a hung node's AMQPConnectorStackTimeout is not one), so that callers'
+    reconnect loops see one kind of error."""
+    ordered = sorted(parameters, key=lambda node: f"{node.host}:{node.port}" == last)
     failure = None
-    for node in parameters:
+    for node in ordered:
         try:
             return pika.BlockingConnection(node), node
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
                 pika.exceptions.ProbableAccessDeniedError):
             raise  # a wrong password is wrong on every node
-        except (pika.exceptions.AMQPConnectionError, OSError) as error:
+        except (pika.exceptions.AMQPConnectionError, AMQPConnectorException, OSError) as error:
+            LOGGER.warning("RabbitMQ at %s:%s did not take a connection (%r)%s", node.host,
+                           node.port, error, "; trying the next node" if node is not ordered[-1] else "")
             failure = error
-    if isinstance(failure, OSError):
-        raise pika.exceptions.AMQPConnectionError(f"no RabbitMQ node answered: {failure!r}")
-    raise failure
+    if isinstance(failure, pika.exceptions.AMQPConnectionError):
+        raise failure
+    raise pika.exceptions.AMQPConnectionError(f"no RabbitMQ node answered: {failure!r}") from failure
 
 
 def open_connection(parameters: list[pika.ConnectionParameters]) -> pika.BlockingConnection:

@@ -102,6 +102,11 @@ class LocalRabbitMQ(LocalProcess):
                       # when it is back (else it stays on fewer nodes, and a majority of them
                       # is sooner lost). containers/rabbitmq-cluster.conf: the same for compose.
                       "quorum_queue.continuous_membership_reconciliation.enabled = true",
+                      # A node that hung longer than net_ticktime (60 s) comes back to peers
+                      # that took it for down: a partition, which the default (`ignore`) left
+                      # for good (tests/test_rabbitmq_cluster.py). The minority pauses and
+                      # rejoins once it sees the majority.
+                      "cluster_partition_handling = pause_minority",
                       f"quorum_queue.continuous_membership_reconciliation.target_group_size = "
                       f"{min(3, len(self.cluster))}"]
         lines += [

@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pika
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 import pytest
 import requests
 
@@ -120,3 +121,21 @@ def test_a_node_whose_name_does_not_resolve_is_skipped_for_the_next(monkeypatch)
     assert tried == ["rabbitmq", "rabbitmq-2"]
     with pytest.raises(pika.exceptions.AMQPConnectionError, match="Name or service not known"):
         endpoints.connect(nodes[:1])
+
+
+def test_a_hung_node_is_tried_last_after_a_lost_connection_and_its_timeout_is_a_connection_error(
+        monkeypatch):
+    """A node that hangs accepts TCP and never answers: pika raises AMQPConnectorStackTimeout,
+    which is no AMQPConnectionError (a bridge's reconnect loop let it through and exited). The
+    node a connection was lost on is tried after the others."""
+    tried = []
+
+    def blocking_connection(node):
+        tried.append(node.port)
+        raise AMQPConnectorStackTimeout("Timeout while setting up transport")
+
+    monkeypatch.setattr(pika, "BlockingConnection", blocking_connection)
+    nodes = [pika.ConnectionParameters("127.0.0.1", port) for port in (5671, 5681, 5691)]
+    with pytest.raises(pika.exceptions.AMQPConnectionError, match="Timeout while setting up"):
+        endpoints.connect(nodes, last="127.0.0.1:5671")
+    assert tried == [5681, 5691, 5671]
