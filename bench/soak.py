@@ -1,0 +1,222 @@
+"""`make soak`: the whole pipeline under random faults for SOAK_MINUTES, then the audit.
+
+Three RabbitMQ nodes and three Kafka brokers of its own (free ports, a temporary directory), two
+bridges, and a publisher running 1,000 TLS devices (one message each every 1-2 s). While they
+stream, a fault script applies, one at a time and at random (seeded: `--seed` repeats a run),
+each fault the suite tests one by one: a bridge killed with `kill -9` (and started again, as its
+supervisor would), a RabbitMQ node restarted, a RabbitMQ node hung (SIGSTOP) and resumed, a Kafka
+broker killed and started again, a Kafka broker hung and resumed, RabbitMQ's disk alarm forced and
+cleared. Then every device stops, Kafka is audited (per device: missing, duplicated, out of
+order), and the peak memory of every process (whatever its pid after restarts) is reported.
+
+Writes bench/results/soak-<date>.json and .md; exits 1 when anything is missing or out of order.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.pipeline_run import PipelineRun
+from common import config
+from rabbitmq import topology
+from stack.kafka_server import local_cluster
+from stack.local import fresh_settings, start_rabbitmq
+from stack.process import free_port
+from stack.rabbitmq_server import wait_cluster
+
+LOGGER = logging.getLogger("soak")
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICES = 1000
+INTERVAL = (1.0, 2.0)  # s between two messages of a device: 667 msg/s over 1,000 devices
+HANG_SECONDS = 20.0
+ALARM_SECONDS = 10.0
+PAUSE = (10.0, 25.0)   # s between the end of one fault and the next
+
+
+class PeakMemory:
+    """Peak RSS of named roles, each a function giving its processes now (pids change when a
+    fault restarts one), sampled every 2 s in a thread."""
+
+    def __init__(self, roles: dict):
+        self.roles = roles
+        self.peak_mb = {name: 0.0 for name in roles}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(2.0):
+            for name, processes in self.roles.items():
+                total = 0
+                for pid in processes():
+                    try:
+                        tree = psutil.Process(pid)
+                        total += sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)])
+                    except psutil.Error:
+                        continue
+                self.peak_mb[name] = max(self.peak_mb[name], round(total / 2**20, 1))
+
+
+class Faults:
+    """The fault script: each fault applies and recovers before the next one starts."""
+
+    def __init__(self, run: PipelineRun, rabbitmq: list, kafka: list, rng: random.Random):
+        self.run, self.rabbitmq, self.kafka, self.rng = run, rabbitmq, kafka, rng
+        self.applied: list[dict] = []
+
+    def apply_one(self) -> None:
+        name = self.rng.choice(["bridge_kill", "rabbitmq_restart", "rabbitmq_hang", "kafka_kill",
+                                "kafka_hang", "disk_alarm"])
+        started = time.monotonic()
+        target = getattr(self, name)()
+        self.applied.append({"fault": name, "target": target, "at_s": round(started - self.run.started_at, 1),
+                             "seconds": round(time.monotonic() - started, 1)})
+
+    def bridge_kill(self) -> str:
+        victim = self.rng.choice([b for b in self.run.bridges if b.running])
+        self.run.kill_bridge(victim)
+        self.run.start_bridge()  # what supervisord does under `make run`
+        return f"pid {victim.process.pid}"
+
+    def rabbitmq_restart(self) -> str:
+        node = self.rng.choice(self.rabbitmq)
+        self.run.note(f"restart RabbitMQ {node.node_name}")
+        node.stop()
+        node.start()
+        wait_cluster(self.rabbitmq, timeout=180)
+        return node.node_name
+
+    def _hang(self, broker, name: str) -> str:
+        self.run.note(f"SIGSTOP {name} for {HANG_SECONDS:.0f} s")
+        broker.hang()
+        try:
+            time.sleep(HANG_SECONDS)  # the fault's length
+        finally:
+            broker.resume()
+        return name
+
+    def rabbitmq_hang(self) -> str:
+        node = self.rng.choice(self.rabbitmq)
+        self._hang(node, f"RabbitMQ {node.node_name}")
+        wait_cluster(self.rabbitmq, timeout=180)
+        return node.node_name
+
+    def kafka_kill(self) -> str:
+        broker = self.rng.choice(self.kafka)
+        self.run.note(f"kill -9 Kafka node {broker.node_id}")
+        broker.kill()
+        time.sleep(HANG_SECONDS)  # down for a while, as a crashed broker is
+        broker.start()
+        broker.wait_ready(timeout=180)
+        return f"node {broker.node_id}"
+
+    def kafka_hang(self) -> str:
+        broker = self.rng.choice(self.kafka)
+        return self._hang(broker, f"Kafka node {broker.node_id}")
+
+    def disk_alarm(self) -> str:
+        node = self.rng.choice(self.rabbitmq)
+        self.run.note(f"disk alarm on {node.node_name} for {ALARM_SECONDS:.0f} s")
+        node.rabbitmqctl("set_disk_free_limit", str(10**15))  # a petabyte: above what is free
+        try:
+            time.sleep(ALARM_SECONDS)
+        finally:
+            node.rabbitmqctl("set_disk_free_limit", "50MB")  # the default: rabbitmq.conf sets none
+        return node.node_name
+
+
+def soak(minutes: float, seed: int, work: Path) -> dict:
+    """Start the clusters, stream for `minutes` under faults, audit; the results."""
+    kafka = local_cluster(work / "kafka", [(free_port(), free_port()) for _ in range(3)])
+    rabbitmq: list = []
+    try:
+        for broker in kafka:
+            broker.start()
+        settings = fresh_settings(work, rabbitmq_nodes=3, reconnect_max_seconds=5.0,
+                                  kafka_bootstrap=",".join(f"127.0.0.1:{b.port}" for b in kafka))
+        rabbitmq = start_rabbitmq(settings, work, "webos-soak")
+        for broker in kafka:
+            broker.wait_ready(timeout=180)
+        topology.apply(settings, devices=[])
+        messages = int(DEVICES * minutes * 60 / (sum(INTERVAL) / 2))
+        with PipelineRun(settings, work / "run", devices=DEVICES, messages=messages,
+                         interval=INTERVAL, replication=3) as run:
+            run.prepare(bridges=2)
+            memory = PeakMemory({
+                "publisher": lambda: [run.publisher.pid] if run.publisher and run.publisher.running else [],
+                "bridges": lambda: [b.pid for b in run.bridges if b.running],
+                **{f"rabbitmq {n.node_name}": (lambda n=n: [p] if (p := n.main_pid()) else [])
+                   for n in rabbitmq},
+                **{f"kafka {b.node_id}": (lambda b=b: [p] if (p := b.main_pid()) else []) for b in kafka},
+            })
+            memory.thread.start()
+            run.stream()
+            faults = Faults(run, rabbitmq, kafka, random.Random(seed))
+            while run.streaming:
+                time.sleep(faults.rng.uniform(*PAUSE))  # the script's pace, not a wait on a state
+                if run.streaming:
+                    faults.apply_one()
+            report = run.finish(timeout=600, stream_timeout=600)
+            memory.stop.set()
+        return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "minutes": minutes, "seed": seed, "devices": DEVICES, "faults": faults.applied,
+                "peak_rss_mb": memory.peak_mb, "audit": report.to_json()}
+    finally:
+        for broker in [*rabbitmq, *kafka]:  # throwaway data; SIGKILL ends a hung one too
+            if broker.pid() is not None:
+                broker.kill()
+
+
+def markdown(result: dict) -> str:
+    audit = result["audit"]
+    lines = [f"Soak {result['date']}: {result['minutes']:g} min, {result['devices']} devices, "
+             f"seed {result['seed']}.", "",
+             "| fault | target | at s | took s |", "| --- | --- | --- | --- |"]
+    lines += [f"| {f['fault']} | {f['target']} | {f['at_s']} | {f['seconds']} |" for f in result["faults"]]
+    lines += ["", "| audit | value |", "| --- | --- |"]
+    lines += [f"| {key} | {audit[key]} |" for key in ("published", "acked", "dropped", "arrived",
+                                                       "missing", "duplicated", "out_of_order")]
+    lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
+    lines += [f"| {name} | {mb} |" for name, mb in result["peak_rss_mb"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long the devices stream (30)")
+    parser.add_argument("--seed", type=int, default=None, help="the fault script's seed (default: random)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    LOGGER.info("soak: %g minutes, %d devices, seed %d", args.minutes, DEVICES, seed)
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    work = Path(tempfile.mkdtemp(prefix="webos-soak-"))
+    try:
+        result = soak(args.minutes, seed, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"soak-{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    audit = result["audit"]
+    ok = audit["missing"] == 0 and audit["out_of_order"] == 0
+    print(f"{'ok' if ok else 'FAILED'}: results in {stem}.json and .md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    config.run(main)
