@@ -34,7 +34,10 @@ def start(base_dir: Path) -> tuple[Settings, list]:
                 .with_env("RABBITMQ_DEFAULT_USER", settings.admin_user)
                 .with_env("RABBITMQ_DEFAULT_PASS", settings.admin_password)
                 .with_volume_mapping(str(settings.pki_path), "/pki", "ro")
-                # As docker compose does: the broker's key copied where rabbitmq.conf names it.
+                # As docker compose does: its start script (the broker's key copied where
+                # rabbitmq.conf names it), mounted from the repository.
+                .with_volume_mapping(str(REPO_ROOT / "containers" / "rabbitmq-node.sh"),
+                                     "/usr/local/lib/webos/rabbitmq-node.sh", "ro")
                 .with_command(_compose_service("rabbitmq")["command"]))
     # On 127.0.0.1 only: testcontainers' with_bind_ports takes no host address, docker-py's
     # port map (which testcontainers hands `ports` to) takes (address, port).
