@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 
 
 from bench.publisher_scale import broker_files_needed, device_counts, raise_file_limit
-from bench.common import machine
+from bench.common import machine, sigterm_as_interrupt
 from bench.summary import summary, summary_rows
 from rabbitmq import topology
 from common import config
@@ -166,10 +165,7 @@ def main(argv=None) -> int:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "results": {}}
     out = RESULTS / f"{dt.date.today().isoformat()}.json"
-
-    def stop(signum, frame):  # SIGTERM as SIGINT: out through the `finally` that stops brokers
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, stop)
+    sigterm_as_interrupt()
     settings, brokers = start_brokers(base)
     failed: list[str] = []
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import struct
 import tempfile
 import threading
@@ -251,3 +252,11 @@ def save_figure(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot().close(figure)
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM from now on raises KeyboardInterrupt, as Ctrl-C does: a long run stopped either
+    way leaves through its `finally` blocks (brokers stopped, results kept)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)

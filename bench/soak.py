@@ -19,7 +19,6 @@ import json
 import logging
 import random
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.common import sigterm_as_interrupt
 from bench.pipeline_run import PipelineRun
 from common import config
 from rabbitmq import topology
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     logging.getLogger("pika").setLevel(logging.WARNING)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     LOGGER.info("soak: %g minutes, %d devices, seed %d", args.minutes, DEVICES, seed)
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sigterm_as_interrupt()
     work = Path(tempfile.mkdtemp(prefix="webos-soak-"))
     try:
         result = soak(args.minutes, seed, work)

@@ -16,7 +16,7 @@ from common.pki import PKI
 from stack.kafka_server import LocalKafka, ensure_pipeline_topics
 from stack.process import BrokerError
 from stack.prometheus_server import LocalPrometheus
-from stack.rabbitmq_server import LocalRabbitMQ, local_nodes, wait_cluster
+from stack.rabbitmq_server import LocalRabbitMQ, local_nodes, running_nodes, wait_cluster
 
 LOGGER = logging.getLogger("stack")
 
@@ -87,17 +87,6 @@ def brokers_of(running: list) -> list:
     return [broker for broker in running if isinstance(broker, (LocalRabbitMQ, LocalKafka))]
 
 
-def running_rabbitmq_nodes(settings: Settings) -> int:
-    """How many RabbitMQ nodes the cluster runs now, as the management API lists them."""
-    from rabbitmq import endpoints
-
-    with endpoints.management_api(settings) as http:
-        response = http.get(f"{settings.management_url}/api/nodes", params={"columns": "name,running"},
-                            timeout=10)
-        response.raise_for_status()
-    return sum(1 for node in response.json() if node.get("running"))
-
-
 def setup(settings: Settings, timeout: float = 120.0) -> int:
     """Wait until both brokers answer, then apply the topology and create the topic."""
     from rabbitmq import topology
@@ -108,7 +97,7 @@ def setup(settings: Settings, timeout: float = 120.0) -> int:
             # On a cluster, all of it first: a quorum queue declared while a node has not yet
             # joined gets members on the others only (seen under docker compose: webos.presence
             # on two nodes, without a majority once one of them stopped).
-            running = running_rabbitmq_nodes(settings)
+            running = len(running_nodes(settings))
             if running < settings.rabbitmq_nodes:
                 raise BrokerError(f"{running} of {settings.rabbitmq_nodes} RabbitMQ nodes in the cluster")
             topology.apply(settings)

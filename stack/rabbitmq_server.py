@@ -185,11 +185,7 @@ class LocalRabbitMQ(LocalProcess):
     def cluster_members(self) -> list[str]:
         """The names of the cluster's running nodes, as this node's management API lists them."""
         try:
-            with endpoints.management_api(self.settings) as http:
-                response = http.get(f"{self.settings.management_url}/api/nodes",
-                                    params={"columns": "name,running"}, timeout=5)
-            response.raise_for_status()
-            return sorted(node["name"] for node in response.json() if node.get("running"))
+            return running_nodes(self.settings, timeout=5)
         except (requests.RequestException, ValueError):
             return []
 
@@ -239,6 +235,16 @@ def local_nodes(settings: Settings, base_dir: Path, dist_ports: list[int] | None
                           node_name=names[k], dist_port=dist_ports[k] if dist_ports else None,
                           cluster=members, cookie=cookie)
             for k, node in enumerate(nodes)]
+
+
+def running_nodes(settings: Settings, timeout: float = 10.0) -> list[str]:
+    """The names of the cluster's running nodes, as the management API lists them (raises
+    requests' errors)."""
+    with endpoints.management_api(settings) as http:
+        response = http.get(f"{settings.management_url}/api/nodes",
+                            params={"columns": "name,running"}, timeout=timeout)
+    response.raise_for_status()
+    return sorted(node["name"] for node in response.json() if node.get("running"))
 
 
 def wait_cluster(nodes: list[LocalRabbitMQ], timeout: float = 120.0) -> None:
