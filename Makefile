@@ -16,7 +16,7 @@ CONTAINER_PACKAGES := podman runc netavark aardvark-dns iptables docker-compose
 TEST_PACKAGES := chromium mosquitto-clients $(CONTAINER_PACKAGES)
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test run up stop status clean test bench soak images stop-engine
+.PHONY: help install install-test run up stop status clean test bench soak outage images stop-engine
 
 help:
 	@echo "make run      install what is missing, start RabbitMQ + Kafka + publisher, bridge, relay, consumer"
@@ -28,6 +28,7 @@ help:
 	@echo "make clean    stop the brokers and delete their data and logs (.stack/; .env stays)"
 	@echo "make bench    every benchmark on fresh brokers (~25 min), results in bench/results/"
 	@echo "make soak     1,000 devices on 3+3 brokers of its own under random faults for SOAK_MINUTES (30), then the audit"
+	@echo "make outage   Kafka down OUTAGE_MINUTES (10) under 1,000 msg/s, then the drain and the audit"
 	@echo "make images   podman and the images docker-compose.yml runs, built here (then: docker-compose up -d)"
 	@echo "make stop-engine  stop podman's API service that make images started (containers stay)"
 
@@ -90,6 +91,10 @@ bench: install
 SOAK_MINUTES ?= 30
 soak: install
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+
+OUTAGE_MINUTES ?= 10
+outage: install
+	$(PY) -m bench.kafka_outage --minutes $(OUTAGE_MINUTES)
 
 images: install
 	$(call apt_ensure,$(CONTAINER_PACKAGES))

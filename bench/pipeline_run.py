@@ -54,6 +54,9 @@ _KAFKA_LOGGER = logging.getLogger("bench.audit.kafka")
 _KAFKA_LOGGER.setLevel(logging.ERROR)
 
 
+CLEANUP_SECONDS = 120.0  # the longest close() waits for the run's queues to be deleted
+
+
 class AuditError(RuntimeError):
     """The pipeline could not be run as asked (a process exited, a deadline passed)."""
 
@@ -402,15 +405,26 @@ class PipelineRun:
         if self.tally is not None and self.tally.thread.is_alive():
             self.tally.stop()
         if self.declare:
-            try:
-                with pika.BlockingConnection(endpoints.admin_parameters(self.settings)) as connection:
-                    channel = connection.channel()
-                    for device in self.devices:
-                        topology.delete_device(channel, device)
-                topology.remove_enrolments(self.settings, self.devices)
-            except (pika.exceptions.AMQPError, requests.RequestException, OSError) as error:
-                LOGGER.warning("could not delete the run's queues and users: %r", error)
+            # A queue.delete waits for the queue: on a cluster still missing a node (a fault
+            # that did not heal) that may be minutes. The run ends anyway; the queues stay.
+            cleaner = threading.Thread(target=self._delete_queues, name="audit-cleanup",
+                                       daemon=True)
+            cleaner.start()
+            cleaner.join(CLEANUP_SECONDS)
+            if cleaner.is_alive():
+                LOGGER.warning("the run's queues were not all deleted within %.0f s: left as they "
+                               "are", CLEANUP_SECONDS)
         self._http.close()
+
+    def _delete_queues(self) -> None:
+        try:
+            with pika.BlockingConnection(endpoints.admin_parameters(self.settings)) as connection:
+                channel = connection.channel()
+                for device in self.devices:
+                    topology.delete_device(channel, device)
+            topology.remove_enrolments(self.settings, self.devices)
+        except (pika.exceptions.AMQPError, requests.RequestException, OSError) as error:
+            LOGGER.warning("could not delete the run's queues and users: %r", error)
 
 
 def audit(settings: Settings, work_dir: Path, *, timeout: float = 180.0,

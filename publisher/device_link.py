@@ -31,6 +31,10 @@ from rabbitmq import naming
 LOGGER = logging.getLogger("publisher.simulator")
 # s before a device's first reconnect attempt; it doubles up to Settings.reconnect_max_seconds
 RECONNECT_MIN = 1.0
+# s a connect attempt may wait for the broker's CONNACK. Without a deadline a node that took the
+# CONNECT and never answered held the device for good (make soak: five devices that reconnected
+# while a restarted node was still recovering their session queues; paho's keepalive never fired).
+CONNACK_TIMEOUT = 30.0
 CONTENT_TYPE = "application/json"  # MQTT 5: reaches Kafka as the record header content_type
 
 
@@ -50,6 +54,7 @@ class DeviceLink:
     node: int = 0  # which of the RabbitMQ nodes it connects to (the next one when that fails)
     reply_mids: set = field(default_factory=set)  # replies and reports in flight (not telemetry)
     subscribed: bool = False  # the broker granted its command subscriptions
+    attempt: int = 0  # connect attempts so far: a CONNACK deadline belongs to one of them
 
 
 
@@ -176,12 +181,25 @@ class DeviceLinks:
                     entry.client.connect(host, port, keepalive=self.keepalive,
                                          **session_options(self.mqtt_version))
                 self.watch_writes(entry)
+                entry.attempt += 1
+                self.schedule(time.monotonic() + CONNACK_TIMEOUT, Job.CONNACK, entry, entry.attempt)
         except OSError as error:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s%s",
                            entry.state.id, host, port, error, entry.backoff,
                            " on the next node" if len(self.addresses) > 1 else "")
             self.next_node(entry)
             self.retry_later(entry)
+
+    def connack_due(self, entry: DeviceLink, attempt: int) -> None:
+        """The deadline of connect attempt `attempt`: still no CONNACK, so close the connection
+        (its disconnect moves the device to the next node and schedules the next attempt)."""
+        if (attempt != entry.attempt or entry.state.connected or entry.client.socket() is None
+                or entry.state.removed or self.stopping.is_set()):
+            return
+        host, port = self.addresses[entry.node]
+        LOGGER.warning("device %s: no CONNACK from %s:%s within %.0f s; trying the next node",
+                       entry.state.id, host, port, CONNACK_TIMEOUT)
+        close_now(entry.client)
 
     def next_node(self, entry: DeviceLink) -> None:
         entry.node = (entry.node + 1) % len(self.addresses)

@@ -14,6 +14,7 @@ class Job(enum.Enum):
     PUBLISH = "publish"  # its next position report (stale once its status changed since)
     MISC = "misc"        # paho's loop_misc: keepalive pings and timeouts
     CONNECT = "connect"  # a reconnect attempt, after back-off
+    CONNACK = "connack"  # the deadline of a connect attempt (stale once the next one started)
 
 
 class Due(NamedTuple):
@@ -23,7 +24,8 @@ class Due(NamedTuple):
     order: int       # entries due at the same time run in the order they were added
     job: Job
     link: Any        # the device's DeviceLink
-    generation: int  # PUBLISH: the device's status generation when it was scheduled
+    generation: int  # PUBLISH: the device's status generation when it was scheduled;
+                     # CONNACK: the device's connect attempt
 
 
 class Schedule:

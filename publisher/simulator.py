@@ -191,6 +191,8 @@ class Simulator:
                 self._schedule.add(due.due + MISC_PERIOD, Job.MISC, entry)
             elif due.job is Job.CONNECT:
                 self.links.connect(entry)
+            elif due.job is Job.CONNACK:
+                self.links.connack_due(entry, due.generation)
 
     def _publish_due(self, entry: DeviceLink, due: float, generation: int, now: float) -> None:
         """A scheduled position report, and the next one scheduled (unless it is stale)."""

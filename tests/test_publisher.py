@@ -552,7 +552,10 @@ class HoldingProxy:
         with self._lock:
             self._holding = False
             for sink, data in self._held:
-                sink.sendall(data)
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    pass  # that connection was cut or closed meanwhile
             self._held.clear()
 
     def cut(self) -> None:
@@ -601,6 +604,36 @@ def test_messages_published_before_the_connack_wait_behind_the_outage_backlog(se
         seqs = [payload["seq"] for _, payload in drain(amqp, naming.device_queue(device))]
         first_seen = list(dict.fromkeys(seqs))  # QoS 1 may repeat a message, never reorder it
         assert first_seen == list(range(1, 8)), seqs
+    finally:
+        simulator.close()
+        proxy.close()
+
+
+def test_a_connect_the_broker_never_answers_is_given_up_and_tried_again(
+        settings, amqp, new_device, monkeypatch, caplog):
+    """A node that takes the CONNECT and never sends the CONNACK (seen under make soak: a node
+    recovering the device's session queue) must not hold the device for good."""
+    import dataclasses
+
+    from common.devices import INACTIVE
+    from publisher import device_link
+    from publisher.simulator import Simulator
+
+    monkeypatch.setattr(device_link, "CONNACK_TIMEOUT", 2.0)
+    device = new_device("PC")
+    proxy = HoldingProxy((settings.rabbitmq_host, settings.mqtt_port))
+    proxy.hold_replies()  # the TLS handshake completes, the CONNACK is held
+    simulator = Simulator(dataclasses.replace(settings, mqtt_port=proxy.port),
+                          [DeviceConfig(device, status=INACTIVE)])
+    try:
+        simulator.start()
+        wait_for(lambda: proxy.accepted >= 2, 15, message="a second connect attempt")
+        assert simulator.device(device)["connected"] is False
+        assert f"device {device}: no CONNACK from" in caplog.text
+        proxy.release_replies()
+        wait_for(lambda: simulator.device(device)["connected"], 15, message="the device connected")
+        simulator.send_message(device, "info", "after").result(5)
+        wait_for(lambda: simulator.device(device)["acked"] == 1, 10, message="its message acked")
     finally:
         simulator.close()
         proxy.close()

@@ -1,0 +1,221 @@
+"""`make outage`: Kafka down for OUTAGE_MINUTES (10) under 1,000 messages a second, then the drain.
+
+One RabbitMQ node and one Kafka broker of their own (free ports, a temporary directory), one
+bridge, and a publisher running 500 TLS devices that each send a message every 0.5 s. After a
+minute of streaming Kafka is stopped; the devices keep publishing, and the backlog waits in their
+RabbitMQ queues (classic queues, version 2: messages go to disk and only a small window of each
+queue stays in memory, so no policy is needed to keep a backlog off memory). Every 5 s the run
+records the backlog, RabbitMQ's memory and alarms, and what the bridge produced and spent. Then
+Kafka starts again and the run measures how fast the bridge drains the backlog while the devices
+go on publishing; at the end every device stops, and Kafka is audited (per device: missing,
+duplicated, out of order).
+
+Writes bench/results/kafka-outage-<date>.json and .md; exits 1 when anything is missing or out
+of order, when the memory alarm fired, or when the drain was slower than 5x the arrival rate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import sigterm_as_interrupt
+from bench.pipeline_run import PipelineRun
+from common import config
+from common.config import Settings
+from rabbitmq import endpoints, topology
+from stack.local import start_fresh_brokers
+
+LOGGER = logging.getLogger("outage")
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICES = 500
+INTERVAL = 0.5       # s between two messages of a device: 1,000 msg/s over 500 devices
+RATE = DEVICES / INTERVAL
+WARM_SECONDS = 60.0  # streaming before Kafka stops
+AFTER_SECONDS = 240.0  # the devices go on this long after Kafka is back (the drain happens inside)
+SAMPLE_SECONDS = 5.0
+DRAIN_AIM = 5.0      # the backlog drains at >= 5x the arrival rate
+
+
+class Sampler:
+    """Every call of sample(): the backlog, RabbitMQ's memory and alarms, the bridge's records
+    produced and its CPU, the devices' acknowledged messages; kept as a series."""
+
+    def __init__(self, settings: Settings, run: PipelineRun, node_name: str):
+        self.settings, self.run, self.node_name = settings, run, node_name
+        self.http = endpoints.management_api(settings)
+        self.series: list[dict] = []
+        self.bridge_cpu_then: tuple[float, float] | None = None
+
+    def sample(self, phase: str) -> dict:
+        overview = self.http.get(f"{self.settings.management_url}/api/overview", timeout=10).json()
+        node = self.http.get(f"{self.settings.management_url}/api/nodes/{self.node_name}",
+                             timeout=10).json()
+        row = {"t_s": round(time.monotonic() - self.run.started_at, 1), "phase": phase,
+               "backlog": overview.get("queue_totals", {}).get("messages", 0),
+               "acked_by_rabbitmq": self.run.published,
+               "produced": int(self.run.bridge_metric("webos_bridge_produced_total") or 0),
+               "rabbitmq_mem_mb": round(node.get("mem_used", 0) / 2**20, 1),
+               "rabbitmq_mem_limit_mb": round(node.get("mem_limit", 0) / 2**20, 1),
+               "mem_alarm": bool(node.get("mem_alarm")),
+               "disk_alarm": bool(node.get("disk_free_alarm")),
+               "bridge_cpu_pct": self._bridge_cpu()}
+        self.series.append(row)
+        LOGGER.info("%s: backlog %d, acked %d, produced %d, RabbitMQ %.0f MB%s, bridge %s%% CPU",
+                    phase, row["backlog"], row["acked_by_rabbitmq"], row["produced"],
+                    row["rabbitmq_mem_mb"], " MEMORY ALARM" if row["mem_alarm"] else "",
+                    row["bridge_cpu_pct"])
+        return row
+
+    def _bridge_cpu(self) -> float | None:
+        """% of one core the bridge used since the last sample."""
+        try:
+            times = psutil.Process(self.run.bridge.pid).cpu_times()
+        except psutil.Error:
+            return None
+        now, cpu = time.monotonic(), times.user + times.system
+        then, self.bridge_cpu_then = self.bridge_cpu_then, (now, cpu)
+        return None if then is None else round(100 * (cpu - then[1]) / (now - then[0]), 1)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def rate_between(series: list[dict], key: str, start: dict, end: dict) -> float:
+    """Per second increase of `key` from sample `start` to sample `end`."""
+    return (end[key] - start[key]) / max(end["t_s"] - start["t_s"], 1e-9)
+
+
+def outage(minutes: float, work: Path) -> dict:
+    """Start the brokers, stream, stop Kafka for `minutes`, start it, drain, audit."""
+    settings, rabbitmq, kafka = start_fresh_brokers(work, "webos-outage")
+    try:
+        topology.apply(settings, devices=[])
+        messages = int(RATE * (WARM_SECONDS + minutes * 60 + AFTER_SECONDS))
+        with PipelineRun(settings, work / "run", devices=DEVICES, messages=messages,
+                         interval=(INTERVAL, INTERVAL)) as run:
+            run.start()
+            streaming_at = time.monotonic()
+            sampler = Sampler(settings, run, rabbitmq.node_name)
+            while time.monotonic() - streaming_at < WARM_SECONDS:
+                sampler.sample("before")
+                time.sleep(SAMPLE_SECONDS)  # the sampling period
+            kafka.stop()
+            run.note("Kafka stopped")
+            stopped_at = time.monotonic()
+            while time.monotonic() - stopped_at < minutes * 60:
+                sampler.sample("outage")
+                time.sleep(SAMPLE_SECONDS)
+            restart = sampler.sample("outage")
+            kafka.start()
+            kafka.wait_ready(timeout=180)
+            run.note(f"Kafka started again after {time.monotonic() - stopped_at:.0f} s, "
+                     f"backlog {restart['backlog']}")
+            drained = None
+            while run.streaming:
+                row = sampler.sample("drain" if drained is None else "after")
+                if drained is None and row["backlog"] <= RATE * SAMPLE_SECONDS:
+                    drained = row
+                    run.note(f"backlog drained: {row['backlog']} left")
+                time.sleep(SAMPLE_SECONDS)
+            report = run.finish(timeout=900, stream_timeout=900)
+            sampler.close()
+        series = sampler.series
+        before = [r for r in series if r["phase"] == "before"]
+        during = [r for r in series if r["phase"] == "outage"]
+        arrival = rate_between(series, "acked_by_rabbitmq", before[0], restart)
+        drain = (None if drained is None else
+                 {"seconds": round(drained["t_s"] - restart["t_s"], 1),
+                  "produced_per_s": round(rate_between(series, "produced", restart, drained)),
+                  "arrival_per_s": round(rate_between(series, "acked_by_rabbitmq", restart,
+                                                      drained))})
+        if drain is not None:
+            drain["ratio"] = round(drain["produced_per_s"] / max(drain["arrival_per_s"], 1), 2)
+        bridge_cpu = [r["bridge_cpu_pct"] for r in during if r["bridge_cpu_pct"] is not None]
+        return {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "outage_minutes": minutes, "devices": DEVICES, "offered_per_s": RATE,
+            "arrival_per_s": round(arrival),
+            "backlog_peak": max(r["backlog"] for r in series),
+            "rabbitmq_mem_peak_mb": max(r["rabbitmq_mem_mb"] for r in series),
+            "rabbitmq_mem_limit_mb": series[0]["rabbitmq_mem_limit_mb"],
+            "mem_alarm": any(r["mem_alarm"] for r in series),
+            "disk_alarm": any(r["disk_alarm"] for r in series),
+            "bridge_cpu_pct_during_outage": (round(sum(bridge_cpu) / len(bridge_cpu), 1)
+                                             if bridge_cpu else None),
+            "drain": drain, "series": series, "timeline": run.timeline, "audit": report.to_json()}
+    finally:
+        for broker in (rabbitmq, kafka):  # throwaway data
+            if broker.pid() is not None:
+                broker.kill()
+
+
+def verdict(result: dict) -> list[str]:
+    """What failed, in words (nothing: the run passed)."""
+    audit, drain = result["audit"], result["drain"]
+    failures = []
+    if audit["missing"] or audit["out_of_order"]:
+        failures.append(f"{audit['missing']} missing, {audit['out_of_order']} out of order")
+    if result["mem_alarm"]:
+        failures.append("RabbitMQ's memory alarm fired")
+    if drain is None:
+        failures.append("the backlog never drained")
+    elif drain["ratio"] < DRAIN_AIM:
+        failures.append(f"drained at {drain['ratio']}x the arrival rate (aim {DRAIN_AIM:g}x)")
+    return failures
+
+
+def markdown(result: dict) -> str:
+    audit, drain = result["audit"], result["drain"]
+    lines = [f"Kafka outage, {result['date']}: Kafka stopped {result['outage_minutes']:g} min under "
+             f"{result['devices']} TLS devices offering {result['offered_per_s']:.0f} msg/s.", "",
+             "| figure | value |", "| --- | --- |",
+             f"| arrival (acked by RabbitMQ), msg/s | {result['arrival_per_s']} |",
+             f"| backlog at its peak, messages | {result['backlog_peak']:,} |",
+             f"| RabbitMQ memory at its peak / limit, MB | {result['rabbitmq_mem_peak_mb']:.0f} / "
+             f"{result['rabbitmq_mem_limit_mb']:.0f} |",
+             f"| memory alarm / disk alarm | {result['mem_alarm']} / {result['disk_alarm']} |",
+             f"| bridge CPU while Kafka was down, % of a core | {result['bridge_cpu_pct_during_outage']} |"]
+    if drain:
+        lines += [f"| drain: seconds, produced msg/s, arriving msg/s, ratio | {drain['seconds']}, "
+                  f"{drain['produced_per_s']}, {drain['arrival_per_s']}, {drain['ratio']} |"]
+    lines += [f"| audit: published / arrived / missing / out of order / duplicated | "
+              f"{audit['published']} / {audit['arrived']} / {audit['missing']} / "
+              f"{audit['out_of_order']} / {audit['duplicated']} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kafka_outage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long Kafka is down (10)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    sigterm_as_interrupt()
+    work = Path(tempfile.mkdtemp(prefix="webos-outage-"))
+    try:
+        result = outage(args.minutes, work)
+    except BaseException:
+        LOGGER.error("stopped early: the brokers' data and logs are kept in %s", work)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"kafka-outage-{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    failures = verdict(result)
+    print(f"{'FAILED: ' + '; '.join(failures) if failures else 'ok'}: results in {stem}.json and .md")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    config.run(main)
