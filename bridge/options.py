@@ -49,6 +49,13 @@ class BridgeOptions:
                   # controller has fenced it (broker.session.timeout.ms, 9 s); the idempotent
                   # producer resends in order, without duplicates.
                   "socket.timeout.ms": 10_000,
+                  # A record waits in librdkafka until Kafka takes it, however long Kafka is away
+                  # (RabbitMQ keeps the backlog behind it; --prefetch bounds what waits here).
+                  # With the default (300 s) a longer outage timed records out, and not in their
+                  # order (those already sent fail after those still queued), so a device's
+                  # records came back through the back-off out of order: make outage, Kafka down
+                  # 10 min, 6,430 out of order over 479 of 500 devices, 0 missing.
+                  "message.timeout.ms": 0,
                   **dict(self.kafka_config)}
         config["message.max.bytes"] = limit
         config["batch.size"] = min(int(config["batch.size"]), limit)
