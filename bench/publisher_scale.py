@@ -233,7 +233,10 @@ def _freeze_heap() -> None:
 def _measure_window(simulator: Simulator, process: psutil.Process,
                     broker: psutil.Process | None, seconds: float) -> dict:
     """The simulator's, this process's and RabbitMQ's figures over `seconds` of steady running."""
-    simulator.call(simulator.lateness.reset).result(10)
+    def reset() -> None:
+        simulator.lateness.reset()
+        simulator.links.ack_wait.reset()
+    simulator.call(reset).result(10)
     before = simulator.stats()
     cpu_before = process.cpu_times()
     broker_before = _cpu_seconds(broker)
@@ -288,6 +291,9 @@ def _figures(count: int, transport: str, setup: dict, measured: dict, measured_b
         "lateness_p50_ms": lateness["p50_ms"],
         "lateness_p99_ms": lateness["p99_ms"],
         "lateness_max_ms": lateness["max_ms"],
+        # The broker's share, apart from the simulator's: handed to paho until RabbitMQ's PUBACK.
+        "ack_wait_p50_ms": measured["after"]["ack_wait"]["p50_ms"],
+        "ack_wait_p99_ms": measured["after"]["ack_wait"]["p99_ms"],
         "messages_per_s": round(published / window, 1),
         "acked_per_s": round(acked / window, 1),
         "expected_per_s": round(count / (sum(INTERVAL) / 2), 1),

@@ -25,6 +25,7 @@ from publisher.device_client import (MQTT_VERSIONS, DeviceIdentity, close_now, n
                                      session_options)
 from publisher.device_commands import DeviceCommands
 from publisher.device_model import DeviceState
+from publisher.lateness import Lateness
 from publisher.schedule import Job
 from rabbitmq import naming
 
@@ -55,6 +56,7 @@ class DeviceLink:
     reply_mids: set = field(default_factory=set)  # replies and reports in flight (not telemetry)
     subscribed: bool = False  # the broker granted its command subscriptions
     attempt: int = 0  # connect attempts so far: a CONNACK deadline belongs to one of them
+    handed: dict = field(default_factory=dict)  # mid -> when paho got that message (monotonic)
 
 
 
@@ -79,6 +81,9 @@ class DeviceLinks:
         self.selector = selector
         self.schedule = schedule    # schedule(due, job, link): Schedule.add of the simulator's
         self.stopping = stopping
+        # From handing a message to paho to RabbitMQ's PUBACK: the broker's share of a device's
+        # delay (the simulator's own is Simulator.lateness: from due to handed to paho).
+        self.ack_wait = Lateness()
         self.publish_properties = None
         if mqtt_version == "5":
             self.publish_properties = Properties(PacketTypes.PUBLISH)
@@ -146,6 +151,7 @@ class DeviceLinks:
                 self._dropped(state, payload["seq"])
                 return
             # MQTT_ERR_NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+            entry.handed[info.mid] = time.monotonic()
         else:
             entry.backlog.append((topic, body))
         state.published += 1
@@ -166,6 +172,7 @@ class DeviceLinks:
             info = client.publish(topic, body, qos=1, properties=self.publish_properties)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 break  # paho is full after all: the rest waits for acknowledgements, in order
+            entry.handed[info.mid] = time.monotonic()
             entry.backlog.popleft()
         self.watch_writes(entry)
 
@@ -268,6 +275,9 @@ class DeviceLinks:
             entry.reply_mids.discard(mid)
             return
         entry.state.acked += 1
+        handed = entry.handed.pop(mid, None)
+        if handed is not None:
+            self.ack_wait.add(time.monotonic() - handed)
         if reason_code != 0:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
             # 16 "No matching subscribers": routed nowhere, so the topology (webos.topic's
             # alternate exchange) is missing; 135 "Not authorized": the permissions are wrong.

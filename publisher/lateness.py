@@ -1,4 +1,5 @@
-"""Lateness: how far after its due time each scheduled message went out."""
+"""Lateness: how far after its due time each scheduled message went out (and, with the same
+counts, how long messages waited for their acknowledgement)."""
 from __future__ import annotations
 
 LATE_MS = 100  # a message published more than this after its due time counts as late

@@ -128,7 +128,8 @@ class Simulator:
         return [entry.state.snapshot() for entry in entries]
 
     def stats(self) -> dict:
-        """Totals over all devices and the lateness of scheduled publishes."""
+        """Totals over all devices, the lateness of scheduled publishes (due to handed to paho)
+        and the wait for RabbitMQ's acknowledgement (handed to paho to PUBACK)."""
         with self._registry_lock:
             entries = list(self._devices.values())
         states = [entry.state for entry in entries]
@@ -139,7 +140,8 @@ class Simulator:
                 "published": sum(s.published for s in states),
                 "acked": sum(s.acked for s in states),
                 "dropped": sum(s.dropped for s in states),
-                "lateness": self.lateness.summary()}
+                "lateness": self.lateness.summary(),
+                "ack_wait": self.links.ack_wait.summary()}
 
     # -- the scheduler thread ----------------------------------------------------------------
 

@@ -637,3 +637,26 @@ def test_a_connect_the_broker_never_answers_is_given_up_and_tried_again(
     finally:
         simulator.close()
         proxy.close()
+
+
+def test_the_simulator_reports_the_brokers_acknowledgement_wait_apart_from_its_own_lateness(
+        settings, amqp, new_device):
+    """GET /devices' stats: `lateness` (due until handed to paho) is the simulator's share of a
+    device's delay, `ack_wait` (handed to paho until RabbitMQ's PUBACK) the broker's."""
+    from common.devices import INACTIVE
+    from publisher.simulator import Simulator
+
+    device = new_device("PW")
+    simulator = Simulator(settings, [DeviceConfig(device, status=INACTIVE)])
+    try:
+        simulator.start()
+        wait_for(lambda: simulator.device(device)["connected"], 10, message="the device connected")
+        for _ in range(5):
+            simulator.send_message(device, "info", "timed").result(5)
+        wait_for(lambda: simulator.device(device)["acked"] == 5, 10, message="5 acknowledged")
+        ack_wait = simulator.stats()["ack_wait"]
+        assert ack_wait["scheduled"] == 5  # one per acknowledged message, none for the replies
+        assert 0 < ack_wait["max_ms"] < 5_000, ack_wait
+        assert simulator.stats()["lateness"]["scheduled"] == 0  # nothing was due: all sent by hand
+    finally:
+        simulator.close()
