@@ -411,9 +411,9 @@ class PipelineRun:
                                        daemon=True)
             cleaner.start()
             cleaner.join(CLEANUP_SECONDS)
-            if cleaner.is_alive():
-                LOGGER.warning("the run's queues were not all deleted within %.0f s: left as they "
-                               "are", CLEANUP_SECONDS)
+            if cleaner.is_alive():  # it goes on by itself (a daemon thread, its own connection)
+                LOGGER.warning("the run's queues were not all deleted within %.0f s: the rest "
+                               "is deleted in the background or left", CLEANUP_SECONDS)
         self._http.close()
 
     def _delete_queues(self) -> None:

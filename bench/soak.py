@@ -212,14 +212,17 @@ def main(argv=None) -> int:
     except BaseException:
         LOGGER.error("soak stopped early: the brokers' data and logs are kept in %s", work)
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    audit = result["audit"]
+    ok = audit["missing"] == 0 and audit["out_of_order"] == 0
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        LOGGER.error("the brokers' data and the apps' logs are kept in %s", work)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"soak-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    audit = result["audit"]
-    ok = audit["missing"] == 0 and audit["out_of_order"] == 0
     print(f"{'ok' if ok else 'FAILED'}: results in {stem}.json and .md")
     return 0 if ok else 1
 

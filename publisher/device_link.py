@@ -32,9 +32,10 @@ from rabbitmq import naming
 LOGGER = logging.getLogger("publisher.simulator")
 # s before a device's first reconnect attempt; it doubles up to Settings.reconnect_max_seconds
 RECONNECT_MIN = 1.0
-# s a connect attempt may wait for the broker's CONNACK. Without a deadline a node that took the
-# CONNECT and never answered held the device for good (make soak: five devices that reconnected
-# while a restarted node was still recovering their session queues; paho's keepalive never fired).
+# s a connect attempt may wait for the broker's CONNACK before the device tries the next node.
+# Without it paho's keepalive gives up on the attempt after 60 s (no byte received): a node that
+# takes CONNECTs and answers none (one recovering its queues after a restart, under make soak)
+# would hold each of its devices that long, and again on each return to it.
 CONNACK_TIMEOUT = 30.0
 CONTENT_TYPE = "application/json"  # MQTT 5: reaches Kafka as the record header content_type
 

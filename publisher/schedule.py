@@ -24,8 +24,8 @@ class Due(NamedTuple):
     order: int       # entries due at the same time run in the order they were added
     job: Job
     link: Any        # the device's DeviceLink
-    generation: int  # PUBLISH: the device's status generation when it was scheduled;
-                     # CONNACK: the device's connect attempt
+    generation: int  # which one: PUBLISH, the device's status generation when it was
+                     # scheduled (stale once changed); CONNACK, the device's connect attempt
 
 
 class Schedule:

@@ -27,6 +27,7 @@ LOGGER = logging.getLogger(__name__)
 _LOCAL_KEYS = re.compile(r"^\s*((mqtt\.)?listeners\.|(management|prometheus)\.(tcp|ssl)\.|"
                          r"ssl_options\.(cacertfile|certfile|keyfile))")
 TLS_FILES = ("ca.crt", "server.crt", "server.key")
+_TRANSIENT_QUEUES_KEY = "deprecated_features.permit.transient_nonexcl_queues"  # see render_config
 
 
 class LocalRabbitMQ(LocalProcess):
@@ -62,7 +63,8 @@ class LocalRabbitMQ(LocalProcess):
     def render_config(self) -> str:
         """rabbitmq/rabbitmq.conf with listeners on 127.0.0.1 and the first-boot administrator."""
         base = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
-        lines = [line for line in base.splitlines() if not _LOCAL_KEYS.match(line)]
+        lines = [line for line in base.splitlines() if not _LOCAL_KEYS.match(line)
+                 and not (self.cluster and line.startswith(_TRANSIENT_QUEUES_KEY))]
         s = self.settings
         tls = f"{self.runtime.data_path(self.base_dir)}/tls"
         lines += [
@@ -111,7 +113,7 @@ class LocalRabbitMQ(LocalProcess):
                       # node has the cluster's queue table: the check fails, `no_exists`, is
                       # taken for "in use" and the node refuses to boot (seen under make soak).
                       # So clusters leave it at RabbitMQ's default; single nodes deny it.
-                      "deprecated_features.permit.transient_nonexcl_queues = true",
+                      f"{_TRANSIENT_QUEUES_KEY} = true",
                       f"quorum_queue.continuous_membership_reconciliation.target_group_size = "
                       f"{min(3, len(self.cluster))}"]
         lines += [
