@@ -58,6 +58,7 @@ class DeviceLink:
     subscribed: bool = False  # the broker granted its command subscriptions
     attempt: int = 0  # connect attempts so far: a CONNACK deadline belongs to one of them
     handed: dict = field(default_factory=dict)  # mid -> when paho got that message (monotonic)
+    failed: int = 0  # connect attempts in a row that ended without a CONNACK
 
 
 
@@ -230,6 +231,7 @@ class DeviceLinks:
             LOGGER.info("device %s reconnected", entry.state.id)
         entry.state.connected = True
         entry.backoff = RECONNECT_MIN
+        entry.failed = 0
         # Subscribing again on a resumed session is harmless, and makes a lost session whole.
         client.subscribe([(naming.command_topic(entry.state.id), 1),
                           (naming.command_topic(naming.BROADCAST), 1)])
@@ -268,6 +270,15 @@ class DeviceLinks:
         if was_connected:
             LOGGER.warning("device %s lost its connection (%s); reconnecting", entry.state.id,
                            reason_code)
+        else:
+            # An attempt that ended before its CONNACK: said on the 1st, 2nd, 4th, 8th... in a
+            # row, so that a device that cannot get in is seen without flooding the log.
+            entry.failed += 1
+            if entry.failed & (entry.failed - 1) == 0:
+                host, port = self.addresses[entry.node]
+                LOGGER.warning("device %s: %s:%s ended connect attempt %d without a CONNACK "
+                               "(%s); trying the next node", entry.state.id, host, port,
+                               entry.failed, reason_code)
         self.next_node(entry)
         self.retry_later(entry)
 

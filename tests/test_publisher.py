@@ -630,6 +630,7 @@ def test_a_connect_the_broker_never_answers_is_given_up_and_tried_again(
         wait_for(lambda: proxy.accepted >= 2, 15, message="a second connect attempt")
         assert simulator.device(device)["connected"] is False
         assert f"device {device}: no CONNACK from" in caplog.text
+        assert "ended connect attempt 1 without a CONNACK" in caplog.text
         proxy.release_replies()
         wait_for(lambda: simulator.device(device)["connected"], 15, message="the device connected")
         simulator.send_message(device, "info", "after").result(5)
