@@ -2,9 +2,12 @@
 /metrics, a queue's depth, and a sampler of each process's CPU and memory (with Kafka's JVM)."""
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import os
 import platform
+import shutil
 import signal
 import struct
 import tempfile
@@ -260,3 +263,20 @@ def sigterm_as_interrupt() -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def report_run(name: str, result: dict, text: str, failures: list[str], work: Path) -> int:
+    """The end of a long run (make soak, make outage): bench/results/<name>-<date>.json and .md,
+    the work directory removed when it passed and kept (and named) when not; the exit code."""
+    if failures:
+        logging.getLogger(name).error("the brokers' data and the apps' logs are kept in %s", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    stem = results / f"{name}-{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"{'FAILED: ' + '; '.join(failures) if failures else 'ok'}: results in {stem}.json and .md")
+    return 1 if failures else 0

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.common import sigterm_as_interrupt
+from bench.common import report_run, sigterm_as_interrupt
 from bench.pipeline_run import PipelineRun
 from common import config
 from common.config import Settings
@@ -37,7 +35,6 @@ from rabbitmq import endpoints, topology
 from stack.local import start_fresh_brokers
 
 LOGGER = logging.getLogger("outage")
-RESULTS = Path(__file__).resolve().parent / "results"
 DEVICES = 500
 INTERVAL = 0.5       # s between two messages of a device: 1,000 msg/s over 500 devices
 RATE = DEVICES / INTERVAL
@@ -251,18 +248,7 @@ def main(argv=None) -> int:
     except BaseException:
         LOGGER.error("stopped early: the brokers' data and logs are kept in %s", work)
         raise
-    failures = verdict(result)
-    if failures:
-        LOGGER.error("the brokers' data and the apps' logs are kept in %s", work)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"kafka-outage-{dt.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"{'FAILED: ' + '; '.join(failures) if failures else 'ok'}: results in {stem}.json and .md")
-    return 1 if failures else 0
+    return report_run("kafka-outage", result, markdown(result), verdict(result), work)
 
 
 if __name__ == "__main__":

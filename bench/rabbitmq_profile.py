@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from common import config
-from stack.rabbitmq_runtime import CTL_SCRIPT, Runtime
+from stack.rabbitmq_runtime import CTL_SCRIPT, DATA_MOUNT, Runtime
 
 DIAGNOSTICS_SCRIPT = str(Path(CTL_SCRIPT).with_name("rabbitmq-diagnostics"))
 TOP = 15
@@ -79,8 +79,7 @@ class Node:
                 mounts = [line.split() for line in (entry / "mountinfo").read_text().splitlines()]
             except OSError:
                 continue  # gone, or not ours to read
-            data = next((m[3] for m in mounts if m[4] == Runtime(Path(root), "").data_path(Path())),
-                        None)
+            data = next((m[3] for m in mounts if m[4] == DATA_MOUNT), None)  # the bind mount
             return cls(int(entry.name), name, root, data or "")
         raise SystemExit(f"no running RabbitMQ node whose name starts with {prefix!r} "
                          "(make run's is webos@localhost, make bench's webos-bench-<pid>)")

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import random
-import shutil
 import tempfile
 import threading
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import sigterm_as_interrupt
+from bench.common import report_run, sigterm_as_interrupt
 from bench.pipeline_run import PipelineRun
 from common import config
 from rabbitmq import topology
@@ -36,7 +34,6 @@ from stack.process import free_port
 from stack.rabbitmq_server import wait_cluster
 
 LOGGER = logging.getLogger("soak")
-RESULTS = Path(__file__).resolve().parent / "results"
 DEVICES = 1000
 # s between two messages of a device: 222 msg/s over 1,000 devices. At 667 msg/s (1-2 s) three
 # nodes, three Kafka brokers and the devices held both cores at 100 %, and a restarted node took
@@ -217,18 +214,9 @@ def main(argv=None) -> int:
         LOGGER.error("soak stopped early: the brokers' data and logs are kept in %s", work)
         raise
     audit = result["audit"]
-    ok = audit["missing"] == 0 and audit["out_of_order"] == 0
-    if ok:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        LOGGER.error("the brokers' data and the apps' logs are kept in %s", work)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"soak-{dt.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"{'ok' if ok else 'FAILED'}: results in {stem}.json and .md")
-    return 0 if ok else 1
+    failures = ([f"{audit['missing']} missing, {audit['out_of_order']} out of order"]
+                if audit["missing"] or audit["out_of_order"] else [])
+    return report_run("soak", result, markdown(result), failures, work)
 
 
 if __name__ == "__main__":
