@@ -43,6 +43,7 @@ RECOVERY_SECONDS = 600.0  # the longest a restarted or resumed node may take to 
 HANG_SECONDS = 20.0
 ALARM_SECONDS = 10.0
 PAUSE = (10.0, 25.0)   # s between the end of one fault and the next
+FAULTS = ("bridge_kill", "rabbitmq_restart", "rabbitmq_hang", "kafka_kill", "kafka_hang", "disk_alarm")
 
 
 class PeakMemory:
@@ -71,13 +72,15 @@ class PeakMemory:
 class Faults:
     """The fault script: each fault applies and recovers before the next one starts."""
 
-    def __init__(self, run: PipelineRun, rabbitmq: list, kafka: list, rng: random.Random):
+    def __init__(self, run: PipelineRun, rabbitmq: list, kafka: list, rng: random.Random,
+                 names: tuple[str, ...] = FAULTS):
         self.run, self.rabbitmq, self.kafka, self.rng = run, rabbitmq, kafka, rng
+        self.names = names
         self.applied: list[dict] = []
+        self.elected: list[dict] = []  # quorum queues left without a leader, and when
 
     def apply_one(self) -> None:
-        name = self.rng.choice(["bridge_kill", "rabbitmq_restart", "rabbitmq_hang", "kafka_kill",
-                                "kafka_hang", "disk_alarm"])
+        name = self.rng.choice(self.names)
         started = time.monotonic()
         target = getattr(self, name)()
         self.applied.append({"fault": name, "target": target, "at_s": round(started - self.run.started_at, 1),
@@ -99,7 +102,17 @@ class Faults:
         node.stop()
         node.start()
         wait_cluster(self.rabbitmq, timeout=RECOVERY_SECONDS)
+        self.elect_leaders()
         return node.node_name
+
+    def elect_leaders(self) -> None:
+        """What an operator does after a node restart on RabbitMQ 4.0.5 (`python -m stack
+        elect-leaders`): an election in each quorum queue left without a leader, recorded."""
+        queues = self.rabbitmq[0].elect_leaderless_queues()
+        if queues:
+            self.run.note(f"{len(queues)} quorum queue(s) had no leader: {', '.join(queues)}")
+            self.elected.append({"at_s": round(time.monotonic() - self.run.started_at, 1),
+                                 "queues": queues})
 
     def _hang(self, broker, name: str) -> str:
         self.run.note(f"SIGSTOP {name} for {HANG_SECONDS:.0f} s")
@@ -114,6 +127,7 @@ class Faults:
         node = self.rng.choice(self.rabbitmq)
         self._hang(node, f"RabbitMQ {node.node_name}")
         wait_cluster(self.rabbitmq, timeout=RECOVERY_SECONDS)
+        self.elect_leaders()
         return node.node_name
 
     def kafka_kill(self) -> str:
@@ -140,7 +154,7 @@ class Faults:
         return node.node_name
 
 
-def soak(minutes: float, seed: int, work: Path) -> dict:
+def soak(minutes: float, seed: int, work: Path, faults: tuple[str, ...] = FAULTS) -> dict:
     """Start the clusters, stream for `minutes` under faults, audit; the results."""
     kafka = local_cluster(work / "kafka", [(free_port(), free_port()) for _ in range(3)])
     rabbitmq: list = []
@@ -166,15 +180,17 @@ def soak(minutes: float, seed: int, work: Path) -> dict:
             })
             memory.thread.start()
             run.stream()
-            faults = Faults(run, rabbitmq, kafka, random.Random(seed))
+            faults = Faults(run, rabbitmq, kafka, random.Random(seed), faults)
             while run.streaming:
                 time.sleep(faults.rng.uniform(*PAUSE))  # the script's pace, not a wait on a state
                 if run.streaming:
                     faults.apply_one()
+            faults.elect_leaders()
             report = run.finish(timeout=600, stream_timeout=600)
             memory.stop.set()
         return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "minutes": minutes, "seed": seed, "devices": DEVICES, "faults": faults.applied,
+                "minutes": minutes, "seed": seed, "devices": DEVICES, "fault_names": list(faults.names),
+                "faults": faults.applied, "leaderless_queues": faults.elected,
                 "peak_rss_mb": memory.peak_mb, "audit": report.to_json()}
     finally:
         for broker in [*rabbitmq, *kafka]:  # throwaway data; SIGKILL ends a hung one too
@@ -188,6 +204,10 @@ def markdown(result: dict) -> str:
              f"seed {result['seed']}.", "",
              "| fault | target | at s | took s |", "| --- | --- | --- | --- |"]
     lines += [f"| {f['fault']} | {f['target']} | {f['at_s']} | {f['seconds']} |" for f in result["faults"]]
+    elected = result["leaderless_queues"]
+    lines += ["", f"Quorum queues found without a leader (RabbitMQ 4.0.5) and given an election: "
+              f"{sum(len(e['queues']) for e in elected)}"
+              + "".join(f"; {len(e['queues'])} at {e['at_s']} s" for e in elected) + "."]
     lines += ["", "| audit | value |", "| --- | --- |"]
     lines += [f"| {key} | {audit[key]} |" for key in ("published", "acked", "dropped", "arrived",
                                                        "missing", "duplicated", "out_of_order")]
@@ -201,15 +221,21 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="how long the devices stream (30)")
     parser.add_argument("--seed", type=int, default=None, help="the fault script's seed (default: random)")
+    parser.add_argument("--faults", default=",".join(FAULTS), metavar="NAME,...",
+                        help=f"the faults to draw from (all: {','.join(FAULTS)})")
     args = parser.parse_args(argv)
+    faults = tuple(name.strip() for name in args.faults.split(",") if name.strip())
+    if not faults or set(faults) - set(FAULTS):
+        parser.error(f"--faults {args.faults!r}: name one or more of {', '.join(FAULTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    LOGGER.info("soak: %g minutes, %d devices, seed %d", args.minutes, DEVICES, seed)
+    LOGGER.info("soak: %g minutes, %d devices, seed %d, faults %s", args.minutes, DEVICES, seed,
+                ", ".join(faults))
     sigterm_as_interrupt()
     work = Path(tempfile.mkdtemp(prefix="webos-soak-"))
     try:
-        result = soak(args.minutes, seed, work)
+        result = soak(args.minutes, seed, work, faults)
     except BaseException:
         LOGGER.error("soak stopped early: the brokers' data and logs are kept in %s", work)
         raise

@@ -210,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
                                  "certificates in WEBOS_PKI_DIR stay)")
     sub.add_parser("setup", help="apply topology, users and Kafka topic to the brokers the "
                                  "environment names (docker compose runs this once)")
+    sub.add_parser("elect-leaders", help="start an election in every quorum queue left without a "
+                                         "leader (a RabbitMQ 4.0.5 bug: a device refused on every "
+                                         "node after a node restart); lists them")
     pki = sub.add_parser(
         "pki", help="create the certificate authority and the brokers' certificate where missing "
                     "(WEBOS_PKI_DIR, default .stack/pki; `clean` keeps it), and print its files",
@@ -220,6 +223,22 @@ def parser() -> argparse.ArgumentParser:
     pki.add_argument("--issue", metavar="DEVICE", help="issue a certificate for DEVICE if it has none")
     pki.add_argument("--rotate", metavar="DEVICE", help="replace DEVICE's key and certificate")
     return parser
+
+
+def elect_leaders(settings: Settings) -> int:
+    """`elect-leaders`: LocalRabbitMQ.elect_leaderless_queues on the first running node."""
+    node = next((node for node in local_nodes(settings, stack_dir(settings)) if node.pid()), None)
+    if node is None:
+        LOGGER.error("no RabbitMQ node of this stack (%s) runs: start it with `make run`", stack_dir(settings))
+        return 1
+    try:
+        queues = node.elect_leaderless_queues()
+    except BrokerError as error:
+        LOGGER.error("%s", error)
+        return 1
+    print(f"elections started in {len(queues)} quorum queue(s) without a leader"
+          + "".join(f"\n  {name}" for name in queues))
+    return 0
 
 
 def status(settings: Settings) -> int:
@@ -292,6 +311,8 @@ def main(argv=None) -> int:
         return status(settings)
     if args.command == "setup":
         return setup(settings)
+    if args.command == "elect-leaders":
+        return elect_leaders(settings)
     if args.command == "pki":
         return pki_command(settings, args)
     if args.command in ("down", "clean"):

@@ -28,6 +28,24 @@ _LOCAL_KEYS = re.compile(r"^\s*((mqtt\.)?listeners\.|(management|prometheus)\.(t
                          r"ssl_options\.(cacertfile|certfile|keyfile))")
 TLS_FILES = ("ca.crt", "server.crt", "server.key")
 _TRANSIENT_QUEUES_KEY = "deprecated_features.permit.transient_nonexcl_queues"  # see render_config
+# Quorum queues with no leader, none of their members a candidate: each gets an election, and
+# the list of their names is the result. RabbitMQ 4.0.5 leaves a quorum queue so when it is
+# declared while one of its nodes stops (the election it starts on that node never happens, and
+# a member with an empty log never calls one itself): seen under make soak for the MQTT session
+# queues of devices that reconnected while a node was stopping, each device then refused
+# (CONNECT never answered, on every node) until an election was triggered by hand.
+_ELECT_LEADERLESS = """
+lists:filtermap(fun(Q) ->
+    {Name, _} = amqqueue:get_pid(Q),
+    Members = [{Name, N} || N <- maps:get(nodes, amqqueue:get_type_state(Q), [])],
+    States = [case catch ra:key_metrics(M) of #{state := S} -> S; _ -> unknown end || M <- Members],
+    case Members =/= [] andalso lists:all(fun(S) -> S =:= follower end, States) of
+        true -> ra:trigger_election(hd(Members)),
+                {true, element(4, amqqueue:get_name(Q))};
+        false -> false
+    end
+end, rabbit_amqqueue:list_by_type(rabbit_quorum_queue)).
+"""
 
 
 class LocalRabbitMQ(LocalProcess):
@@ -188,6 +206,15 @@ class LocalRabbitMQ(LocalProcess):
         return subprocess.run(
             self.runtime.command([CTL_SCRIPT, "--node", self.node_name, *arguments], self.base_dir),
             env=self.environment(), capture_output=True, text=True, timeout=timeout)
+
+    def elect_leaderless_queues(self, timeout: float = 120) -> list[str]:
+        """Start an election in every quorum queue whose members are all followers (see
+        _ELECT_LEADERLESS); the names of those queues. BrokerError if the node cannot say."""
+        result = self.rabbitmqctl("eval", _ELECT_LEADERLESS, timeout=timeout)
+        if result.returncode != 0:
+            raise BrokerError(f"cannot list leaderless quorum queues on {self.node_name}: "
+                              f"{(result.stderr or result.stdout).strip()[:300]}")
+        return re.findall(r'<<"([^"]*)">>', result.stdout)
 
     def cluster_members(self) -> list[str]:
         """The names of the cluster's running nodes, as this node's management API lists them."""

@@ -78,6 +78,29 @@ def test_the_device_queues_are_quorum_queues_spread_over_the_nodes(clusters, tmp
         assert len(leaders) == 3, f"leaders not spread over the nodes: {leaders}"
 
 
+def test_the_cluster_keeps_its_metadata_in_khepri_and_applying_the_topology_again_changes_nothing(clusters):
+    settings, nodes = clusters
+    with endpoints.management_api(settings) as http:
+        flags = http.get(f"{settings.management_url}/api/feature-flags", timeout=10).json()
+    assert {f["name"]: f["state"] for f in flags}[topology.METADATA_STORE_FLAG] == "enabled"
+    # Re-declaring what exists (exchanges named by topic permissions among them) is accepted.
+    topology.apply(settings, devices=["KHEPRI-1"])
+    topology.apply(settings, devices=["KHEPRI-1"])
+    with endpoints.management_api(settings) as http:
+        queue = http.get(f"{settings.management_url}/api/queues/%2F/"
+                         f"{naming.device_queue('KHEPRI-1')}", timeout=10).json()
+    assert queue["type"] == "quorum" and len(queue["members"]) == 3
+
+
+def test_elect_leaders_leaves_a_healthy_cluster_as_it_is(clusters):
+    settings, nodes = clusters
+    queues = [naming.DEAD_QUEUE, naming.PRESENCE_QUEUE, naming.REPLIES_QUEUE]
+    before = queue_leaders(settings, queues)
+    assert sum(before.values()) == 3 and None not in before
+    assert nodes[0].elect_leaderless_queues() == []
+    assert queue_leaders(settings, queues) == before
+
+
 def test_a_message_delivered_too_often_ends_in_webos_dead(clusters):
     settings, _ = clusters
     device = "LIMIT-1"
