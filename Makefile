@@ -89,8 +89,9 @@ bench: install
 	$(PY) -m bench
 
 SOAK_MINUTES ?= 30
+SOAK_SEED ?=
 soak: install
-	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 OUTAGE_MINUTES ?= 10
 outage: install
