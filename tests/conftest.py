@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,11 @@ from tests.browser import browser, page  # noqa: F401  (fixtures)
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 LOGGER = logging.getLogger(__name__)
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every process it starts (an ignored signal survives exec): the tests
+# that stop `make run` with Ctrl-C would then wait in vain. Handled here, SIGINT is back to its
+# default in each child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _Brokers:
