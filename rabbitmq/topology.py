@@ -279,8 +279,9 @@ def registered_devices(settings: Settings) -> list[str]:
 # store, instead of Mnesia. Measured under make soak (1,000 devices, 2,000 quorum queues, 222
 # msg/s): a restarted Mnesia node took 3.5 to over 10 min to boot, its binding recovery queued
 # behind the Mnesia transactions of quorum queues changing leader; with Khepri, 28-66 s with
-# only restarts, 70-166 s amid the soak's other faults (docs/scaling.md). Fully supported from RabbitMQ 4.0 and the default from 4.2, but in 4.0 a
-# feature flag marked experimental that the cluster must enable; enabling it is one-way.
+# only restarts, 70-166 s amid the soak's other faults (docs/scaling.md). Fully supported from
+# RabbitMQ 4.0 and the default from 4.2, but in 4.0 a feature flag marked experimental that the
+# cluster must enable; enabling it is one-way.
 METADATA_STORE_FLAG = "khepri_db"
 
 
