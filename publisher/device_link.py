@@ -23,6 +23,7 @@ from common.devices import DeviceConfig
 from common.pki import PKI
 from publisher.device_client import (MQTT_VERSIONS, DeviceIdentity, close_now, new_client,
                                      session_options)
+from publisher.connector import Connector
 from publisher.device_commands import DeviceCommands
 from publisher.device_model import DeviceState
 from publisher.lateness import Lateness
@@ -59,6 +60,9 @@ class DeviceLink:
     attempt: int = 0  # connect attempts so far: a CONNACK deadline belongs to one of them
     handed: dict = field(default_factory=dict)  # mid -> when paho got that message (monotonic)
     failed: int = 0  # connect attempts in a row that ended without a CONNACK
+    # A worker thread is opening the connection (publisher/connector.py): until its outcome is
+    # back, nothing on the scheduler thread touches the client.
+    connecting: bool = False
 
 
 
@@ -67,7 +71,7 @@ class DeviceLinks:
 
     def __init__(self, settings: Settings, mqtt_version: str, plain: bool, keepalive: int,
                  max_queued_messages: int, rng: random.Random, selector, schedule,
-                 stopping: threading.Event):
+                 connector: Connector, stopping: threading.Event):
         if mqtt_version not in MQTT_VERSIONS:
             raise ValueError(f"MQTT version {mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}")
         self.settings = settings
@@ -82,6 +86,7 @@ class DeviceLinks:
         self.rng = rng
         self.selector = selector
         self.schedule = schedule    # schedule(due, job, link): Schedule.add of the simulator's
+        self.connector = connector
         self.stopping = stopping
         # From handing a message to paho to RabbitMQ's PUBACK: the broker's share of a device's
         # delay (the simulator's own is Simulator.lateness: from due to handed to paho).
@@ -111,7 +116,6 @@ class DeviceLinks:
         client.on_publish = self.on_publish
         client.on_subscribe = self.on_subscribe
         client.on_message = self.on_message
-        client.on_socket_open = self.on_socket_open
         client.on_socket_close = self.on_socket_close
         return entry
 
@@ -179,25 +183,42 @@ class DeviceLinks:
         self.watch_writes(entry)
 
     def connect(self, entry: DeviceLink) -> None:
-        if entry.state.removed or self.stopping.is_set():
+        """Start a connect attempt to the device's node on a worker thread (opened() goes on)."""
+        if (entry.state.removed or self.stopping.is_set() or entry.connecting
+                or entry.client.socket() is not None):
             return
         host, port = self.addresses[entry.node]
-        try:
-            if entry.client.socket() is None:
-                if entry.client.host == host and entry.client.port == port:
-                    entry.client.reconnect()
-                else:
-                    entry.client.connect(host, port, keepalive=self.keepalive,
-                                         **session_options(self.mqtt_version))
-                self.watch_writes(entry)
-                entry.attempt += 1
-                self.schedule(time.monotonic() + CONNACK_TIMEOUT, Job.CONNACK, entry, entry.attempt)
-        except OSError as error:
+        entry.connecting = True
+        self.connector.open(entry.client, host, port,
+                            {"keepalive": self.keepalive, **session_options(self.mqtt_version)},
+                            lambda error: self.opened(entry, host, port, error))
+
+    def opened(self, entry: DeviceLink, host: str, port: int, error: Exception | None) -> None:
+        """A connect attempt's outcome, back on the scheduler thread: watch the new connection
+        and give it a CONNACK deadline, or try the next node later."""
+        entry.connecting = False
+        sock = entry.client.socket()
+        if error is None and sock is not None:
+            if entry.state.removed or self.stopping.is_set():
+                close_now(entry.client)  # removed while it connected
+                return
+            self.selector.register(sock, selectors.EVENT_READ, entry)
+            entry.write_registered = False
+            self.watch_writes(entry)
+            entry.attempt += 1
+            self.schedule(time.monotonic() + CONNACK_TIMEOUT, Job.CONNACK, entry, entry.attempt)
+            return
+        if entry.state.removed or self.stopping.is_set():
+            return
+        if not isinstance(error, OSError):  # not the network's doing: say so loudly
+            LOGGER.error("device %s: connecting to %s:%s failed: %r", entry.state.id, host, port,
+                         error)
+        else:
             LOGGER.warning("device %s cannot connect to %s:%s (%s); retrying in %.0f s%s",
                            entry.state.id, host, port, error, entry.backoff,
                            " on the next node" if len(self.addresses) > 1 else "")
-            self.next_node(entry)
-            self.retry_later(entry)
+        self.next_node(entry)
+        self.retry_later(entry)
 
     def connack_due(self, entry: DeviceLink, attempt: int) -> None:
         """The deadline of connect attempt `attempt`: still no CONNACK, so close the connection
@@ -219,8 +240,10 @@ class DeviceLinks:
         self.schedule(time.monotonic() + delay, Job.CONNECT, entry)
 
     def disconnect(self, entry: DeviceLink) -> None:
-        """Send DISCONNECT and close the connection now, even when the DISCONNECT cannot go out."""
-        close_now(entry.client)
+        """Send DISCONNECT and close the connection now, even when the DISCONNECT cannot go out.
+        A connection still opening is closed when its outcome arrives (opened())."""
+        if not entry.connecting:
+            close_now(entry.client)
         entry.state.connected = False
 
     def on_connect(self, client, entry, flags, reason_code, properties):
@@ -297,10 +320,6 @@ class DeviceLinks:
             if entry.state.refused == 1 or entry.state.refused % 100 == 0:
                 LOGGER.warning("device %s: RabbitMQ acknowledged a message with %s (%d so far)",
                                entry.state.id, reason_code, entry.state.refused)
-
-    def on_socket_open(self, client, entry, sock):
-        self.selector.register(sock, selectors.EVENT_READ, entry)
-        entry.write_registered = False
 
     def on_socket_close(self, client, entry, sock):
         try:

@@ -4,7 +4,8 @@ One thread owns everything that changes: the devices (their state machines and p
 publisher/device_link.py), their schedule (publisher/schedule.py) and one `selectors` selector
 over every client's socket (paho's external loop: `loop_read`/`loop_write`/`loop_misc`). Other
 threads hand it calls through an Inbox (publisher/inbox.py) and wait on a Future; a toggle
-takes effect within milliseconds.
+takes effect within milliseconds. Connections open on worker threads (publisher/connector.py),
+which hand each outcome back through the same Inbox.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from concurrent.futures import Future
 
 from common.config import Settings
 from common.devices import ACTIVE, INACTIVE, DeviceConfig
+from publisher.connector import Connector
 from publisher.device_client import MQTT_VERSIONS  # the apps import it from here too
 from publisher.device_link import DeviceLink, DeviceLinks
 from publisher.device_model import DeviceState
@@ -57,10 +59,12 @@ class Simulator:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._inbox.wakeup, selectors.EVENT_READ, None)
         self._stop = threading.Event()
+        self._connector = Connector(self._inbox.submit)
         # plain: the devices log in with their passwords on the plain listener (only there with
         # WEBOS_PLAIN_LISTENERS; make bench uses it to measure what TLS costs).
         self.links = DeviceLinks(settings, mqtt_version, plain, keepalive, max_queued_messages,
-                                 self.rng, self._selector, self._schedule.add, self._stop)
+                                 self.rng, self._selector, self._schedule.add, self._connector,
+                                 self._stop)
         self._thread = threading.Thread(target=self._run, name="device-scheduler", daemon=True)
         self._initial = list(devices)
 
@@ -82,6 +86,7 @@ class Simulator:
             if self._thread.is_alive():
                 LOGGER.error("the device scheduler did not stop within %.0f s", timeout)
         elif self._thread.ident is None:  # never started
+            self._connector.close()
             self._close_selector()
 
     def _close_selector(self) -> None:
@@ -157,7 +162,10 @@ class Simulator:
             LOGGER.exception("device scheduler crashed")
             raise
         finally:
+            # Connections still opening first: then every client is the scheduler's again.
+            self._connector.close()
             for entry in list(self._devices.values()):
+                entry.connecting = False
                 self.links.disconnect(entry)
             self._inbox.refuse_calls("the simulator stopped")
             self._close_selector()
@@ -187,7 +195,7 @@ class Simulator:
             if due.job is Job.PUBLISH:
                 self._publish_due(entry, due.due, due.generation, now)
             elif due.job is Job.MISC:
-                if entry.client.socket() is not None:
+                if entry.client.socket() is not None and not entry.connecting:
                     entry.client.loop_misc()
                     self.links.watch_writes(entry)
                 self._schedule.add(due.due + MISC_PERIOD, Job.MISC, entry)

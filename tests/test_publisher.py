@@ -640,6 +640,52 @@ def test_a_connect_the_broker_never_answers_is_given_up_and_tried_again(
         proxy.close()
 
 
+def test_a_handshake_that_never_ends_does_not_hold_up_the_other_devices(
+        settings, amqp, new_device, monkeypatch):
+    """Connections open on worker threads (publisher/connector.py): while one device waits in a
+    TLS handshake nobody answers, another connects and has its message acknowledged."""
+    import socket
+
+    from common.devices import INACTIVE
+    from publisher import device_link
+    from publisher.simulator import Simulator
+
+    def patient_client(*args):  # the silent listener holds its handshake for a minute
+        client = new_client(*args)
+        client.connect_timeout = 60.0
+        return client
+
+    new_client = device_link.new_client
+    monkeypatch.setattr(device_link, "new_client", patient_client)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    stuck, healthy = new_device("HS"), new_device("HH")
+    simulator = Simulator(settings, [DeviceConfig(stuck, status=INACTIVE),
+                                     DeviceConfig(healthy, status=INACTIVE)])
+    # Device 0 tries the first address first, device 1 the second.
+    simulator.links.addresses = [("127.0.0.1", silent.getsockname()[1]),
+                                 simulator.links.addresses[0]]
+    held = None
+    try:
+        simulator.start()
+        silent.settimeout(10)
+        held, _ = silent.accept()
+        held.settimeout(10)
+        assert held.recv(65536)  # the stuck device's ClientHello, never answered
+        wait_for(lambda: simulator.device(healthy)["connected"], 15,
+                 message="the other device connected")
+        simulator.send_message(healthy, "info", "while another handshakes").result(5)
+        wait_for(lambda: simulator.device(healthy)["acked"] == 1, 10, message="its message acked")
+        held.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open: the stuck handshake still waits
+            held.recv(65536)
+        assert simulator.device(stuck)["connected"] is False
+    finally:
+        if held is not None:
+            held.close()  # ends the stuck handshake, so that close() need not wait for it
+        silent.close()
+        simulator.close()
+
+
 def test_the_simulator_reports_the_brokers_acknowledgement_wait_apart_from_its_own_lateness(
         settings, amqp, new_device):
     """GET /devices' stats: `lateness` (due until handed to paho) is the simulator's share of a
