@@ -129,13 +129,32 @@ def declare(channel, devices, quorum: bool = False) -> None:
         declare_device(channel, device, quorum)
 
 
-def declare_devices(settings: Settings, devices) -> None:
+def device_definitions(vhost: str, devices, quorum: bool = False) -> dict:
+    """What declare_device declares for each of `devices`, as a definitions document."""
+    queues, bindings = [], []
+    for device in devices:
+        queue = device_queue(device)
+        queues.append({"name": queue, "vhost": vhost, "durable": True, "auto_delete": False,
+                       "arguments": queue_arguments(quorum)})
+        keys = [(TOPIC_EXCHANGE, f"webos.{device}.{kind}") for kind in MESSAGE_TYPES]
+        bindings += [{"source": exchange, "vhost": vhost, "destination": queue,
+                      "destination_type": "queue", "routing_key": key, "arguments": {}}
+                     for exchange, key in (*keys, (FANOUT_EXCHANGE, ""))]
+    return {"queues": queues, "bindings": bindings}
+
+
+def declare_devices(settings: Settings, devices, timeout: float = 300.0) -> None:
     """Queues and bindings for `devices` on the RabbitMQ `settings` names (quorum queues on a
-    cluster), over one connection as webos-admin."""
-    with open_connection(admin_parameters(settings)) as connection:
-        channel = connection.channel()
-        for device in devices:
-            declare_device(channel, device, settings.cluster)
+    cluster), in one definitions import over the management API: 5,000 devices took 100 s as
+    AMQP declarations one by one on a busy 2-core machine (`make bench`). Unlike declare_device
+    it leaves an older stack's `webos.<device>.*` binding alone: these are new devices."""
+    devices = [checked_device(device) for device in devices]
+    if not devices:
+        return
+    with management_api(settings) as http:
+        http.post(f"{settings.management_url}/api/definitions",
+                  json=device_definitions(settings.vhost, devices, settings.cluster),
+                  timeout=timeout).raise_for_status()
 
 
 def user_definitions(settings: Settings) -> list[dict]:
