@@ -23,23 +23,24 @@ messages.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import psutil
 import requests
 
 from bench.common import listening_process, pyplot, save_figure
 from common.devices import DeviceConfig
 from publisher.simulator import Simulator
-from rabbitmq import naming, topology
-from rabbitmq import endpoints
+from rabbitmq import endpoints, topology
+from stack.local import fresh_settings, start_rabbitmq
 from common.config import Settings
 
 LOGGER = logging.getLogger("bench.publisher_scale")
@@ -49,6 +50,7 @@ INTERVAL = (1.0, 2.0)
 WARM_UP = 3.0
 PROGRESS_PERIOD = 5.0  # seconds between "connected so far" lines while devices connect
 CONNECT_STALL = 60.0  # stop waiting for the rest when no device connected for this long
+NODE_PREFIX = "webos-bench-scale"  # each run's RabbitMQ node (python -m bench.rabbitmq_profile --node)
 
 
 def device_counts() -> list[int]:
@@ -161,25 +163,6 @@ def _schedstat(thread_id: int | None) -> tuple[float, float]:
         return int(on_cpu) / 1e9, int(waiting) / 1e9
     except (OSError, ValueError):
         return 0.0, 0.0
-
-
-def _delete_queues(settings: Settings, devices: list[str]) -> None:
-    """The devices' queues and their MQTT session queues (which would outlive the run by a day,
-    and weigh on the next device count's figures)."""
-    # A broker still busy with thousands of closing connections answers slowly: be patient.
-    parameters = endpoints.admin_parameters(settings, stack_timeout=120, socket_timeout=30,
-                                           connection_attempts=5, retry_delay=2)
-    started = time.monotonic()
-    next_progress = started + PROGRESS_PERIOD
-    with pika.BlockingConnection(parameters) as connection:
-        channel = connection.channel()
-        for done, device in enumerate(devices, 1):
-            topology.delete_device(channel, device)
-            channel.queue_delete(naming.subscription_queue(device))
-            if time.monotonic() >= next_progress:
-                next_progress += PROGRESS_PERIOD
-                LOGGER.info("%d devices: deleted %d queues after %.0f s", len(devices), done,
-                            time.monotonic() - started)
 
 
 def _enrol(settings: Settings, devices: list[str]) -> float:
@@ -339,10 +322,39 @@ def _log_figures(count: int, figures: dict) -> None:
                 figures["rabbitmq_connection_processes_per_connection_kib"])
 
 
+@contextlib.contextmanager
+def own_rabbitmq(settings: Settings, label: str):
+    """A fresh RabbitMQ node for one run (free ports, the bench's certificate authority, the
+    topology applied), stopped and removed after it; its settings.
+
+    Why not the bench's own broker: a run leaves two queues per device (its queue and its MQTT
+    session queue) that would weigh on the next run's figures, and deleting them took longer than
+    the run (about 60 a second on a busy broker: 5 min for 10,000 devices); a node starts in
+    about 15 s. Only RabbitMQ: nothing here reads Kafka."""
+    base = Path(tempfile.mkdtemp(prefix=f"webos-bench-scale-{label}-"))
+    node_settings = fresh_settings(base, pki_dir=settings.pki_dir,
+                                   plain_listeners=settings.plain_listeners)
+    nodes = start_rabbitmq(node_settings, base, node_name=f"{NODE_PREFIX}-{os.getpid()}")
+    try:
+        topology.apply(node_settings, devices=[])
+        yield node_settings
+    finally:
+        for node in nodes:
+            node.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def run_one(settings: Settings, count: int, seconds: float, plain: bool = False) -> dict:
-    """Run `count` devices for `seconds` of measurement; the figures for that count. `plain`:
-    MQTT without TLS, each device by its password (the baseline TLS is measured against)."""
+    """Run `count` devices for `seconds` of measurement on a RabbitMQ of their own; the figures
+    for that count. `plain`: MQTT without TLS, each device by its password (the baseline TLS is
+    measured against)."""
     transport = "plain" if plain else "tls"
+    with own_rabbitmq(settings, f"{count}{transport[0]}") as node_settings:
+        return _run_devices(node_settings, count, transport, seconds)
+
+
+def _run_devices(settings: Settings, count: int, transport: str, seconds: float) -> dict:
+    plain = transport == "plain"
     devices = [f"bench{count}{transport[0]}-{i:05d}" for i in range(count)]
     setup = {"enrol_seconds": _enrol(settings, devices)}
     process = psutil.Process()
@@ -370,11 +382,6 @@ def run_one(settings: Settings, count: int, seconds: float, plain: bool = False)
         simulator.close()
     figures = _figures(count, transport, setup, measured, broker is not None)
     _log_figures(count, figures)
-    LOGGER.info("%d devices: deleting queues", count)
-    try:
-        _delete_queues(settings, devices)
-    except pika.exceptions.AMQPError as error:
-        LOGGER.warning("%d devices: could not delete their queues: %r", count, error)
     return figures
 
 
@@ -432,17 +439,17 @@ def run(settings: Settings, out_dir) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = device_counts()
     seconds = float(os.environ.get("WEBOS_BENCH_SECONDS", "25"))
-    file_limit = raise_file_limit(max(counts) + 1024)
-    _, broker_file_limit = open_files(listening_process(settings.mqtt_port))
-    if broker_file_limit is not None and broker_file_limit < broker_files_needed(max(counts)):
-        LOGGER.warning("RabbitMQ may open only %d files and %d devices need about %d: expect "
-                       "refused connections or failing queues near the end. `python -m bench` "
-                       "raises the limit before it starts the brokers as far as the hard limit "
-                       "(ulimit -Hn) allows; raise that to run this size", broker_file_limit,
-                       max(counts), broker_files_needed(max(counts)))
+    # The nodes started below inherit this process's open-files limit: RabbitMQ needs about two
+    # files per device, and the simulator one socket per device.
+    needed = broker_files_needed(max(counts))
+    file_limit = raise_file_limit(needed)
+    if file_limit < needed:
+        LOGGER.warning("only %d files may be open and %d devices need about %d: expect refused "
+                       "connections or failing queues near the end; raise the hard limit "
+                       "(ulimit -Hn) to run this size", file_limit, max(counts), needed)
     logging.getLogger("publisher.simulator").setLevel(logging.WARNING)  # no line per device
-    # What TLS costs: the same sizes over plain MQTT (per-device passwords) on the same broker,
-    # each right after its TLS run (before a bigger size has used up the broker's files).
+    # What TLS costs: the same sizes over plain MQTT (per-device passwords), each right after its
+    # TLS run.
     results, plain_results = [], []
     for count in counts:
         results.append(run_one(settings, count, seconds))
@@ -451,5 +458,5 @@ def run(settings: Settings, out_dir) -> dict:
     image = out_dir / "publisher_scale.png"
     plot(results, image)
     return {"interval_s": list(INTERVAL), "late_threshold_ms": 100, "open_files_limit": file_limit,
-            "rabbitmq_open_files_limit": broker_file_limit, "results": results,
+            "results": results,
             "plain_results": plain_results, "plot": str(image)}
