@@ -196,6 +196,31 @@ def test_applying_topology_twice_is_harmless(settings, admin_channel, device_cli
     assert device_client.publish(naming.mqtt_topic(DEVICE, "info"), payload(DEVICE))
 
 
+def test_declaring_devices_in_one_import_gives_what_declaring_each_gives(settings, admin_channel):
+    """topology.declare_devices (one definitions import, for thousands of devices) and
+    declare_device (AMQP, one by one): the same queue, arguments and bindings."""
+    one_by_one, imported = f"T{uuid.uuid4().hex[:10]}", f"T{uuid.uuid4().hex[:10]}"
+    api, auth = f"{settings.management_url}/api", (settings.admin_user, settings.admin_password)
+
+    def declared(device: str) -> tuple:
+        queue = requests.get(f"{api}/queues/%2F/{naming.device_queue(device)}", auth=auth,
+                             verify=str(settings.ca_file), timeout=5).json()
+        bindings = requests.get(f"{api}/queues/%2F/{naming.device_queue(device)}/bindings",
+                                auth=auth, verify=str(settings.ca_file), timeout=5).json()
+        return (queue["durable"], queue["arguments"],
+                sorted((b["source"], b["routing_key"].replace(device, "D"))
+                       for b in bindings if b["source"]))
+
+    try:
+        topology.declare_device(admin_channel, one_by_one, settings.cluster)
+        topology.declare_devices(settings, [imported])
+        assert declared(imported) == declared(one_by_one)
+        assert len(declared(imported)[2]) == len(naming.MESSAGE_TYPES) + 1  # and the fanout
+    finally:
+        for device in (one_by_one, imported):
+            admin_channel.queue_delete(naming.device_queue(device))
+
+
 def test_cluster_id_never_starts_with_a_dash(monkeypatch):
     # 0xF8 encodes to "-" as the first URL-safe base64 character: kafka-storage would read it as a flag.
     draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
