@@ -310,3 +310,31 @@ def test_the_summary_reads_each_headline_figure_from_its_benchmark_and_none_wher
         "publisher_cpu_us_per_msg": 186, "bridge_raw_pika_ratio": 0.81,
         "bridge_cpu_us_per_msg_at_1000": 290.0, "e2e_p99_ms_at_1000": 12.7}
     assert set(summary.summary({"bridge_throughput": {"error": "boom"}}).values()) == {None}
+
+
+def test_context_switches_counts_every_thread_of_a_process():
+    """bench.broker_cpu's wake-up count: a thread that sleeps repeatedly adds its switches."""
+    import threading
+    import time
+
+    import psutil
+
+    from bench.broker_cpu import context_switches
+
+    me, slept, done = psutil.Process(), threading.Event(), threading.Event()
+
+    def sleeper():
+        for _ in range(50):
+            time.sleep(0.001)  # each sleep gives the CPU up once at least
+        slept.set()
+        done.wait(10)  # alive while counted: an ended thread leaves /proc/<pid>/task
+
+    before = context_switches(me)
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    try:
+        assert slept.wait(10)
+        assert context_switches(me) - before >= 50
+    finally:
+        done.set()
+        thread.join()
