@@ -127,7 +127,7 @@ def run_one(settings: Settings, count: int, idle_seconds: float, logs: Path) -> 
 def run(settings: Settings, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = [int(n) for n in os.environ.get("WEBOS_BENCH_QUEUES", "1000,10000").split(",")]
+    counts = [int(n) for n in os.environ.get("WEBOS_BENCH_QUEUES", "1000,5000").split(",")]
     idle_seconds = float(os.environ.get("WEBOS_BENCH_IDLE_SECONDS", 20))
     logs = Path(tempfile.mkdtemp(prefix="webos-bench-discovery-"))
     _say(f"queue counts {counts}; bridge logs in {logs}")
