@@ -1,5 +1,5 @@
-"""Discovery at scale: how the bridge finds 1,000 and 10,000 device queues (WEBOS_BENCH_QUEUES,
-default "1000,10000"), and what they cost RabbitMQ.
+"""Discovery at scale: how the bridge finds 1,000 and 5,000 device queues (WEBOS_BENCH_QUEUES,
+default "1000,5000"; 10,000 are in docs/performance.md), and what they cost RabbitMQ.
 
 Per count, on the bench's broker: declare that many device queues (no devices, no messages),
 start `python -m bridge` on them (by --queue-pattern), then measure
