@@ -13,10 +13,8 @@ scheduler thread leaves it alone until the outcome arrives (DeviceLink.connectin
 """
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
-LOGGER = logging.getLogger("publisher.simulator")
 # Handshakes in flight at once. Each one mostly waits for the broker (its turn to answer, and
 # its half of the key exchange); 16 keep a busy broker supplied without queueing thousands of
 # half-open connections on it.
