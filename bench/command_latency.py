@@ -161,6 +161,8 @@ def run(settings: Settings, out_dir) -> dict:
     rate = float(os.environ.get("WEBOS_BENCH_COMMAND_RATE", "200"))
     seconds = float(os.environ.get("WEBOS_BENCH_COMMAND_SECONDS", "15"))
     log_path = Path(out_dir) / "command-latency-relay.log"
+    # A line per device added and per command applied would bury the figures.
+    logging.getLogger("publisher.simulator").setLevel(logging.WARNING)
     relay = AppProcess(["bridge", "relay"], {**os.environ, **settings.to_env()}, log_path, "relay")
     simulator = None
     try:
