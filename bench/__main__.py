@@ -4,7 +4,9 @@ Each benchmark is a module in this package with `run(settings, out_dir) -> dict`
 own progress and returns JSON-serialisable figures; this runner starts the brokers, calls them in
 order and, after each, writes bench/results/<date>.json (the headline figures under `summary`,
 bench/summary.py) and bench/results/latest.md, so that a run stopped part-way keeps what it
-measured. SIGINT or SIGTERM stops the benchmark under way and the brokers this run started.
+measured. A run of some benchmarks only writes bench/results/<date>-<their names>.json and leaves
+the full run's files alone. SIGINT or SIGTERM stops the benchmark under way and the brokers this
+run started.
 """
 from __future__ import annotations
 
@@ -130,16 +132,18 @@ def summary_table(results: dict) -> list[str]:
     return rows
 
 
-def write_report(report: dict, out: Path) -> list[str]:
-    """The results so far into `out` (with their `summary` first) and latest.md; the table."""
+def write_report(report: dict, out: Path, latest: bool = True) -> list[str]:
+    """The results so far into `out` (with their `summary` first) and, with `latest`, into
+    latest.md; the table."""
     headline = summary(report["results"])
     out.write_text(json.dumps({"summary": headline, **report}, indent=2) + "\n")
     table = summary_rows(headline) + [""] + summary_table(report["results"])
     machine_line = (f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB, "
                     f"Python {report['machine']['python']}, load average now "
                     f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    (RESULTS / "latest.md").write_text(f"Measured {report['date']} on {machine_line}.\n\n"
-                                       + "\n".join(table) + "\n")
+    if latest:
+        (RESULTS / "latest.md").write_text(f"Measured {report['date']} on {machine_line}.\n\n"
+                                           + "\n".join(table) + "\n")
     return table
 
 
@@ -164,7 +168,10 @@ def main(argv=None) -> int:
     base = Path(tempfile.mkdtemp(prefix="webos-bench-"))
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "results": {}}
-    out = RESULTS / f"{dt.date.today().isoformat()}.json"
+    # A partial run must not overwrite the day's full run (the README links its latest.md).
+    full = args.benchmarks == BENCHMARKS
+    out = RESULTS / (f"{dt.date.today().isoformat()}.json" if full else
+                     f"{dt.date.today().isoformat()}-{'-'.join(args.benchmarks)}.json")
     sigterm_as_interrupt()
     settings, brokers = start_brokers(base)
     failed: list[str] = []
@@ -180,18 +187,18 @@ def main(argv=None) -> int:
                 report["results"][name] = {"error": repr(error)}
                 failed.append(name)
             LOGGER.info("benchmark %s done in %.0f s", name, time.monotonic() - started)
-            table = write_report(report, out)
+            table = write_report(report, out, latest=full)
     except KeyboardInterrupt as interrupted:
         LOGGER.warning("stopped (%s) during the benchmarks; what finished is in %s",
                        interrupted or "SIGINT", out)
         failed.append("interrupted")
-        table = write_report(report, out)
+        table = write_report(report, out, latest=full)
     finally:
         for broker in reversed(brokers):
             broker.stop()
         shutil.rmtree(base, ignore_errors=True)
     print("\n".join(table))
-    print(f"results written to {out} and {RESULTS / 'latest.md'}")
+    print(f"results written to {out}" + (f" and {RESULTS / 'latest.md'}" if full else ""))
     if failed:
         print(f"failed: {', '.join(failed)} (see the log above)")
     return 1 if failed else 0
