@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import listening_process, sigterm_as_interrupt
-from bench.publisher_scale import INTERVAL, _enrol, own_rabbitmq
+from bench.publisher_scale import INTERVAL, enrol, own_rabbitmq
 from common import config
 from common.devices import ACTIVE, INACTIVE, DeviceConfig
 from publisher.simulator import Simulator
@@ -68,7 +68,7 @@ def measure(devices: int, seconds: float) -> dict:
     try:
         with own_rabbitmq(fresh_settings(base), "cpu") as settings:
             names = [f"cpu-{i:05d}" for i in range(devices)]
-            _enrol(settings, names)
+            enrol(settings, names)
             broker = listening_process(settings.mqtt_port)
             result = {"devices": devices, "seconds": seconds,
                       "none_connected": window(broker, seconds)}

@@ -165,7 +165,7 @@ def _schedstat(thread_id: int | None) -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def _enrol(settings: Settings, devices: list[str]) -> float:
+def enrol(settings: Settings, devices: list[str]) -> float:
     """Certificates, broker users and queues for `devices`; the seconds enrolling took."""
     LOGGER.info("%d devices: enrolling them (certificates, broker users)", len(devices))
     enrol_started = time.monotonic()
@@ -356,7 +356,7 @@ def run_one(settings: Settings, count: int, seconds: float, plain: bool = False)
 def _run_devices(settings: Settings, count: int, transport: str, seconds: float) -> dict:
     plain = transport == "plain"
     devices = [f"bench{count}{transport[0]}-{i:05d}" for i in range(count)]
-    setup = {"enrol_seconds": _enrol(settings, devices)}
+    setup = {"enrol_seconds": enrol(settings, devices)}
     process = psutil.Process()
     broker = listening_process(settings.mqtt_port)
     if broker is None:
