@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import listening_process, sigterm_as_interrupt
+from bench.common import listening_process, sigterm_as_interrupt, thread_times
 from bench.publisher_scale import INTERVAL, enrol, own_rabbitmq
 from common import config
 from common.devices import ACTIVE, INACTIVE, DeviceConfig
@@ -31,15 +31,7 @@ LOGGER = logging.getLogger("bench.broker_cpu")
 
 def context_switches(process: psutil.Process) -> int:
     """Voluntary context switches of all of a process's threads so far."""
-    total = 0
-    for thread in Path(f"/proc/{process.pid}/task").iterdir():
-        try:
-            for line in (thread / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError):
-            pass  # a thread that ended meanwhile
-    return total
+    return sum(switches for _, _, switches in thread_times(process.pid).values())
 
 
 def window(broker: psutil.Process, seconds: float, acked=None) -> dict:

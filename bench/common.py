@@ -65,6 +65,23 @@ def start_bridge(settings: Settings, queues: list[str], log_path: Path,
     return bridge, f"http://127.0.0.1:{port}"
 
 
+def thread_times(pid: int) -> dict[int, tuple[str, float, int]]:
+    """Each thread of process `pid` now: thread id -> (its name, CPU seconds used, user plus
+    system, and voluntary context switches so far: how often it went to sleep), from
+    /proc/<pid>/task. psutil's own counts cover the main thread only."""
+    ticks, threads = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            switches = next(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+                            if line.startswith("voluntary_ctxt_switches:"))
+        except (OSError, ValueError, StopIteration):
+            continue  # a thread that ended meanwhile
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks, switches)
+    return threads
+
+
 SAMPLE_PERIOD = 0.5  # seconds between resource samples
 
 

@@ -1,9 +1,11 @@
 """The forwarding loop: device queues in, Kafka records out, acks only after Kafka confirmed.
 
 One thread owns the pika connection and drives both it and `producer.poll()`. The session's
-`on_message` only collects the deliveries of one `process_data_events` turn; the loop then
-produces them in one burst (so librdkafka batches a whole socket read into one request, where
-per-delivery produce calls spread over the read would be cut into many small ones by linger.ms).
+`on_message` only collects the deliveries of one turn of the loop; the loop then produces them in
+one burst (so librdkafka batches them into one request, where produce calls spread over time
+would be cut into many small ones by linger.ms). While records are in flight a turn comes every
+TURN_INTERVAL and takes whatever arrived meanwhile: each wake-up of this thread costs far more
+than the delivery it wakes for. Idle, the first delivery wakes it at once.
 Delivery reports only record; the session's Settlement acks, nacks and parks between
 `process_data_events` calls. The parts: bridge/reconnect.py (the run loop), channel_session.py
 (one connection), settlement.py, backoff.py (a refused queue's wait), presence.py, kafka_check.py.
@@ -30,8 +32,11 @@ from bridge.settlement import ParkingRefused
 from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
-BUSY_WAIT = 0.001  # s: longest AMQP wait per loop turn while records are in flight
-QUIET_WAIT = 0.008  # s: longest such wait while records are in flight but nothing happens
+# s between two turns of the loop while records are in flight: what arrives meanwhile waits in
+# the socket and is taken in one turn. At 1,000 msg/s a turn per delivery cost the bridge 282 µs
+# of CPU per message, a turn every 4 ms 169 µs (docs/performance.md, "The bridge at a steady
+# rate"). A message waits at most this long for its turn.
+TURN_INTERVAL = 0.004
 SATURATED_WAIT = 0.005  # s: longest wait for Kafka when the prefetch window is full
 IDLE_WAIT = 0.05  # s: longest wait when nothing is in flight (also bounds stop/discovery latency)
 
@@ -108,30 +113,38 @@ class Forwarder:
     def _consume(self, session: ChannelSession) -> None:
         """The hot loop of one connection, then its drain."""
         connection, producer, settlement = session.connection, self.producer, session.settlement
-        tracker, stats, prefetch = settlement.tracker, self.stats, self.options.prefetch
-        burst, wait = max(1, prefetch // 2), BUSY_WAIT
+        tracker, prefetch = settlement.tracker, self.options.prefetch
+        burst, next_turn = max(1, prefetch // 2), 0.0
         while not self.stop.is_set() and self.fatal_error is None:
             # Held deliveries wait for their back-off, not for Kafka: they do not keep us busy.
-            in_flight, consumed = tracker.in_flight - len(tracker.held), stats.consumed
+            in_flight = tracker.in_flight - len(tracker.held)
             if in_flight >= prefetch:
                 # RabbitMQ sends nothing more until we ack: wait on Kafka's delivery reports.
                 connection.process_data_events(time_limit=0)
                 self._forward_turn(session)
-                served = producer.poll(SATURATED_WAIT)
+                producer.poll(SATURATED_WAIT)
             else:
-                # A delivery ends the AMQP wait at once; the wait only bounds how late delivery
-                # reports (hence acks) are served: short while things happen, longer when not.
-                connection.process_data_events(time_limit=wait if in_flight else IDLE_WAIT)
-                # Under a backlog one call hands over one socket read (pika takes ~100 kB, about
-                # 240 deliveries, per event): take what already waits in the socket too, so Kafka
-                # gets fewer, bigger batches (its broker's CPU is per request). Never waits.
+                if in_flight:
+                    # Busy: one turn per TURN_INTERVAL takes what arrived meanwhile.
+                    pause = next_turn - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                    connection.process_data_events(time_limit=0)
+                else:
+                    # Idle: the first delivery ends the wait, a lone message is not held back.
+                    connection.process_data_events(time_limit=IDLE_WAIT)
+                next_turn = time.monotonic() + TURN_INTERVAL
+                # Under a backlog one read hands over at most 100 kB (about 240 deliveries): take
+                # what already waits in the socket too, so Kafka gets fewer, bigger batches (its
+                # broker's CPU is per request), and go on without a pause. Never waits.
                 collected = 0
                 while collected < len(session.deliveries) < burst:
                     collected = len(session.deliveries)
                     connection.process_data_events(time_limit=0)
+                if len(session.deliveries) >= burst:
+                    next_turn = 0.0
                 self._forward_turn(session)
-                served = producer.poll(0)
-            wait = BUSY_WAIT if served or stats.consumed != consumed else min(wait * 2, QUIET_WAIT)
+                producer.poll(0)
             settlement.settle()
             session.after_turn(time.monotonic())
         self._drain(session)

@@ -338,3 +338,36 @@ def test_context_switches_counts_every_thread_of_a_process():
     finally:
         done.set()
         thread.join()
+
+
+def test_thread_times_gives_each_thread_its_own_cpu():
+    """bench.bridge_cpu's split by thread: a thread that computes is charged its CPU, by id, and
+    a thread that waits meanwhile is not."""
+    import os
+    import threading
+    import time
+
+    from bench.common import thread_times
+
+    me, ids, done = threading.get_native_id(), [], threading.Event()
+
+    def spin():
+        ids.append(threading.get_native_id())
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass  # CPU, not sleep: what thread_times must see
+        done.wait(10)  # alive while read: an ended thread leaves /proc/<pid>/task
+
+    before = thread_times(os.getpid())
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not ids or thread_times(os.getpid())[ids[0]][1] < 0.2:  # ticks: not exact
+            assert time.monotonic() < deadline, "the spinning thread was never charged 0.2 s"
+            time.sleep(0.05)  # polling the spinning thread's count
+        after = thread_times(os.getpid())
+        assert after[me][1] - before[me][1] < 0.15
+    finally:
+        done.set()
+        thread.join()
