@@ -3,9 +3,7 @@
 One thread owns the pika connection and drives both it and `producer.poll()`. The session's
 `on_message` only collects the deliveries of one turn of the loop; the loop then produces them in
 one burst (so librdkafka batches them into one request, where produce calls spread over time
-would be cut into many small ones by linger.ms). While records are in flight a turn comes every
-TURN_INTERVAL and takes whatever arrived meanwhile: each wake-up of this thread costs far more
-than the delivery it wakes for. Idle, the first delivery wakes it at once.
+would be cut into many small ones by linger.ms); bridge/pacing.py says when turns come.
 Delivery reports only record; the session's Settlement acks, nacks and parks between
 `process_data_events` calls. The parts: bridge/reconnect.py (the run loop), channel_session.py
 (one connection), settlement.py, backoff.py (a refused queue's wait), presence.py, kafka_check.py.
@@ -27,18 +25,13 @@ from bridge.discovery import QueueDiscovery
 from bridge.kafka_check import check_kafka
 from bridge.metrics import BridgeStats
 from bridge.options import BridgeOptions
+from bridge.pacing import TurnPacer
 from bridge.reconnect import run_sessions
 from bridge.settlement import ParkingRefused
 from common.config import Settings
 
 LOGGER = logging.getLogger(__name__)
-# s between two turns of the loop while records are in flight: what arrives meanwhile waits in
-# the socket and is taken in one turn. At 1,000 msg/s a turn per delivery cost the bridge 282 µs
-# of CPU per message, a turn every 4 ms 169 µs (docs/performance.md, "The bridge at a steady
-# rate"). A message waits at most this long for its turn.
-TURN_INTERVAL = 0.004
 SATURATED_WAIT = 0.005  # s: longest wait for Kafka when the prefetch window is full
-IDLE_WAIT = 0.05  # s: longest wait when nothing is in flight (also bounds stop/discovery latency)
 
 
 class Forwarder:
@@ -114,7 +107,7 @@ class Forwarder:
         """The hot loop of one connection, then its drain."""
         connection, producer, settlement = session.connection, self.producer, session.settlement
         tracker, prefetch = settlement.tracker, self.options.prefetch
-        burst, next_turn = max(1, prefetch // 2), 0.0
+        burst, pacer = max(1, prefetch // 2), TurnPacer()
         while not self.stop.is_set() and self.fatal_error is None:
             # Held deliveries wait for their back-off, not for Kafka: they do not keep us busy.
             in_flight = tracker.in_flight - len(tracker.held)
@@ -124,16 +117,7 @@ class Forwarder:
                 self._forward_turn(session)
                 producer.poll(SATURATED_WAIT)
             else:
-                if in_flight:
-                    # Busy: one turn per TURN_INTERVAL takes what arrived meanwhile.
-                    pause = next_turn - time.monotonic()
-                    if pause > 0:
-                        time.sleep(pause)
-                    connection.process_data_events(time_limit=0)
-                else:
-                    # Idle: the first delivery ends the wait, a lone message is not held back.
-                    connection.process_data_events(time_limit=IDLE_WAIT)
-                next_turn = time.monotonic() + TURN_INTERVAL
+                pacer.wait(connection.process_data_events, bool(in_flight))
                 # Under a backlog one read hands over at most 100 kB (about 240 deliveries): take
                 # what already waits in the socket too, so Kafka gets fewer, bigger batches (its
                 # broker's CPU is per request), and go on without a pause. Never waits.
@@ -141,8 +125,7 @@ class Forwarder:
                 while collected < len(session.deliveries) < burst:
                     collected = len(session.deliveries)
                     connection.process_data_events(time_limit=0)
-                if len(session.deliveries) >= burst:
-                    next_turn = 0.0
+                pacer.took(backlog=len(session.deliveries) >= burst)
                 self._forward_turn(session)
                 producer.poll(0)
             settlement.settle()

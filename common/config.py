@@ -117,12 +117,13 @@ class Settings:
     # no better (bench/results/bridge-trials-2026-11-22.md); it costs that many redeliveries
     # after a crash, and a few MB.
     bridge_prefetch: int = 4000
-    # 1 ms: the forwarder's loop already gathers what arrived over its last turn (4 ms while busy,
-    # bridge/forwarder.py) and produces it in one burst, which a linger of 1 ms sends as a request
-    # or two (strace: 394 sendmsg a second at 1,000 msg/s). At 1,000 msg/s (docs/performance.md, "The bridge at a steady rate") that loop with
-    # 1 ms: bridge CPU 169 µs per message, p50 6.6 ms, p99 25 ms, Kafka 24.5 % of a core; the old
-    # loop (a turn per delivery) with 3 ms: 282 µs, 7.8 ms, 38 ms, 25.5 %. With a turn per
-    # delivery, 1 ms had made nearly every record a request (bench/results/bridge-trials-2026-11-22.md).
+    # 1 ms: at a steady rate the forwarder's loop already gathers what arrived over its last turn
+    # (one every 4 ms, bridge/pacing.py) and produces it in one burst, which a linger of 1 ms sends
+    # as a request or two (strace: 394 sendmsg a second at 1,000 msg/s). At 1,000 msg/s
+    # (docs/performance.md, "The bridge at a steady rate") that loop with 1 ms: bridge CPU 169 µs
+    # per message, p50 6.6 ms, p99 25 ms, Kafka 24.5 % of a core; the old loop (a turn per
+    # delivery) with 3 ms: 282 µs, 7.8 ms, 38 ms, 25.5 %. With a turn per delivery, 1 ms had made
+    # nearly every record a request (bench/results/bridge-trials-2026-11-22.md).
     bridge_linger_ms: float = 1.0
     bridge_batch_size: int = 1_000_000           # librdkafka batch.size, bytes per partition batch
     bridge_max_message_bytes: int = 1_000_000    # librdkafka message.max.bytes; bigger: webos.dead

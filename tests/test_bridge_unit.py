@@ -518,3 +518,63 @@ def test_every_bridge_flag_with_a_setting_defaults_to_it():
     assert (args.discovery_interval, args.flush_timeout) == (7.0, 2.5)
     assert (BridgeOptions().discovery_interval, BridgeOptions().flush_timeout) == \
         (Settings.bridge_discovery_interval, Settings.bridge_flush_timeout)
+
+
+class FakeTime:
+    """A clock that moves only when slept on or served: TurnPacer's clock, sleep and AMQP wait."""
+
+    def __init__(self):
+        self.now, self.slept, self.served = 100.0, [], []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+    def serve(self, arrival_after: float):
+        """An AMQP wait where the next delivery comes `arrival_after` s from now."""
+        def wait(time_limit: float) -> None:
+            self.served.append(time_limit)
+            self.now += min(time_limit, arrival_after)
+        return wait
+
+
+def test_the_pacer_serves_the_first_delivery_at_once_when_nothing_is_in_flight():
+    from bridge.pacing import IDLE_WAIT, TurnPacer
+
+    fake = FakeTime()
+    pacer = TurnPacer(clock=fake.clock, sleep=fake.sleep)
+    pacer.wait(fake.serve(0.010), in_flight=False)
+    assert fake.served == [IDLE_WAIT]  # a wait that the delivery ends, 10 ms in
+    assert fake.slept == []
+    assert fake.now == pytest.approx(100.010)
+
+
+def test_the_pacer_takes_a_turn_per_beat_while_records_are_in_flight():
+    """One message a millisecond: turns come every TURN_INTERVAL and take what arrived
+    meanwhile, without waking for each."""
+    from bridge.pacing import TURN_INTERVAL, TurnPacer
+
+    fake = FakeTime()
+    pacer = TurnPacer(clock=fake.clock, sleep=fake.sleep)
+    pacer.wait(fake.serve(0.001), in_flight=False)
+    turns = []
+    for _ in range(3):
+        pacer.took(backlog=False)
+        pacer.wait(fake.serve(0.001), in_flight=True)
+        turns.append(fake.now)
+    assert fake.served[1:] == [0, 0, 0]  # takes what is there, waits for nothing more
+    assert [b - a for a, b in zip(turns, turns[1:])] == pytest.approx([TURN_INTERVAL] * 2)
+
+
+def test_the_pacer_does_not_pause_under_a_backlog():
+    from bridge.pacing import TurnPacer
+
+    fake = FakeTime()
+    pacer = TurnPacer(clock=fake.clock, sleep=fake.sleep)
+    pacer.wait(fake.serve(0.0), in_flight=False)
+    pacer.took(backlog=True)
+    pacer.wait(fake.serve(0.0), in_flight=True)
+    assert fake.slept == []  # more waits in the socket: no pause
