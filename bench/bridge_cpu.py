@@ -7,8 +7,9 @@ them over AMQP, round robin. After --warmup s (Kafka's JIT compiler is busy for 
 starts) a window of --seconds: every thread of the bridge with its CPU (user plus system, % of one
 core and µs per message) and its voluntary context switches (how often it went to sleep and was
 woken), per second and per message; messages are what the bridge says Kafka confirmed. The
-forwarding loop is the thread called python; librdkafka's are rdk:*. End-to-end latency at the
-same rate is bench/e2e_latency.py's.
+forwarding loop is the thread called python; librdkafka's are rdk:*. With --hang-kafka, Kafka is
+hung (SIGSTOP: its sockets open, nothing answers) for the window: what the bridge costs while
+records wait for it. End-to-end latency at the same rate is bench/e2e_latency.py's.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def _figures(name: str, cpu: float, switches: int, messages: float, elapsed: flo
             "wakeups_per_msg": round(switches / messages, 2) if messages else None}
 
 
-def measure(rate: int, warmup: float, seconds: float, bridge_options: list[str]) -> dict:
+def measure(rate: int, warmup: float, seconds: float, bridge_options: list[str],
+            hang_kafka: bool = False) -> dict:
     base = Path(tempfile.mkdtemp(prefix="webos-bench-bridge-cpu-"))
     settings, rabbitmq, kafka = start_fresh_brokers(base, node_name=f"webos-bridge-cpu-{os.getpid()}")
     stop, bridge = threading.Event(), None
@@ -96,12 +98,17 @@ def measure(rate: int, warmup: float, seconds: float, bridge_options: list[str])
                     seconds)
         time.sleep(warmup)  # untimed: the brokers' and the bridge's start-up work settles
         bridge.check_running("during the warm-up")
+        if hang_kafka:
+            kafka.hang()
+            LOGGER.info("Kafka hung (SIGSTOP) for the window")
         result = {"rate": rate, "seconds": seconds, "bridge_options": bridge_options,
-                  **window(bridge.pid, metrics_url, seconds)}
+                  "kafka_hung": hang_kafka, **window(bridge.pid, metrics_url, seconds)}
         bridge.check_running("during the window")
         return result
     finally:
         stop.set()
+        if hang_kafka:
+            kafka.resume()
         if bridge is not None:
             bridge.stop()
         rabbitmq.stop()
@@ -115,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=int, default=1000, help="messages a second (1000)")
     parser.add_argument("--warmup", type=float, default=20.0, help="s before the window (20)")
     parser.add_argument("--seconds", type=float, default=30.0, help="the window's length (30)")
+    parser.add_argument("--hang-kafka", action="store_true",
+                        help="hang Kafka (SIGSTOP) for the window: the bridge's cost while it waits")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("bridge_options", nargs="*", metavar="BRIDGE OPTION",
                         help="passed to python -m bridge, after --: e.g. -- --linger-ms 3")
@@ -122,7 +131,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     sigterm_as_interrupt()  # SIGTERM stops the brokers too
-    result = measure(args.rate, args.warmup, args.seconds, args.bridge_options)
+    result = measure(args.rate, args.warmup, args.seconds, args.bridge_options, args.hang_kafka)
     print(f"{result['messages_per_s']} msg/s through the bridge")
     for row in [result["total"], *result["threads"]]:
         print(f"{row['thread']:>24}: {row['cpu_percent']:5.1f} % of a core, {row['cpu_us_per_msg']} µs "
