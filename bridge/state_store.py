@@ -9,6 +9,7 @@ from functools import partial
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
+from bridge.backoff import refusal
 from common import command_records as records
 from common.config import Settings
 from common.device_state import DeviceState
@@ -95,7 +96,7 @@ class FeedbackWriter:
         self.states = states
         self.sent: dict[str, tuple[str, int, bool]] = {}  # command_id -> name, sent_at, broadcast
         self.finals: dict[tuple[str, str], None] = {}  # (device, command_id) written final
-        self.failed: list[str] = []                     # delivery errors since the last check
+        self.failed: list[str] = []                     # refusals (backoff.refusal) since the last check
         # The AMQP delivery whose records are being produced (None: a command's), and per
         # delivery tag the records Kafka has not confirmed yet; then the tags to ack or nack.
         self.delivery: int | None = None
@@ -127,7 +128,7 @@ class FeedbackWriter:
         """Kafka's report on one record: noted; the relay loop acks and nacks. A final record
         Kafka refused is forgotten, so that its reply, delivered again, writes it again."""
         if error is not None:
-            self.failed.append(error.str())
+            self.failed.append(refusal(error))
             if record is not None:
                 self._forget_final(record.key(), record.value())
         if tag is None or connection != self.connection or tag not in self.outstanding:
@@ -155,7 +156,7 @@ class FeedbackWriter:
                 self.producer.poll(0.05)
             except KafkaException as error:
                 # Refused at once (a topic the client knows it may not write): as if reported.
-                self.failed.append(error.args[0].str())
+                self.failed.append(refusal(error.args[0]))
                 self._forget_final(key.encode(), value)
                 if tag is not None and self.outstanding.pop(tag, None) is not None:
                     self.to_nack.append(tag)

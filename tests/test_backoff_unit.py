@@ -63,3 +63,29 @@ def test_confirmed_tags_behind_a_held_one_are_acked_one_by_one_and_the_held_one_
     assert not tracker.head_held()
     assert tracker.take_ackable() == (6, 3)
     assert tracker.in_flight == 0
+
+
+class RefusingProducer:
+    """A producer whose client already knows the topic is denied: produce() raises at once."""
+
+    def produce(self, *args, **kwargs):
+        from confluent_kafka import KafkaError, KafkaException
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                        "Unable to produce message: Broker: Topic authorization failed"))
+
+
+def test_the_relay_logs_one_feedback_refusal_whether_produce_or_a_delivery_report_says_it():
+    """The same denial worded two ways (produce() raising, then a delivery report) is one kind
+    of refusal: the relay's once-a-minute warning came twice (CI, 2026-12-04)."""
+    from confluent_kafka import KafkaError
+
+    from bridge.state_store import FeedbackWriter
+    from common.config import Settings
+
+    writer = FeedbackWriter(Settings(), RefusingProducer(), {})
+    writer.final("D1", "c1", "succeeded", "", 0)
+    writer.on_delivery(writer.connection, None, KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED),
+                       None)
+    assert len(writer.failed) == 2
+    backoff = QueueBackoff(cap=60.0)
+    assert [backoff.should_log(error, now=0.0) for error in writer.failed] == [True, False]
