@@ -68,6 +68,11 @@ class LocalRabbitMQ(LocalProcess):
     def describe(self) -> str:
         return f"rabbitmq {self.node_name}" if self.cluster else self.name
 
+    def has_data(self) -> bool:
+        """True once the node has booted here before (its metadata store is on disk)."""
+        mnesia = self.base_dir / "mnesia"
+        return mnesia.is_dir() and any(mnesia.iterdir())
+
     @property
     def runtime(self) -> Runtime:
         """The RabbitMQ 4 this node runs on, built on first use if the machine has none yet."""
@@ -81,8 +86,14 @@ class LocalRabbitMQ(LocalProcess):
     def render_config(self) -> str:
         """rabbitmq/rabbitmq.conf with listeners on 127.0.0.1 and the first-boot administrator."""
         base = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
+        # RabbitMQ 4.0.5 checks this deprecated feature at boot through a Mnesia fallback that
+        # fails on a node booting with data (`no_exists` on rabbit_queue after "Mnesia function
+        # failed 99 times", taken for "in use": the node refuses to boot; seen in make run's
+        # restart test and, for rejoining members, under make soak). Only a single node's first
+        # boot denies it; otherwise it stays at RabbitMQ's default.
+        deny_transient = not self.cluster and not self.has_data()
         lines = [line for line in base.splitlines() if not _LOCAL_KEYS.match(line)
-                 and not (self.cluster and line.startswith(_TRANSIENT_QUEUES_KEY))]
+                 and not (not deny_transient and line.startswith(_TRANSIENT_QUEUES_KEY))]
         s = self.settings
         tls = f"{self.runtime.data_path(self.base_dir)}/tls"
         lines += [
@@ -127,11 +138,7 @@ class LocalRabbitMQ(LocalProcess):
                       # for good (tests/test_rabbitmq_cluster.py). The minority pauses and
                       # rejoins once it sees the majority.
                       "cluster_partition_handling = pause_minority",
-                      # RabbitMQ 4.0.5 checks this deprecated feature at boot before a rejoining
-                      # node has the cluster's queue table: the check fails, `no_exists`, is
-                      # taken for "in use" and the node refuses to boot (seen under make soak).
-                      # So clusters leave it at RabbitMQ's default; single nodes deny it.
-                      f"{_TRANSIENT_QUEUES_KEY} = true",
+                      f"{_TRANSIENT_QUEUES_KEY} = true",  # see deny_transient above
                       f"quorum_queue.continuous_membership_reconciliation.target_group_size = "
                       f"{min(3, len(self.cluster))}"]
         lines += [

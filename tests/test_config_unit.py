@@ -101,3 +101,17 @@ def test_cluster_nodes_named_by_host_share_the_ports():
     assert not nodes[1].cluster
     with pytest.raises(ConfigError, match="set one of the two"):
         Settings(rabbitmq_hosts=("a", "b", "c"), rabbitmq_nodes=2)
+
+
+def test_a_single_node_denies_transient_queues_on_its_first_boot_only(tmp_path):
+    """RabbitMQ 4.0.5's boot check of a denied transient_nonexcl_queues fails on a node that
+    boots with data (make run's restart test, CI 2026-12-04): a restart leaves it at the default."""
+    from stack.rabbitmq_runtime import Runtime
+    from stack.rabbitmq_server import LocalRabbitMQ
+
+    node = LocalRabbitMQ(tmp_path, Settings())
+    node._runtime = Runtime(root=None, version="4.0.5")  # the host's paths: nothing is built
+    key = "deprecated_features.permit.transient_nonexcl_queues"
+    assert f"{key} = false" in node.render_config()
+    (tmp_path / "mnesia" / "webos@localhost").mkdir(parents=True)  # what a first boot leaves
+    assert key not in node.render_config()
